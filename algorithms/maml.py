@@ -1,0 +1,26 @@
+"""MAML (Finn et al., 2017) as a composition of engine pieces (THEORY §4).
+
+Inner loop: ``inner_steps`` SGD steps of size ``inner_lr`` on the support cross-entropy
+over the adapted set (``all``, or ``head`` = ANIL). Hypergradient: backprop through the
+unrolled steps (``second_order``) or with the inner gradients detached
+(``first_order``). Only the query loss after the last step enters the meta-loss, averaged
+over the tasks. Presets: ``algorithm=fomaml`` (first order), ``algorithm=anil`` (head only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bilevel.algorithm import register
+from bilevel.unrolled import UnrolledAlgorithm, UnrolledConfig
+
+
+@dataclass
+class MAMLConfig(UnrolledConfig):
+    name: str = "maml"
+
+
+@register("maml")
+class MAML(UnrolledAlgorithm):
+    """Second- or first-order MAML; the engine's unrolled hypergradient, unchanged."""
+
+    Config = MAMLConfig

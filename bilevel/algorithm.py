@@ -1,0 +1,163 @@
+"""The abstract bi-level algorithm, its typed configuration and the plugin registry.
+
+An algorithm maps ``(params, TaskBatch)`` to a meta-gradient (what the outer optimiser
+follows) and, on request, to its :class:`~bilevel.decompose.Decomposition`. Plugins
+subclass :class:`BilevelAlgorithm`, declare a config dataclass, and register by name with
+:func:`register` or through the ``bilevel.algorithms`` entry-point group, so an external
+package adds an algorithm without touching the engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import Tensor
+
+from .decompose import Decomposition
+from .models import BilevelModel
+from .params import Params
+
+ENTRY_POINT_GROUP = "bilevel.algorithms"
+
+
+@dataclass
+class AlgorithmConfig:
+    """Fields every algorithm has. ``name`` selects the plugin; ``test_steps`` is the number
+    of inner steps at evaluation (None: the training number)."""
+
+    name: str = "maml"
+    test_steps: Optional[int] = None
+
+
+@dataclass
+class MetaStep:
+    """One meta-batch: the meta-gradient (mean over tasks), the mean query loss and accuracy
+    after adaptation, the decomposition when requested, and algorithm-specific scalars."""
+
+    grad: Params
+    loss: Tensor
+    accuracy: Tensor
+    decomposition: Optional[Decomposition] = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class BilevelAlgorithm(ABC):
+    """A min-min bi-level algorithm over a :class:`BilevelModel`.
+
+    Subclasses set ``Config`` (a dataclass extending :class:`AlgorithmConfig`) and
+    implement :meth:`meta_grad` and :meth:`evaluate`. ``terms`` names the decomposition
+    terms the algorithm produces; ``executions`` the per-task paths it supports (the
+    trainer's ``execution=auto`` times them). ``outer_step_done`` is called after every
+    outer update (for schedules); ``state_dict`` holds what a checkpoint must keep.
+    """
+
+    Config: ClassVar[type] = AlgorithmConfig
+    terms: tuple[str, ...] = ()
+    executions: tuple[str, ...] = ("loop",)
+
+    def __init__(self, model: BilevelModel, config: Any) -> None:
+        self.model = model
+        self.config = config
+        self.execution = self.executions[0]
+
+    @property
+    def eval_steps(self) -> int:
+        """Inner steps at evaluation time."""
+        steps = self.config.test_steps
+        return self.train_steps if steps is None else steps
+
+    @property
+    def train_steps(self) -> int:
+        """Inner steps during meta-training (plugins with another notion override this)."""
+        return int(getattr(self.config, "inner_steps", 1))
+
+    @abstractmethod
+    def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
+        """The meta-gradient of the mean query loss over ``batch`` (and its decomposition)."""
+
+    @abstractmethod
+    def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
+        """Mean query accuracy after ``0 … steps`` inner steps: a tensor of ``steps + 1``."""
+
+    def outer_step_done(self) -> None:
+        """Hook called once after every outer update."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Algorithm state to checkpoint (counters, schedules)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+
+_REGISTRY: dict[str, type[BilevelAlgorithm]] = {}
+
+
+def register(name: str):
+    """Class decorator: register a :class:`BilevelAlgorithm` under ``name``."""
+
+    def wrap(cls: type[BilevelAlgorithm]) -> type[BilevelAlgorithm]:
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls:
+            raise ValueError(f"algorithm {name!r} is registered twice ({existing} and {cls})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_plugins() -> None:
+    import algorithms  # noqa: F401  (the built-in plugins register on import)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _REGISTRY:
+            register(ep.name)(ep.load())
+
+
+def available_algorithms() -> list[str]:
+    """Names of every registered algorithm (built-in and entry points)."""
+    _load_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_algorithm(name: str) -> type[BilevelAlgorithm]:
+    """The algorithm class registered under ``name``; a clear error when there is none."""
+    _load_plugins()
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown algorithm {name!r}; registered: {', '.join(sorted(_REGISTRY))}. "
+            f"External plugins register through the {ENTRY_POINT_GROUP!r} entry-point group."
+        )
+    return _REGISTRY[name]
+
+
+def algorithm_config(config: Any) -> Any:
+    """Validate a mapping (dict or DictConfig with ``name``) against its plugin's Config.
+
+    Unknown keys and wrong types fail here, naming the key and the valid fields.
+    """
+    raw = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config)
+    cls = get_algorithm(str(raw.get("name", AlgorithmConfig.name)))
+    valid = [f.name for f in dataclasses.fields(cls.Config)]
+    unknown = [k for k in raw if k not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} for algorithm {cls.name!r}; valid keys: {', '.join(valid)}"
+        )
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls.Config), raw)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"bad value in algorithm config: {err}") from err
+    return OmegaConf.to_object(merged)
+
+
+def build_algorithm(config: Any, model: BilevelModel) -> BilevelAlgorithm:
+    """Instantiate the plugin named by ``config.name`` with its validated config."""
+    cfg = algorithm_config(config)
+    return get_algorithm(cfg.name)(model, cfg)

@@ -1,0 +1,182 @@
+"""Exact split of the meta-gradient into contrastive and interference terms (THEORY §3).
+
+With ``g_q = ∂L_Q/∂z_q`` and the head written as eq. (1), the meta-gradient is the
+vector-Jacobian product of the *nodes* ``(φ_q, Φ_τ, A_τ)`` with the cotangents
+
+    φ_q : g_q W_0  +  Σ_τ Σ_s C_τ[s,q] Φ_τ[s]  +  g_q ξ_W
+    Φ_τ : Σ_q C_τ[s,q] φ_q                         C_τ[s,q] = g_q · A_τ,s   (pair weights)
+    A_τ : Σ_q g_q k_τ(s, q)
+
+plus the head's direct readout gradient ``(Σ_q g_q φ_qᵀ, Σ_q g_q)``. Each term keeps one
+group of these cotangents, which is the gradient of its surrogate with everything else
+stop-gradiented:
+
+    contrastive   Σ sg(C_τ[s,q]) k_τ(s,q)
+    init          Σ_q sg(g_q)ᵀ (W_0 φ_q + b_0)         (encoder part: THEORY's sg(W_0) form;
+                                                        head part: the direct readout gradient)
+    coefficient   Σ sg(g_q)ᵀ A_τ,s sg(k_τ(s,q))
+    noise         Σ_q sg(g_q)ᵀ sg(ξ_W) φ_q             (``solver_residual`` for iMAML's R)
+
+By linearity of the VJP the terms sum to the meta-gradient; the identity check compares
+that sum with the algorithm's own hypergradient, computed independently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .head import HeadTrace, kernel, reconstruct_logits
+from .params import Params, is_head, tree_norm, tree_sum, tree_vdot
+
+TERMS = ("contrastive", "init", "coefficient", "noise", "solver_residual")
+"""Every term name the engine knows; an algorithm declares the subset it produces."""
+
+
+class Nodes(NamedTuple):
+    """What the query loss depends on: query features, and the trace's features and coefficients."""
+
+    query_features: Tensor
+    features: tuple[Tensor, ...]
+    coeffs: tuple[Tensor, ...]
+
+
+def pair_weights(trace: HeadTrace, logits_grad: Tensor) -> Tensor:
+    """``C_τ[s, q] = g_q · A_τ,s`` stacked over entries: ``[..., entries, n_s, n_q]``."""
+    return torch.stack([a @ logits_grad.transpose(-1, -2) for a in trace.coeffs], dim=-3)
+
+
+def term_cotangents(
+    trace: HeadTrace, query_features: Tensor, logits_grad: Tensor, terms: tuple[str, ...]
+) -> dict[str, Nodes]:
+    """The node cotangents of each term in ``terms`` (see the module docstring).
+
+    ``noise`` and ``solver_residual`` both read the trace's additive matrix ``ξ_W``; an
+    algorithm produces at most one of them.
+    """
+    g = logits_grad
+    zero_phi = torch.zeros_like(query_features)
+    zero_feats = tuple(torch.zeros_like(f) for f in trace.features)
+    zero_coeffs = tuple(torch.zeros_like(a) for a in trace.coeffs)
+    out: dict[str, Nodes] = {}
+    for term in terms:
+        if term == "init":
+            out[term] = Nodes(g @ trace.weight0, zero_feats, zero_coeffs)
+        elif term in ("noise", "solver_residual"):
+            out[term] = Nodes(g @ trace.noise_weight, zero_feats, zero_coeffs)
+        elif term == "contrastive":
+            weights = [a @ g.transpose(-1, -2) for a in trace.coeffs]
+            phi = zero_phi
+            for c, f in zip(weights, trace.features):
+                phi = phi + c.transpose(-1, -2) @ f
+            feats = tuple(c @ query_features for c in weights)
+            out[term] = Nodes(phi, feats, zero_coeffs)
+        elif term == "coefficient":
+            coeffs = tuple(kernel(f, query_features) @ g for f in trace.features)
+            out[term] = Nodes(zero_phi, zero_feats, coeffs)
+        else:
+            raise ValueError(f"unknown term {term!r}; the engine knows {', '.join(TERMS)}")
+    return out
+
+
+def stack_nodes(cotangents: list[Nodes]) -> Nodes:
+    """Stack a list of node cotangents along a new leading axis (for one batched VJP)."""
+    return Nodes(
+        torch.stack([c.query_features for c in cotangents]),
+        tuple(torch.stack(f) for f in zip(*(c.features for c in cotangents))),
+        tuple(torch.stack(a) for a in zip(*(c.coeffs for c in cotangents))),
+    )
+
+
+def readout_head_gradient(query_features: Tensor, logits_grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The head's direct readout gradient ``(Σ_q g_q φ_qᵀ, Σ_q g_q)`` (per leading index)."""
+    return logits_grad.transpose(-1, -2) @ query_features, logits_grad.sum(-2)
+
+
+def reconstruction_error(trace: HeadTrace, query_features: Tensor, logits: Tensor) -> Tensor:
+    """``max |z_rec − z|`` between eq. (1) and the logits the model produced."""
+    return (reconstruct_logits(trace, query_features) - logits).abs().amax()
+
+
+def class_masks(support_y: Tensor, query_y: Tensor) -> Tensor:
+    """``[..., n_s, n_q]`` boolean: support and query sample share a label."""
+    return support_y.unsqueeze(-1) == query_y.unsqueeze(-2)
+
+
+def cosine_matrix(support_features: Tensor, query_features: Tensor) -> Tensor:
+    """Cosine similarity of every support–query feature pair: ``[..., n_s, n_q]``."""
+    s = torch.nn.functional.normalize(support_features, dim=-1)
+    q = torch.nn.functional.normalize(query_features, dim=-1)
+    return s @ q.transpose(-1, -2)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` (broadcast) holds; 0 when the mask is empty."""
+    mask = mask.expand_as(values).to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@dataclass
+class Decomposition:
+    """The decomposition of one meta-batch's meta-gradient (means over its tasks).
+
+    ``terms[name]`` is a parameter-shaped gradient over all parameters; they sum to
+    ``total`` (the algorithm's own hypergradient) up to ``identity_error``.
+    ``pair_weights[i, τ, s, q] = C_τ[s, q]`` for task ``i``; ``feature_cosines[i, s, q]`` is
+    the cosine of the query feature used in the readout and the support feature of the
+    first inner step. ``encoder_adaptation`` (full-network inner loops only) is the part of
+    the feature terms that flows through the Jacobian of the encoder's inner updates
+    beyond the identity (THEORY §3.3) — a diagnostic that overlaps the terms, not a term.
+    """
+
+    terms: dict[str, Params]
+    total: Params
+    pair_weights: Tensor
+    feature_cosines: Tensor
+    same_class: Tensor
+    reconstruction_error: Tensor
+    identity_error: Tensor
+    encoder_adaptation: Optional[Params] = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Tensor]:
+        """Scalar statistics (0-d tensors, no host sync), keyed by their TensorBoard tag.
+
+        Norms, cosines and shares are over the encoder parameters, the part the terms
+        explain (the head always receives its exact meta-gradient). ``share`` is the
+        projection ``⟨term, total⟩ / ‖total‖²``; the shares sum to 1 up to the identity error.
+        """
+        enc = [k for k in self.total if not is_head(k)]
+        total = {k: self.total[k] for k in enc}
+        total_sq = tree_vdot(total, total).clamp_min(torch.finfo(self.identity_error.dtype).tiny)
+        out: dict[str, Tensor] = {}
+        for name, term in self.terms.items():
+            t = {k: term[k] for k in enc}
+            dot = tree_vdot(t, total)
+            norm = tree_norm(t)
+            out[f"decomp/{name}/norm"] = norm
+            out[f"decomp/{name}/cos_total"] = dot / (norm * total_sq.sqrt()).clamp_min(1e-30)
+            out[f"decomp/{name}/share"] = dot / total_sq
+        if self.encoder_adaptation is not None:
+            out["decomp/encoder_adaptation/norm"] = tree_norm(
+                {k: self.encoder_adaptation[k] for k in enc}
+            )
+        out["decomp/total/norm"] = total_sq.sqrt()
+        out["decomp/check/reconstruction"] = self.reconstruction_error
+        out["decomp/check/identity"] = self.identity_error
+        weights = self.pair_weights.sum(-3)
+        out["pairs/same_class_weight"] = masked_mean(weights, self.same_class)
+        out["pairs/diff_class_weight"] = masked_mean(weights, ~self.same_class)
+        out["features/cos_same_class"] = masked_mean(self.feature_cosines, self.same_class)
+        out["features/cos_diff_class"] = masked_mean(self.feature_cosines, ~self.same_class)
+        out.update(self.extras)
+        return out
+
+
+def identity_error(terms: dict[str, Params], total: Params) -> Tensor:
+    """``‖Σ_k term_k − total‖ / ‖total‖`` over all parameters."""
+    summed = tree_sum(list(terms.values()))
+    diff = {k: summed[k] - total[k] for k in total}
+    return tree_norm(diff) / tree_norm(total).clamp_min(1e-30)

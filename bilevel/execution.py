@@ -1,0 +1,58 @@
+"""Running a per-task function over the tasks of a meta-batch.
+
+``vmap`` maps with ``torch.func.vmap`` (one batched program); ``loop`` calls the function
+task by task and stacks the results. Both return the same pytree with a leading task
+axis. Per-task gradients are always ``vmap(grad(task_loss))`` — never ``grad`` of a
+vmapped mean, which is wrong for second order through batch-statistics BatchNorm.
+``choose_execution`` picks among an algorithm's paths by timing them on the device.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+EXECUTIONS = ("auto", "vmap", "loop", "shared")
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+    """Stack a list of identically-structured pytrees along a new leading axis."""
+    leaves = [tree_flatten(t)[0] for t in trees]
+    spec = tree_flatten(trees[0])[1]
+    return tree_unflatten([torch.stack(group) for group in zip(*leaves)], spec)
+
+
+def map_tasks(fn: Callable[..., Any], mode: str, shared: Any, *per_task: Tensor) -> Any:
+    """``fn(shared, *task_i)`` for every task ``i`` (leading axis of ``per_task``), stacked."""
+    if mode == "vmap":
+        in_dims = (None,) + (0,) * len(per_task)
+        return torch.func.vmap(fn, in_dims=in_dims, randomness="error")(shared, *per_task)
+    if mode == "loop":
+        return stack_trees([fn(shared, *(t[i] for t in per_task)) for i in range(per_task[0].shape[0])])
+    raise ValueError(f"unknown per-task execution {mode!r}; use 'vmap' or 'loop'")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def choose_execution(
+    run: Callable[[str], Any], modes: Sequence[str], device: torch.device, repeats: int = 2
+) -> tuple[str, dict[str, float]]:
+    """Time ``run(mode)`` for each mode (one warm-up, best of ``repeats``); return the fastest."""
+    timings: dict[str, float] = {}
+    for mode in modes:
+        run(mode)
+        _synchronize(device)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(mode)
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        timings[mode] = best
+    return min(timings, key=timings.__getitem__), timings

@@ -1,0 +1,86 @@
+"""Inner solvers built from the head primitives, so every one of them leaves a trace.
+
+``sgd_steps`` runs ``T`` steps of (optionally proximal) gradient descent on the support
+cross-entropy over the adapted set — ``"all"`` (encoder and head) or ``"head"`` (the
+encoder is frozen; ANIL) — with step size ``α``:
+
+    θ_{t+1} = θ_t − α (∇_θ L_S(θ_t, W_t) + λ (θ_t − θ_0))          (adapt = "all")
+    W_{t+1} = W_0 + (1 − αλ)(W_t − W_0) + A_tᵀ Φ_t,   A_t = −α ∂L_S/∂Z_S
+
+``first_order=True`` stops the gradient through the inner gradients (A_t, Φ_t in the
+update and the encoder's inner gradient are constants); the fast weights stay
+differentiable through the identity path. Tensors may carry leading task dimensions
+when ``adapt="head"`` (the shared-encoder path batches the head loops that way).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from torch import Tensor
+from torch.func import vjp
+
+from .head import HeadState, head_shrink, head_write, init_head, readout
+from .losses import cross_entropy_logits_grad
+from .models import BilevelModel
+from .params import HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
+
+ADAPTED_SETS = ("all", "head")
+
+
+class InnerResult(NamedTuple):
+    """The adapted encoder (un-prefixed keys), the adapted head with its trace, and the
+    encoder parameters each step's support features were computed with (``θ_0 … θ_{T-1}``)."""
+
+    encoder: Params
+    head: HeadState
+    encoder_path: tuple[Params, ...]
+
+
+def sgd_steps(
+    model: BilevelModel,
+    params: Params,
+    support_x: Optional[Tensor],
+    support_y: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    adapt: str,
+    first_order: bool,
+    prox: float = 0.0,
+    support_features: Optional[Tensor] = None,
+    head: Optional[HeadState] = None,
+) -> InnerResult:
+    """Run ``steps`` inner SGD steps from ``params`` (see the module docstring).
+
+    With ``adapt="head"`` the support features are computed once (or taken from
+    ``support_features``); ``head`` overrides the initial head (e.g. task-broadcast copies).
+    """
+    if adapt not in ADAPTED_SETS:
+        raise ValueError(f"adapted set must be one of {ADAPTED_SETS}, got {adapt!r}")
+    encoder = encoder_part(params)
+    anchor = encoder
+    state = head if head is not None else init_head(params[HEAD_WEIGHT], params[HEAD_BIAS])
+    if adapt == "head" and support_features is None:
+        support_features = model.encode(encoder, support_x)
+    path: list[Params] = []
+    for _ in range(steps):
+        path.append(encoder)
+        if adapt == "all":
+            feats, pull_back = vjp(lambda e: model.encode(e, support_x), encoder)
+        else:
+            feats = support_features
+        logits_grad = cross_entropy_logits_grad(readout(feats, state.weight, state.bias), support_y)
+        if adapt == "all":
+            (enc_grad,) = pull_back(logits_grad @ state.weight)
+            if first_order:
+                enc_grad = tree_detach(enc_grad)
+            if prox:
+                enc_grad = {k: g + prox * (encoder[k] - anchor[k]) for k, g in enc_grad.items()}
+            encoder = {k: v - lr * enc_grad[k] for k, v in encoder.items()}
+        coeff = -lr * logits_grad
+        if first_order:
+            coeff, feats = coeff.detach(), feats.detach()
+        if prox:
+            state = head_shrink(state, 1.0 - lr * prox)
+        state = head_write(state, feats, coeff)
+    return InnerResult(encoder, state, tuple(path))

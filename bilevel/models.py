@@ -1,0 +1,145 @@
+"""Models: an encoder ``φ_θ`` plus a linear head ``z = W φ + b``, called functionally.
+
+BatchNorm always uses batch statistics (no running buffers), as MAML does. A *layout*
+``((groups, size), ...)`` tells every BatchNorm layer how the batch is made of
+independent sets: the batch is cut into consecutive segments of ``groups * size``
+samples, each viewed as ``[groups, size, ...]``, and statistics are taken per group.
+With ``layout=None`` the whole batch is one set. This lets the shared-encoder path
+forward the support and query sets of every task in one batch while keeping per-task,
+per-set statistics exactly as if each set had been forwarded alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from .params import Params
+
+Layout = Optional[Sequence[tuple[int, int]]]
+
+
+class SetBatchNorm(nn.Module):
+    """BatchNorm with batch statistics computed per set of the layout (biased variance)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
+        segments = [(1, x.shape[0])] if layout is None else list(layout)
+        parts = x.split([g * n for g, n in segments]) if len(segments) > 1 else (x,)
+        outs = []
+        for (groups, size), part in zip(segments, parts):
+            grouped = part.reshape(groups, size, *part.shape[1:])
+            dims = (1,) + tuple(range(3, grouped.dim()))
+            mean = grouped.mean(dims, keepdim=True)
+            var = ((grouped - mean) ** 2).mean(dims, keepdim=True)
+            outs.append(((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(part.shape))
+        normed = outs[0] if len(outs) == 1 else torch.cat(outs)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return normed * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+class ConvBlock(nn.Module):
+    """conv3×3 → SetBatchNorm → ReLU → max-pool 2."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm = SetBatchNorm(c_out)
+
+    def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
+        return F.max_pool2d(F.relu(self.norm(self.conv(x), layout)), 2)
+
+
+class Conv4(nn.Module):
+    """Four conv blocks, flattened: 1×28×28 → 64 (64 ch) or 3×84×84 → 800 (32 ch)."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [ConvBlock(in_channels if i == 0 else channels, channels) for i in range(4)]
+        )
+
+    def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
+        for block in self.blocks:
+            x = block(x, layout)
+        return x.flatten(1)
+
+
+class MLP(nn.Module):
+    """``Linear → ReLU`` repeated ``layers`` times (no normalisation)."""
+
+    def __init__(self, in_features: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        sizes = [in_features] + [hidden] * layers
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
+        x = x.flatten(1)
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return x
+
+
+class BilevelModel(nn.Module):
+    """``encoder`` + linear ``head`` with ``ways`` outputs; parameters are used functionally."""
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, ways: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(feature_dim, ways)
+        self.feature_dim = feature_dim
+        self.ways = ways
+
+    def encode(self, encoder_params: Params, x: Tensor, layout: Layout = None) -> Tensor:
+        """``φ_θ(x)``: features ``[n, d]`` for images ``[n, ...]`` (``encoder_params`` un-prefixed)."""
+        return functional_call(self.encoder, encoder_params, (x, layout))
+
+    def init_params(self) -> Params:
+        """A fresh copy of the module's parameters as a detached dict."""
+        return {k: v.detach().clone() for k, v in self.named_parameters()}
+
+
+@dataclass
+class ModelConfig:
+    """Model choice. ``channels`` = conv width (default 64 for conv4, 32 for conv4_mini);
+    ``hidden``/``layers`` = MLP width and depth."""
+
+    name: str = "conv4"
+    channels: Optional[int] = None
+    hidden: int = 64
+    layers: int = 2
+
+
+MODELS = ("conv4", "conv4_mini", "mlp")
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], ways: int) -> BilevelModel:
+    """Instantiate the model for inputs of ``input_shape`` (without the batch dim)."""
+    if cfg.name in ("conv4", "conv4_mini"):
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"model={cfg.name} needs image inputs [C, H, W], got shape {tuple(input_shape)}; "
+                "use model=mlp for vector data (data=synthetic)"
+            )
+        channels = cfg.channels or (64 if cfg.name == "conv4" else 32)
+        encoder: nn.Module = Conv4(input_shape[0], channels)
+    elif cfg.name == "mlp":
+        features = 1
+        for s in input_shape:
+            features *= s
+        encoder = MLP(features, cfg.hidden, cfg.layers)
+    else:
+        raise ValueError(f"unknown model {cfg.name!r}; choose one of {', '.join(MODELS)}")
+    with torch.no_grad():
+        feature_dim = encoder(torch.zeros(2, *input_shape)).shape[1]
+    return BilevelModel(encoder, feature_dim, ways)

@@ -1,0 +1,256 @@
+"""Hypergradients by backpropagation through an unrolled inner loop (MAML family).
+
+The meta-gradient of one task is the VJP of ``L_Q(adapted(params))`` — second order
+through every inner step, or first order with the inner gradients detached. The same
+forward also outputs the decomposition nodes ``(φ_q, Φ_τ, A_τ)``, so a decomposition
+costs one batched VJP over the term cotangents on top of the plain backward, and the
+plain meta-gradient (cotangent 1 on the loss, 0 on the nodes) is computed identically
+whether or not the decomposition is requested.
+
+Execution paths: ``vmap`` and ``loop`` run the per-task function over tasks; ``shared``
+(head-only inner loops) runs the encoder once over every support and query image of the
+meta-batch, with per-task, per-set BatchNorm statistics through the layout, and batches
+the head loops along a task axis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from .algorithm import AlgorithmConfig, BilevelAlgorithm, MetaStep
+from .decompose import (
+    Decomposition,
+    Nodes,
+    class_masks,
+    cosine_matrix,
+    identity_error,
+    pair_weights,
+    readout_head_gradient,
+    reconstruction_error,
+    stack_nodes,
+    term_cotangents,
+)
+from .execution import map_tasks
+from .head import init_head, readout
+from .inner import ADAPTED_SETS, InnerResult, sgd_steps
+from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
+from .params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, is_head
+
+ORDERS = ("second_order", "first_order")
+
+
+@dataclass
+class UnrolledConfig(AlgorithmConfig):
+    """``inner_steps`` T, ``inner_lr`` α, ``adapt`` in {all, head}, ``order`` in
+    {second_order, first_order}."""
+
+    inner_steps: int = 1
+    inner_lr: float = 0.4
+    adapt: str = "all"
+    order: str = "second_order"
+
+
+def _zeros_like_nodes(nodes: Nodes) -> Nodes:
+    return Nodes(
+        torch.zeros_like(nodes.query_features),
+        tuple(torch.zeros_like(f) for f in nodes.features),
+        tuple(torch.zeros_like(a) for a in nodes.coeffs),
+    )
+
+
+class UnrolledAlgorithm(BilevelAlgorithm):
+    """Base for algorithms whose hypergradient is backprop through ``inner_loop``.
+
+    Subclasses may override :meth:`inner_loop` (any solver built from the head
+    primitives); the decomposition, execution paths and evaluation come with the base.
+    """
+
+    Config = UnrolledConfig
+    terms = ("contrastive", "init", "coefficient")
+
+    def __init__(self, model, config) -> None:
+        if config.adapt not in ADAPTED_SETS:
+            raise ValueError(f"adapt must be one of {ADAPTED_SETS}, got {config.adapt!r}")
+        if config.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {config.order!r}")
+        if config.inner_steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {config.inner_steps}")
+        self.executions = ("vmap", "loop", "shared") if config.adapt == "head" else ("vmap", "loop")
+        super().__init__(model, config)
+        self.execution = "loop"
+
+    @property
+    def first_order(self) -> bool:
+        return self.config.order == "first_order"
+
+    def inner_loop(
+        self, params: Params, support_x, support_y: Tensor, support_features=None, head=None,
+        steps: int | None = None, first_order: bool | None = None,
+    ) -> InnerResult:
+        """The inner solver: ``inner_steps`` SGD steps with step ``inner_lr``."""
+        return sgd_steps(
+            self.model, params, support_x, support_y,
+            steps=self.config.inner_steps if steps is None else steps,
+            lr=self.config.inner_lr, adapt=self.config.adapt,
+            first_order=self.first_order if first_order is None else first_order,
+            support_features=support_features, head=head,
+        )
+
+    # ----------------------------------------------------------------------------- meta-gradient
+    def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
+        if self.execution == "shared":
+            out = self._shared_step(params, batch, decompose)
+        else:
+            fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose)  # noqa: E731
+            per_task = map_tasks(
+                fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y
+            )
+            out = {k: _task_mean(k, v) for k, v in per_task.items()}
+        decomposition = None
+        if decompose:
+            decomposition = self._assemble(out, params, batch)
+        return MetaStep(out["grad"], out["loss"], out["accuracy"], decomposition)
+
+    def _task_step(self, params, xs, ys, xq, yq, decompose: bool) -> dict[str, Any]:
+        def forward(p):
+            inner = self.inner_loop(p, xs, ys)
+            phi_q = self.model.encode(inner.encoder, xq)
+            logits = readout(phi_q, inner.head.weight, inner.head.bias)
+            nodes = Nodes(phi_q, inner.head.trace.features, inner.head.trace.coeffs)
+            path = tuple(inner.encoder_path) + (inner.encoder,)
+            return (cross_entropy(logits, yq), nodes), (logits, inner.head.trace, path)
+
+        return self._backward(forward, params, yq, decompose, xs=xs, xq=xq, tasks=1)
+
+    def _shared_step(self, params, batch, decompose: bool) -> dict[str, Any]:
+        tasks, n_s = batch.support_y.shape
+        n_q = batch.query_y.shape[1]
+
+        def forward(p):
+            x = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
+            phi = self.model.encode(encoder_part(p), x, layout=((tasks, n_s), (tasks, n_q)))
+            phi_s = phi[: tasks * n_s].unflatten(0, (tasks, n_s))
+            phi_q = phi[tasks * n_s :].unflatten(0, (tasks, n_q))
+            head = init_head(
+                p[HEAD_WEIGHT].expand(tasks, *p[HEAD_WEIGHT].shape),
+                p[HEAD_BIAS].expand(tasks, *p[HEAD_BIAS].shape),
+            )
+            inner = self.inner_loop(p, None, batch.support_y, support_features=phi_s, head=head)
+            logits = readout(phi_q, inner.head.weight, inner.head.bias)
+            nodes = Nodes(phi_q, inner.head.trace.features, inner.head.trace.coeffs)
+            return (cross_entropy(logits, batch.query_y).mean(), nodes), (logits, inner.head.trace, ())
+
+        return self._backward(forward, params, batch.query_y, decompose, tasks=tasks)
+
+    def _backward(self, forward, params, yq, decompose, xs=None, xq=None, tasks=1) -> dict[str, Any]:
+        (loss, nodes), vjp_fn, (logits, trace, path) = vjp(forward, params, has_aux=True)
+        (grad,) = vjp_fn((torch.ones_like(loss), _zeros_like_nodes(nodes)))
+        out: dict[str, Any] = {"grad": grad, "loss": loss, "accuracy": accuracy(logits, yq).mean()}
+        if not decompose:
+            return out
+        phi_q = nodes.query_features
+        logits_grad = cross_entropy_logits_grad(logits, yq) / tasks
+        cots = term_cotangents(trace, phi_q, logits_grad, self.terms)
+        stacked = stack_nodes([cots[t] for t in self.terms])
+        zero = torch.zeros_like(loss)
+        (term_grads,) = vmap(lambda c: vjp_fn((zero, c)))(stacked)
+        head_w, head_b = readout_head_gradient(phi_q, logits_grad)
+        is_init = (torch.arange(len(self.terms), device=loss.device) == self.terms.index("init")).to(loss.dtype)
+        term_grads[HEAD_WEIGHT] = term_grads[HEAD_WEIGHT] + is_init[:, None, None] * head_w.reshape(
+            -1, *head_w.shape[-2:]).sum(0)
+        term_grads[HEAD_BIAS] = term_grads[HEAD_BIAS] + is_init[:, None] * head_b.reshape(-1, head_b.shape[-1]).sum(0)
+        out["terms"] = term_grads
+        out["pairs"] = pair_weights(trace, logits_grad * tasks)
+        out["cosines"] = cosine_matrix(nodes.features[0], phi_q)
+        out["reconstruction"] = reconstruction_error(trace, phi_q, logits)
+        if self.config.adapt == "all" and self.first_order is False and path:
+            out["adaptation"] = self._adaptation(term_grads, stacked, path, xs, xq)
+        return out
+
+    def _adaptation(self, term_grads, stacked: Nodes, path, xs, xq) -> Params:
+        """Σ over feature terms of (full − leaf), the leaf gradients taken w.r.t. the adapted
+        encoder parameters of each feature evaluation treated as independent leaves."""
+        feature_terms = [i for i, t in enumerate(self.terms) if t != "coefficient"]
+        idx = torch.tensor(feature_terms, device=stacked.query_features.device)
+        leaf: dict[str, Tensor] = {}
+        uses = [(path[t], xs, stacked.features[t]) for t in range(len(stacked.features))]
+        uses.append((path[-1], xq, stacked.query_features))
+        for enc, x, cot in uses:
+            enc = {k: v.detach() for k, v in enc.items()}
+            _, pull = vjp(lambda e: self.model.encode(e, x), enc)
+            (g,) = vmap(pull)(cot.index_select(0, idx))
+            for k, v in g.items():
+                leaf[k] = leaf.get(k, 0) + v.sum(0)
+        full = {k: v.index_select(0, idx).sum(0) for k, v in term_grads.items()}
+        return {
+            k: torch.zeros_like(v) if is_head(k) else v - leaf[k[len(ENCODER_PREFIX):]]
+            for k, v in full.items()
+        }
+
+    def _assemble(self, out: dict[str, Any], params: Params, batch) -> Decomposition:
+        terms = {t: {k: v[i] for k, v in out["terms"].items()} for i, t in enumerate(self.terms)}
+        return Decomposition(
+            terms=terms,
+            total=out["grad"],
+            pair_weights=out["pairs"],
+            feature_cosines=out["cosines"],
+            same_class=class_masks(batch.support_y, batch.query_y),
+            reconstruction_error=out["reconstruction"],
+            identity_error=identity_error(terms, out["grad"]),
+            encoder_adaptation=out.get("adaptation"),
+        )
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
+        if self.config.adapt == "head":
+            return self._evaluate_shared(params, batch, steps)
+        mode = "loop" if self.execution == "shared" else self.execution
+        fn = lambda p, xs, ys, xq, yq: self._evaluate_task(p, xs, ys, xq, yq, steps)  # noqa: E731
+        accs = map_tasks(fn, mode, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        return accs.mean(0)
+
+    def _evaluate_task(self, params, xs, ys, xq, yq, steps: int) -> Tensor:
+        accs = []
+        for t in range(steps + 1):
+            if t:
+                inner = self.inner_loop(params, xs, ys, steps=1, first_order=True)
+                params = {**{ENCODER_PREFIX + k: v.detach() for k, v in inner.encoder.items()},
+                          HEAD_WEIGHT: inner.head.weight.detach(), HEAD_BIAS: inner.head.bias.detach()}
+            phi_q = self.model.encode(encoder_part(params), xq)
+            accs.append(accuracy(readout(phi_q, params[HEAD_WEIGHT], params[HEAD_BIAS]), yq))
+        return torch.stack(accs)
+
+    def _evaluate_shared(self, params, batch, steps: int) -> Tensor:
+        tasks, n_s = batch.support_y.shape
+        n_q = batch.query_y.shape[1]
+        with torch.no_grad():
+            x = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
+            phi = self.model.encode(encoder_part(params), x, layout=((tasks, n_s), (tasks, n_q)))
+            phi_s = phi[: tasks * n_s].unflatten(0, (tasks, n_s))
+            phi_q = phi[tasks * n_s :].unflatten(0, (tasks, n_q))
+            head = init_head(
+                params[HEAD_WEIGHT].expand(tasks, *params[HEAD_WEIGHT].shape),
+                params[HEAD_BIAS].expand(tasks, *params[HEAD_BIAS].shape),
+            )
+            accs = [accuracy(readout(phi_q, head.weight, head.bias), batch.query_y).mean()]
+            for _ in range(steps):
+                head = self.inner_loop(params, None, batch.support_y, support_features=phi_s,
+                                       head=head, steps=1, first_order=True).head
+                accs.append(accuracy(readout(phi_q, head.weight, head.bias), batch.query_y).mean())
+        return torch.stack(accs)
+
+
+def _task_mean(key: str, value: Any) -> Any:
+    """Reduce per-task outputs: means for gradients and scalars, max for check errors,
+    concatenation for per-task matrices (which already have a task axis)."""
+    if key == "reconstruction":
+        return value.amax()
+    if key in ("pairs", "cosines"):
+        return value
+    if isinstance(value, dict):
+        return {k: v.mean(0) for k, v in value.items()}
+    return value.mean(0)
