@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Optional
 
+import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
@@ -83,6 +84,11 @@ class BilevelAlgorithm(ABC):
     @abstractmethod
     def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
         """Mean query accuracy after ``0 … steps`` inner steps: a tensor of ``steps + 1``."""
+
+    def make_outer_optimizer(self, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
+        """The outer optimiser (Adam by default; a plugin whose outer step is defined by the
+        algorithm, e.g. Entropy-SGD's ``x ← x − η d``, returns SGD with its own step)."""
+        return torch.optim.Adam(params, lr=lr)
 
     def outer_step_done(self) -> None:
         """Hook called once after every outer update."""

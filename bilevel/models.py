@@ -100,6 +100,10 @@ class BilevelModel(nn.Module):
         self.feature_dim = feature_dim
         self.ways = ways
 
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits with the module's own parameters (used by oracles such as ``higher``)."""
+        return self.head(self.encoder(x))
+
     def encode(self, encoder_params: Params, x: Tensor, layout: Layout = None) -> Tensor:
         """``φ_θ(x)``: features ``[n, d]`` for images ``[n, ...]`` (``encoder_params`` un-prefixed)."""
         return functional_call(self.encoder, encoder_params, (x, layout))
