@@ -17,6 +17,9 @@ stop-gradiented:
     coefficient   Σ sg(g_q)ᵀ A_τ,s sg(k_τ(s,q))
     noise         Σ_q sg(g_q)ᵀ sg(ξ_W) φ_q             (``solver_residual`` for iMAML's R)
 
+``contrastive_query`` and ``contrastive_support`` split the contrastive term into its
+query-feature and support-feature sides (the ``one_sided`` ablation drops the latter).
+
 By linearity of the VJP the terms sum to the meta-gradient; the identity check compares
 that sum with the algorithm's own hypergradient, computed independently.
 """
@@ -31,7 +34,10 @@ from torch import Tensor
 from .head import HeadTrace, kernel, reconstruct_logits
 from .params import Params, is_head, tree_norm, tree_sum, tree_vdot
 
-TERMS = ("contrastive", "init", "coefficient", "noise", "solver_residual")
+TERMS = (
+    "contrastive", "contrastive_query", "contrastive_support", "init", "coefficient", "noise",
+    "solver_residual",
+)
 """Every term name the engine knows; an algorithm declares the subset it produces."""
 
 
@@ -66,12 +72,14 @@ def term_cotangents(
             out[term] = Nodes(g @ trace.weight0, zero_feats, zero_coeffs)
         elif term in ("noise", "solver_residual"):
             out[term] = Nodes(g @ trace.noise_weight, zero_feats, zero_coeffs)
-        elif term == "contrastive":
+        elif term in ("contrastive", "contrastive_query", "contrastive_support"):
             weights = [a @ g.transpose(-1, -2) for a in trace.coeffs]
-            phi = zero_phi
-            for c, f in zip(weights, trace.features):
-                phi = phi + c.transpose(-1, -2) @ f
-            feats = tuple(c @ query_features for c in weights)
+            phi, feats = zero_phi, zero_feats
+            if term != "contrastive_support":
+                for c, f in zip(weights, trace.features):
+                    phi = phi + c.transpose(-1, -2) @ f
+            if term != "contrastive_query":
+                feats = tuple(c @ query_features for c in weights)
             out[term] = Nodes(phi, feats, zero_coeffs)
         elif term == "coefficient":
             coeffs = tuple(kernel(f, query_features) @ g for f in trace.features)
