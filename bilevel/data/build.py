@@ -1,0 +1,52 @@
+"""Builds data sets and task samplers from a :class:`DataConfig`."""
+from __future__ import annotations
+
+from .config import DataConfig
+from .dataset import ClassDataset, check_split
+from .glyphs import glyph_dataset
+from .miniimagenet import SIDE, MiniImageNetDataset
+from .omniglot import OmniglotDataset
+from .sampler import TaskSampler
+from .synthetic import SyntheticDataset
+
+DATASETS = ("glyphs", "synthetic", "omniglot", "miniimagenet")
+
+
+def _check_name(cfg: DataConfig) -> None:
+    if cfg.name not in DATASETS:
+        raise ValueError(f"unknown data set {cfg.name!r}; set data.name to one of {', '.join(DATASETS)}")
+
+
+def _root(cfg: DataConfig) -> str:
+    if cfg.root is None:
+        raise ValueError(f"data.root is required for {cfg.name}: set it to the directory that holds the data set")
+    return cfg.root
+
+
+def build_dataset(cfg: DataConfig, split: str) -> ClassDataset:
+    """The ``split`` ('train', 'val' or 'test') of the data set named by ``cfg.name``."""
+    _check_name(cfg)
+    check_split(split)
+    if cfg.name == "glyphs":
+        return glyph_dataset(split, seed=cfg.seed, image_size=cfg.image_size, cache_dir=cfg.root)
+    if cfg.name == "synthetic":
+        return SyntheticDataset(split, cfg.synthetic_classes, cfg.synthetic_dim, cfg.synthetic_noise, cfg.seed)
+    if cfg.name == "omniglot":
+        return OmniglotDataset(_root(cfg), split, image_size=cfg.image_size, rotations=cfg.rotations)
+    return MiniImageNetDataset(_root(cfg), split)
+
+
+def build_sampler(cfg: DataConfig, split: str, meta_batch: int, seed: int) -> TaskSampler:
+    """A :class:`TaskSampler` over ``build_dataset(cfg, split)`` with the task shape of ``cfg``."""
+    dataset = build_dataset(cfg, split)
+    return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch, seed, fixed_labels=cfg.fixed_labels)
+
+
+def input_shape(cfg: DataConfig) -> tuple[int, ...]:
+    """Shape of one input of the configured data set, without building it."""
+    _check_name(cfg)
+    if cfg.name == "synthetic":
+        return (cfg.synthetic_dim,)
+    if cfg.name == "miniimagenet":
+        return (3, SIDE, SIDE)
+    return (1, cfg.image_size, cfg.image_size)

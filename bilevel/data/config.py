@@ -1,0 +1,30 @@
+"""The typed ``data`` config group."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class DataConfig:
+    """Which data set to draw tasks from and the task shape (the Hydra ``data`` group).
+
+    ``root``: data directory for omniglot/miniimagenet (required); cache directory for glyphs
+    (None -> ``$BILEVEL_CACHE`` or ``~/.cache/bilevel``). ``image_size``: side length for
+    glyphs/omniglot (miniimagenet is always 84). ``rotations``: omniglot only, add the 90/180/270
+    degree rotations as new classes. ``synthetic_*``: synthetic only (classes per split, vector
+    dimension, cluster std relative to unit-norm means). ``seed``: data generation seed.
+    """
+
+    name: str = "glyphs"
+    root: Optional[str] = None
+    ways: int = 5
+    shots: int = 1
+    queries: int = 15
+    fixed_labels: bool = False
+    image_size: int = 28
+    rotations: bool = False
+    synthetic_classes: int = 64
+    synthetic_dim: int = 16
+    synthetic_noise: float = 0.5
+    seed: int = 0
