@@ -6,16 +6,20 @@ claim fails.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
+COMPARES = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.lt, ">": operator.gt}
+
 
 @dataclass
 class ClaimResult:
     """One measured claim. ``passed`` is ``value <= threshold`` unless ``compare`` says ``>=``
-    (e.g. a gap that must exceed zero) or ``==`` (exact zero)."""
+    (e.g. a gap that must exceed zero), ``==`` (exact zero), or a strict ``<`` / ``>`` (a sign).
+    A NaN value never passes."""
 
     claim: str
     description: str
@@ -23,13 +27,13 @@ class ClaimResult:
     threshold: float
     compare: str = "<="
 
+    def __post_init__(self) -> None:
+        if self.compare not in COMPARES:
+            raise ValueError(f"compare must be one of {', '.join(COMPARES)}, got {self.compare!r}")
+
     @property
     def passed(self) -> bool:
-        if self.compare == ">=":
-            return self.value >= self.threshold
-        if self.compare == "==":
-            return self.value == self.threshold
-        return self.value <= self.threshold
+        return bool(COMPARES[self.compare](self.value, self.threshold))
 
     def as_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -46,4 +50,4 @@ def check(fn: Callable[[], list[ClaimResult]]) -> Callable[[], list[ClaimResult]
 
 def max_abs(a: torch.Tensor) -> float:
     """``max |a|`` as a Python float (checks run outside any hot path)."""
-    return float(a.abs().max()) if a.numel() else 0.0
+    return float(a.detach().abs().max()) if a.numel() else 0.0
