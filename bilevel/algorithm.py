@@ -59,6 +59,7 @@ class BilevelAlgorithm(ABC):
 
     Config: ClassVar[type] = AlgorithmConfig
     terms: tuple[str, ...] = ()
+    splits_contrastive: ClassVar[bool] = False
     executions: tuple[str, ...] = ("loop",)
 
     def __init__(self, model: BilevelModel, config: Any) -> None:

@@ -71,6 +71,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
 
     Config = UnrolledConfig
     terms = ("contrastive", "init", "coefficient")
+    splits_contrastive = True
 
     def __init__(self, model, config) -> None:
         if config.adapt not in ADAPTED_SETS:

@@ -1,0 +1,64 @@
+"""Ablation: train on a subset of the decomposition terms (THEORY §3).
+
+The encoder's update is the sum of the kept terms; the head always receives its exact
+meta-gradient (THEORY §3.4 — the head policy, not the ablation, controls it). With
+nothing kept out, the trainer uses the algorithm's plain meta-gradient, unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .algorithm import BilevelAlgorithm, MetaStep
+from .params import Params, is_head
+
+CONTRASTIVE_SIDES = ("contrastive_query", "contrastive_support")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """``kept`` terms form the encoder update; ``plain`` means no term is left out."""
+
+    kept: tuple[str, ...]
+    plain: bool
+
+    def update(self, step: MetaStep) -> Params:
+        """The gradient the outer optimiser follows for this meta-step."""
+        if self.plain:
+            return step.grad
+        terms = step.decomposition.terms
+        return {
+            k: v if is_head(k) else sum(terms[t][k] for t in self.kept)
+            for k, v in step.grad.items()
+        }
+
+
+def resolve_ablation(keep: list[str] | None, drop: list[str], algorithm: BilevelAlgorithm) -> Ablation:
+    """Check the requested terms against the algorithm's and build the :class:`Ablation`.
+
+    Naming a side of the contrastive term (``contrastive_query`` / ``contrastive_support``)
+    makes the algorithm compute the two sides instead of ``contrastive``. A term the
+    algorithm does not have is an error that lists the terms it has.
+    """
+    keep_list = None if keep is None else list(keep)
+    drop_list = list(drop)
+    requested = (keep_list or []) + drop_list
+    terms = list(algorithm.terms)
+    if any(t in CONTRASTIVE_SIDES for t in requested):
+        if "contrastive" not in terms or not algorithm.splits_contrastive:
+            raise ValueError(
+                f"algorithm {algorithm.name!r} cannot split its contrastive term into query and support "
+                f"sides (terms: {', '.join(terms)}); its contrastive term may already be one-sided"
+            )
+        i = terms.index("contrastive")
+        terms[i : i + 1] = list(CONTRASTIVE_SIDES)
+        algorithm.terms = tuple(terms)
+    unknown = [t for t in requested if t not in terms]
+    if unknown:
+        raise ValueError(
+            f"algorithm {algorithm.name!r} has no term(s) {unknown}; its decomposition terms are "
+            f"{', '.join(terms)}"
+        )
+    kept = tuple(t for t in (keep_list if keep_list is not None else terms) if t not in drop_list)
+    if not kept:
+        raise ValueError(f"ablation keeps no term (keep={keep_list}, drop={drop_list}); keep at least one")
+    return Ablation(kept=kept, plain=keep_list is None and not drop_list)

@@ -1,0 +1,1 @@
+"""Hydra configuration files of bilevel (a package so installed copies find them)."""
