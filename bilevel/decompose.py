@@ -36,7 +36,7 @@ from .params import Params, is_head, tree_norm, tree_sum, tree_vdot
 
 TERMS = (
     "contrastive", "contrastive_query", "contrastive_support", "init", "coefficient", "noise",
-    "solver_residual",
+    "solver_residual", "encoder_noise",
 )
 """Every term name the engine knows; an algorithm declares the subset it produces."""
 

@@ -1,0 +1,413 @@
+"""SGD / Langevin chains on one task and their first-order decomposition (THEORY §2, §6).
+
+**The chain.** On the parameters ``x = (θ, W, b)`` restricted to the adapted set
+(``"all"``, or ``"head"``: the encoder stays at ``θ``), for ``ℓ = 1 … L`` on the task's
+batch ``B`` (the same samples at every step; ``batches`` picks support, query or both pooled):
+
+    dx'_ℓ = ∇f_B(x'_{ℓ−1}) − γ (x − x'_{ℓ−1})
+    x'_ℓ  = x'_{ℓ−1} − η' dx'_ℓ + sqrt(η') ε n_ℓ,        x'_0 = x
+    μ_ℓ   = (1 − a) μ_{ℓ−1} + a x'_ℓ,                    μ_0 = x
+
+*Noise convention*: ``n_ℓ ~ N(0, I)``, independent per coordinate, step and task, so one step
+of a chain whose gradient vanishes moves every coordinate by a centred Gaussian of variance
+``η' ε²``. The noise is an *input* (drawn by the algorithm, outside the per-task function),
+so ``vmap`` and the loop see the same draws. *EMA convention*: weight ``a`` on the newest
+iterate, ``μ_0 = x``, hence ``μ_L = (1 − a)^L x + Σ_ℓ a (1 − a)^{L−ℓ} x'_ℓ``; ``a = 1`` makes
+``μ`` the last iterate. The head runs through the head primitives (``head_shrink`` for the
+coupling, ``head_write`` for the gradient, ``head_add_noise`` for the noise), so its trace
+explains every step's logits by eq. (1). The encoder is run in displacement form
+``u = θ' − θ`` (algebraically the same, without the cancellation in ``θ − μ``).
+
+**The direction** (the ``prox_mean`` hypergradient) is ``d = s (x − μ_L)`` on the adapted set,
+``s`` the algorithm's scale (``γ`` for Entropy-SGD). Non-adapted parameters (the encoder when
+``adapt = "head"``) get the chain-average of their own gradient, the local-entropy gradient
+of parameters outside the Gibbs measure, estimated with the same EMA started at the first
+gradient: ``ν = Σ_ℓ v_ℓ ∇f_B(x'_{ℓ−1})``, ``v_1 = (1 − a)^{L−1}``, ``v_ℓ = a (1 − a)^{L−ℓ}``.
+Unrolling the recursion with ``ρ = 1 − η'γ``:
+
+    d = s Σ_ℓ w_ℓ (η' ∇f_B(x'_{ℓ−1}) − sqrt(η') ε n_ℓ),    w_ℓ = Σ_{k=ℓ}^{L} a (1 − a)^{L−k} ρ^{k−ℓ}
+
+a fixed linear combination of the per-step gradients and noises (the proximal pulls are
+folded into ``w``); the gradients are values, never differentiated: no second-order terms.
+
+**The decomposition.** Step ℓ's encoder gradient is the VJP of ``φ(θ'_{ℓ−1}, X)`` with
+cotangent ``G_ℓ W_{ℓ−1}`` and ``W_{ℓ−1} = W_0 + Σ_{τ<ℓ} A_τᵀ Φ_τ + ξ_{ℓ−1}`` (the trace), so
+
+    G_ℓ W_{ℓ−1} = G_ℓ W_0  +  Σ_{τ<ℓ} C_τᵀ Φ_τ  +  G_ℓ ξ_{ℓ−1},     C_τ = A_τ G_ℓᵀ
+
+``init`` + ``contrastive`` (one-sided: earlier steps' features act as supports and are
+constants, batch ℓ acts as queries and alone receives gradient) + ``noise``. Weighting every
+step by its coefficient in ``d`` and adding ``encoder_noise`` (``−s sqrt(η') ε Σ w_ℓ n^θ_ℓ``)
+gives terms that sum to ``d``. Head part: the direct gradients ``s η' Σ_ℓ w_ℓ (G_ℓᵀ Φ_ℓ,
+G_ℓᵀ 1)`` go to ``init`` (as the engine does for the MAML readout gradient) and the head's own
+Langevin noise ``−s sqrt(η') ε Σ_ℓ w_ℓ n^{W,b}_ℓ`` to ``noise`` (everything the head noise
+causes); ``contrastive`` and ``encoder_noise`` are zero on the head. So the identity holds
+over all parameters.
+"""
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from .algorithm import AlgorithmConfig, BilevelAlgorithm, MetaStep
+from .decompose import (
+    Decomposition,
+    class_masks,
+    cosine_matrix,
+    identity_error,
+    pair_weights,
+    readout_head_gradient,
+    reconstruction_error,
+    term_cotangents,
+)
+from .execution import map_tasks
+from .head import HeadState, head_add_noise, head_shrink, head_write, init_head, readout
+from .inner import ADAPTED_SETS, sgd_steps
+from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
+from .models import BilevelModel
+from .params import (
+    ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, is_head, tree_detach, with_encoder,
+)
+
+BATCHES = ("pooled", "support", "query")
+FEATURE_TERMS = {"init": "init", "contrastive": "contrastive_query", "noise": "noise"}
+"""The chain's feature terms and the engine cotangent (``term_cotangents``) each one reads."""
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """One chain: ``steps`` L, ``lr`` η', coupling ``gamma`` γ, ``noise`` ε, EMA weight ``ema``
+    a, direction ``scale`` s and the adapted set (module docstring)."""
+
+    steps: int
+    lr: float
+    gamma: float
+    noise: float
+    ema: float
+    scale: float
+    adapt: str
+
+    def __post_init__(self) -> None:
+        if self.adapt not in ADAPTED_SETS:
+            raise ValueError(f"adapt must be one of {ADAPTED_SETS}, got {self.adapt!r}")
+        if self.steps < 1:
+            raise ValueError(f"inner_steps must be >= 1, got {self.steps}")
+        if not 0.0 < self.ema <= 1.0:
+            raise ValueError(f"ema must be in (0, 1], got {self.ema}")
+        if self.lr <= 0 or self.gamma < 0 or self.noise < 0:
+            raise ValueError(f"need inner_lr > 0, gamma >= 0, noise >= 0; got {self.lr}, {self.gamma}, {self.noise}")
+
+    def adapted(self, key: str) -> bool:
+        """Whether parameter ``key`` moves in the chain."""
+        return self.adapt == "all" or is_head(key)
+
+    def iterate_weights(self) -> tuple[float, ...]:
+        """``w_ℓ = Σ_{k=ℓ}^{L} a (1 − a)^{L−k} ρ^{k−ℓ}``, ``ρ = 1 − η'γ``."""
+        a, rho, n = self.ema, 1.0 - self.lr * self.gamma, self.steps
+        return tuple(sum(a * (1 - a) ** (n - k) * rho ** (k - l) for k in range(l, n + 1)) for l in range(1, n + 1))
+
+    def gradient_weights(self) -> tuple[float, ...]:
+        """``v_1 = (1 − a)^{L−1}``, ``v_ℓ = a (1 − a)^{L−ℓ}``: the EMA of the gradients (sums to 1)."""
+        a, n = self.ema, self.steps
+        return tuple((1 - a) ** (n - 1) if l == 1 else a * (1 - a) ** (n - l) for l in range(1, n + 1))
+
+    def step_weights(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-step coefficients of the gradients of adapted and of non-adapted parameters in ``d``."""
+        return tuple(self.scale * self.lr * w for w in self.iterate_weights()), self.gradient_weights()
+
+    @property
+    def noise_amplitude(self) -> float:
+        """``sqrt(η') ε``: the standard deviation of one step's noise."""
+        return math.sqrt(self.lr) * self.noise
+
+    def terms(self) -> tuple[str, ...]:
+        """The decomposition terms this chain produces (noise terms only when ``ε > 0``)."""
+        noisy = ("noise",) + (("encoder_noise",) if self.adapt == "all" else ()) if self.noise else ()
+        return ("contrastive", "init") + noisy
+
+
+class ChainStep(NamedTuple):
+    """What step ℓ read: the head ``W_{ℓ−1}`` with its trace, ``Φ_ℓ``, ``Z_ℓ``, ``G_ℓ`` and the
+    VJP of ``φ(·, X)`` at ``θ'_{ℓ−1}``."""
+
+    head: HeadState
+    features: Tensor
+    logits: Tensor
+    logits_grad: Tensor
+    pull_back: Callable
+
+
+class ChainResult(NamedTuple):
+    """The direction ``d`` (all parameters), the mean over steps of ``f_B(x'_{ℓ−1})`` and of its
+    accuracy, and the steps (recorded on request)."""
+
+    direction: Params
+    loss: Tensor
+    accuracy: Tensor
+    steps: tuple[ChainStep, ...]
+
+
+def run_chain(
+    model: BilevelModel, params: Params, x: Tensor, y: Tensor, spec: ChainSpec,
+    noise: Optional[Params] = None, record: bool = False,
+) -> ChainResult:
+    """Run the chain of ``spec`` on one task's batch ``(x, y)`` (module docstring).
+
+    ``noise`` holds standard normal draws ``[L, *shape]`` for every adapted parameter (required
+    when ``ε > 0``); ``record`` keeps every step for :func:`decompose_chain`.
+    """
+    if spec.noise and noise is None:
+        raise ValueError("a chain with noise > 0 needs its standard normal draws (noise=...)")
+    encoder = encoder_part(params)
+    w0, b0 = params[HEAD_WEIGHT], params[HEAD_BIAS]
+    head = init_head(w0, b0)
+    lr, a, amp, rho = spec.lr, spec.ema, spec.noise_amplitude, 1.0 - spec.lr * spec.gamma
+    mean_w, mean_b = torch.zeros_like(w0), torch.zeros_like(b0)
+    if spec.adapt == "all":
+        disp = {k: torch.zeros_like(v) for k, v in encoder.items()}
+        mean_enc = dict(disp)
+    else:
+        frozen_features, frozen_pull = vjp(lambda e: model.encode(e, x), encoder)
+        frozen_cot = torch.zeros_like(frozen_features)
+    frozen_weights = spec.gradient_weights()
+    losses, accs, steps = [], [], []
+    for l in range(spec.steps):
+        if spec.adapt == "all":
+            feats, pull = vjp(lambda e: model.encode(e, x), {k: encoder[k] + disp[k] for k in encoder})
+        else:
+            feats, pull = frozen_features, frozen_pull
+        logits = readout(feats, head.weight, head.bias)
+        logits_grad = cross_entropy_logits_grad(logits, y)
+        losses.append(cross_entropy(logits, y))
+        accs.append(accuracy(logits, y))
+        if record:
+            steps.append(ChainStep(head, feats, logits, logits_grad, pull))
+        cot = logits_grad @ head.weight
+        if spec.adapt == "all":
+            (grad,) = pull(cot)
+            disp = {k: rho * u - lr * grad[k] for k, u in disp.items()}
+            if spec.noise:
+                disp = {k: u + amp * noise[ENCODER_PREFIX + k][l] for k, u in disp.items()}
+            mean_enc = {k: (1 - a) * m + a * disp[k] for k, m in mean_enc.items()}
+        else:
+            frozen_cot = frozen_cot + frozen_weights[l] * cot
+        if spec.gamma:
+            head = head_shrink(head, rho)
+        head = head_write(head, feats, -lr * logits_grad)
+        if spec.noise:
+            head = head_add_noise(head, amp * noise[HEAD_WEIGHT][l], amp * noise[HEAD_BIAS][l])
+        mean_w = (1 - a) * mean_w + a * (head.weight - w0)
+        mean_b = (1 - a) * mean_b + a * (head.bias - b0)
+    if spec.adapt == "all":
+        enc_dir = {k: -spec.scale * m for k, m in mean_enc.items()}
+    else:
+        (enc_dir,) = frozen_pull(frozen_cot)
+    direction = with_encoder({HEAD_WEIGHT: -spec.scale * mean_w, HEAD_BIAS: -spec.scale * mean_b}, enc_dir)
+    direction = {k: direction[k] for k in params}
+    return ChainResult(direction, torch.stack(losses).mean(), torch.stack(accs).mean(), tuple(steps))
+
+
+def decompose_chain(
+    result: ChainResult, params: Params, spec: ChainSpec, noise: Optional[Params], terms: tuple[str, ...]
+) -> tuple[Params, Tensor]:
+    """The terms of ``result.direction``, stacked ``{key: [len(terms), *shape]}`` in ``terms``
+    order, and the largest eq. (1) reconstruction error over the steps (module docstring).
+
+    Per step, the feature-term cotangents come from ``term_cotangents`` and are pulled back by
+    one ``vmap`` of the step's VJP; with a frozen encoder the weighted cotangents of all steps
+    share the one VJP at ``θ``.
+    """
+    feature_terms = [t for t in terms if t in FEATURE_TERMS]
+    adapted_w, frozen_w = spec.step_weights()
+    enc_weights = adapted_w if spec.adapt == "all" else frozen_w
+    enc_terms: Optional[Params] = None
+    pending = None
+    head_w, head_b, errors = 0.0, 0.0, []
+    for l, step in enumerate(result.steps):
+        cots = term_cotangents(
+            step.head.trace, step.features, step.logits_grad, tuple(FEATURE_TERMS[t] for t in feature_terms)
+        )
+        stacked = enc_weights[l] * torch.stack([cots[FEATURE_TERMS[t]].query_features for t in feature_terms])
+        if spec.adapt == "all":
+            (pulled,) = vmap(step.pull_back)(stacked)
+            enc_terms = pulled if enc_terms is None else {k: enc_terms[k] + v for k, v in pulled.items()}
+        else:
+            pending = stacked if pending is None else pending + stacked
+        gw, gb = readout_head_gradient(step.features, step.logits_grad)
+        head_w, head_b = head_w + adapted_w[l] * gw, head_b + adapted_w[l] * gb
+        errors.append(reconstruction_error(step.head.trace, step.features, step.logits))
+    if pending is not None:
+        (enc_terms,) = vmap(result.steps[0].pull_back)(pending)
+    noise_dir = _noise_direction(params, spec, noise)
+    out: dict[str, list[Tensor]] = {}
+    for key, value in params.items():
+        rows = []
+        for term in terms:
+            if term in FEATURE_TERMS and not is_head(key):
+                row = enc_terms[key[len(ENCODER_PREFIX):]][feature_terms.index(term)]
+            elif term == "init" and is_head(key):
+                row = head_w if key == HEAD_WEIGHT else head_b
+            elif (term == "noise" and is_head(key)) or (term == "encoder_noise" and not is_head(key)):
+                row = noise_dir[key]
+            else:
+                row = torch.zeros_like(value)
+            rows.append(row)
+        out[key] = torch.stack(rows)
+    return out, torch.stack(errors).amax()
+
+
+def _noise_direction(params: Params, spec: ChainSpec, noise: Optional[Params]) -> Params:
+    """``−s sqrt(η') ε Σ_ℓ w_ℓ n_ℓ`` for every adapted parameter (the noise's part of ``d``)."""
+    if not spec.noise:
+        return {}
+    w = torch.tensor(spec.iterate_weights(), dtype=params[HEAD_WEIGHT].dtype, device=params[HEAD_WEIGHT].device)
+    c = -spec.scale * spec.noise_amplitude
+    return {k: c * torch.tensordot(w, noise[k], dims=1) for k in params if spec.adapted(k)}
+
+
+def chain_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, batches: str):
+    """The chain's batch ``B``; ``pooled`` concatenates along the sample axis, support first."""
+    if batches == "support":
+        return support_x, support_y
+    if batches == "query":
+        return query_x, query_y
+    if batches == "pooled":
+        dim = support_y.dim() - 1
+        return torch.cat([support_x, query_x], dim), torch.cat([support_y, query_y], dim)
+    raise ValueError(f"batches must be one of {BATCHES}, got {batches!r}")
+
+
+def draw_noise(generator: torch.Generator, params: Params, spec: ChainSpec, tasks: int) -> Params:
+    """Standard normal draws ``[tasks, L, *shape]`` for every adapted parameter, in sorted key order."""
+    ref = params[HEAD_WEIGHT]
+    return {
+        k: torch.randn((tasks, spec.steps, *params[k].shape), generator=generator, dtype=ref.dtype, device=ref.device)
+        for k in sorted(params) if spec.adapted(k)
+    }
+
+
+@dataclass
+class ChainConfig(AlgorithmConfig):
+    """``inner_steps`` L, ``inner_lr`` η' (also the fine-tuning step at evaluation), ``adapt``
+    in {all, head}, ``batches`` in {pooled, support, query}."""
+
+    inner_steps: int = 5
+    inner_lr: float = 0.1
+    adapt: str = "all"
+    batches: str = "pooled"
+
+
+class ChainAlgorithm(BilevelAlgorithm):
+    """Base for algorithms whose outer direction is a chain's ``prox_mean`` direction.
+
+    Subclasses implement :meth:`spec` (the chain of the current outer step) and, for noisy
+    chains, :meth:`noise` (draws from their own generator). The meta-gradient is the mean of
+    ``d`` over the tasks; ``loss``/``accuracy`` are the mean chain-step loss and accuracy on
+    ``B``. Evaluation: mean query accuracy after ``0 … steps`` plain SGD steps of size
+    ``inner_lr`` on the support over the adapted set. Pair weights are those of the last step
+    (``C_τ = A_τ G_Lᵀ``, ``τ < L``), restricted to support rows × query columns, so they exist
+    only with ``batches = "pooled"`` (otherwise no entries); feature cosines compare the first
+    step's support features with the last step's query features (pooled) or ``φ_θ`` of the two
+    sets (otherwise).
+    """
+
+    Config = ChainConfig
+    executions = ("vmap", "loop")
+
+    def __init__(self, model: BilevelModel, config: Any) -> None:
+        if config.batches not in BATCHES:
+            raise ValueError(f"batches must be one of {BATCHES}, got {config.batches!r}")
+        super().__init__(model, config)
+        self.terms = self.spec().terms()
+
+    @abstractmethod
+    def spec(self) -> ChainSpec:
+        """The chain of the current outer step."""
+
+    def noise(self, params: Params, spec: ChainSpec, tasks: int) -> Optional[Params]:
+        """Standard normal draws ``[tasks, L, *shape]`` per adapted parameter (None: no noise)."""
+        if spec.noise:
+            raise NotImplementedError(f"{type(self).__name__} has a noisy chain but does not draw noise")
+        return None
+
+    def extras(self, spec: ChainSpec) -> dict[str, Tensor]:
+        """Algorithm-specific scalars for :attr:`MetaStep.extras`."""
+        return {}
+
+    def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
+        spec = self.spec()
+        params = tree_detach(params)
+        noise = self.noise(params, spec, batch.support_y.shape[0])
+        keys = sorted(noise) if noise else []
+        terms = self.terms
+
+        def task(p, xs, ys, xq, yq, *draws):
+            n = dict(zip(keys, draws)) if keys else None
+            x, y = chain_batch(xs, ys, xq, yq, self.config.batches)
+            result = run_chain(self.model, p, x, y, spec, n, record=decompose)
+            out = {"grad": result.direction, "loss": result.loss, "accuracy": result.accuracy}
+            if decompose:
+                out["terms"], out["reconstruction"] = decompose_chain(result, p, spec, n, terms)
+                out["pairs"], out["cosines"] = self._diagnostics(result, p, xs, xq, ys.shape[-1], yq.shape[-1])
+            return out
+
+        per_task = map_tasks(
+            task, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+            *(noise[k] for k in keys),
+        )
+        grad = {k: v.mean(0) for k, v in per_task["grad"].items()}
+        decomposition = None
+        if decompose:
+            parts = {k: v.mean(0) for k, v in per_task["terms"].items()}
+            term_grads = {t: {k: v[i] for k, v in parts.items()} for i, t in enumerate(terms)}
+            decomposition = Decomposition(
+                terms=term_grads, total=grad, pair_weights=per_task["pairs"],
+                feature_cosines=per_task["cosines"], same_class=class_masks(batch.support_y, batch.query_y),
+                reconstruction_error=per_task["reconstruction"].amax(),
+                identity_error=identity_error(term_grads, grad),
+            )
+        return MetaStep(grad, per_task["loss"].mean(), per_task["accuracy"].mean(), decomposition, self.extras(spec))
+
+    def _diagnostics(self, result: ChainResult, params: Params, xs, xq, n_s: int, n_q: int):
+        last, first = result.steps[-1], result.steps[0]
+        if self.config.batches == "pooled":
+            if len(last.head.trace.coeffs):
+                pairs = pair_weights(last.head.trace, last.logits_grad)[..., :n_s, n_s:]
+            else:
+                pairs = last.features.new_zeros(0, n_s, n_q)
+            return pairs, cosine_matrix(first.features[:n_s], last.features[n_s:])
+        encoder = encoder_part(params)
+        cosines = cosine_matrix(self.model.encode(encoder, xs), self.model.encode(encoder, xq))
+        return last.features.new_zeros(0, n_s, n_q), cosines
+
+    def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
+        return finetune_accuracies(
+            self.model, params, batch, steps, self.config.inner_lr, self.config.adapt, self.execution
+        )
+
+
+def finetune_accuracies(
+    model: BilevelModel, params: Params, batch: Any, steps: int, lr: float, adapt: str, execution: str
+) -> Tensor:
+    """Mean query accuracy after ``0 … steps`` plain SGD steps of size ``lr`` on the support
+    cross-entropy over the adapted set (a tensor of ``steps + 1``)."""
+
+    def task(p, xs, ys, xq, yq):
+        accs = []
+        for t in range(steps + 1):
+            if t:
+                inner = sgd_steps(model, p, xs, ys, steps=1, lr=lr, adapt=adapt, first_order=True)
+                p = tree_detach(with_encoder(
+                    {**p, HEAD_WEIGHT: inner.head.weight, HEAD_BIAS: inner.head.bias}, inner.encoder
+                ))
+            accs.append(accuracy(readout(model.encode(encoder_part(p), xq), p[HEAD_WEIGHT], p[HEAD_BIAS]), yq))
+        return torch.stack(accs)
+
+    return map_tasks(task, execution, tree_detach(params), batch.support_x, batch.support_y,
+                     batch.query_x, batch.query_y).mean(0)
