@@ -21,7 +21,7 @@ def pair_weight_figure(decomposition: Decomposition, support_y: Tensor, query_y:
     weights = weights[s_order][:, q_order]
     bound = float(weights.abs().max()) or 1.0
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    im = ax.imshow(weights, cmap="coolwarm_r", vmin=-bound, vmax=bound, aspect="auto")
+    im = ax.imshow(weights.numpy(), cmap="coolwarm_r", vmin=-bound, vmax=bound, aspect="auto")
     ax.set_xlabel("query sample (sorted by label)")
     ax.set_ylabel("support sample (sorted by label)")
     ax.set_title("pair weights C[s, q] (task 0)")
@@ -43,7 +43,7 @@ def cosine_figure(decomposition: Decomposition, support_y: Tensor, query_y: Tens
     """Query-label × support-label mean cosine similarity of features (mean over tasks)."""
     matrix = class_cosine_matrix(decomposition.feature_cosines.detach(), support_y, query_y, ways)
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
-    im = ax.imshow(matrix.T.float().cpu(), cmap="viridis", vmin=-1, vmax=1)
+    im = ax.imshow(matrix.T.float().cpu().numpy(), cmap="viridis", vmin=-1, vmax=1)
     ax.set_xlabel("support label")
     ax.set_ylabel("query label")
     ax.set_title("feature cosine similarity")
