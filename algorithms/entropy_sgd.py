@@ -85,7 +85,7 @@ class EntropySGD(ChainAlgorithm):
         return draw_noise(self._generator_for(params[HEAD_WEIGHT].device), params, spec, tasks)
 
     def extras(self, spec: ChainSpec) -> dict[str, Tensor]:
-        return {"entropy_sgd/gamma": torch.tensor(spec.gamma)}
+        return {"entropy_sgd/gamma": torch.tensor(spec.gamma, dtype=torch.float64)}
 
     def make_outer_optimizer(self, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
         """SGD with step ``outer_lr`` (the trainer's ``lr`` is not used): ``x ← x − η d``."""
