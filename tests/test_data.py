@@ -183,6 +183,12 @@ def test_fixed_labels_keep_one_label_per_class():
     assert classes.max() < 23
 
 
+def test_build_sampler_errors_name_the_split():
+    cfg = DataConfig(name="synthetic", ways=9, synthetic_classes=8)
+    with pytest.raises(ValueError, match="the 'val' split of synthetic: 9-way tasks need at least 9 classes, the split has 8"):
+        build_sampler(cfg, "val", meta_batch=1, seed=0)
+
+
 def test_build_sampler_fixed_labels_from_config():
     cfg = DataConfig(name="synthetic", ways=4, fixed_labels=True, queries=3)
     classes = build_sampler(cfg, "test", meta_batch=6, seed=1).sample().classes

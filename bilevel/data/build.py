@@ -39,7 +39,10 @@ def build_dataset(cfg: DataConfig, split: str) -> ClassDataset:
 def build_sampler(cfg: DataConfig, split: str, meta_batch: int, seed: int) -> TaskSampler:
     """A :class:`TaskSampler` over ``build_dataset(cfg, split)`` with the task shape of ``cfg``."""
     dataset = build_dataset(cfg, split)
-    return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch, seed, fixed_labels=cfg.fixed_labels)
+    try:
+        return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch, seed, fixed_labels=cfg.fixed_labels)
+    except ValueError as error:
+        raise ValueError(f"the {split!r} split of {cfg.name}: {error}") from None
 
 
 def input_shape(cfg: DataConfig) -> tuple[int, ...]:

@@ -58,7 +58,7 @@ def render_canonical(char: str, font: Path) -> tuple[np.ndarray, float]:
     extent = max(glyph.size) / FONT_SIZE
     scale = FILL * CANONICAL_SIDE / max(glyph.size)
     size = (max(1, round(glyph.size[0] * scale)), max(1, round(glyph.size[1] * scale)))
-    glyph = glyph.resize(size, Image.Resampling.LANCZOS)
+    glyph = glyph.resize(size, Image.Resampling.BILINEAR)
     out.paste(glyph, ((CANONICAL_SIDE - size[0]) // 2, (CANONICAL_SIDE - size[1]) // 2))
     return np.asarray(out), extent
 
