@@ -5,7 +5,8 @@ superscript/subscript and small-capital letters, precomposed diacritic variants,
 box is under 30% of the em size, and exact duplicates of an earlier letter's canonical rendering.
 Alphabets are Unicode scripts read from the character name; scripts with fewer than 10 letters are
 dropped. Each class has 20 drawings: a random covering font plus random affine jitter and stroke
-thickness, white ink on black, built once per (version, seed, image_size) and cached on disk.
+thickness, white ink on black, resampled from 64-pixel canonical renderings (so sizes above 32 are
+softer), built once per (version, seed, image_size) and cached on disk.
 
 Splits never divide an alphabet: the evaluation alphabets are the smallest ones, taken in ascending
 size while they hold at most 30% of all classes; ``val`` gets the 1st, 3rd, ... of them and
@@ -145,6 +146,7 @@ def load_glyphs(cache_dir: Path, seed: int, image_size: int) -> tuple[torch.Tens
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
