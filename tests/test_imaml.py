@@ -1,0 +1,307 @@
+"""iMAML: CG, the implicit meta-gradient and its exact decomposition (THEORY §5), in float64.
+
+References are independent of the code under test: plain autograd through a long unrolled
+proximal gradient descent written with ``functional_call`` on the whole model
+(``nn.Linear`` head, ``F.cross_entropy``), and dense Hessians (``torch.func.hessian``) with
+``torch.linalg.solve``. Full-network problems use a tanh encoder, so the inner problem is
+smooth and gradient descent reaches its stationary point (a ReLU encoder stalls on kinks).
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, hessian
+
+from bilevel import build_algorithm, build_model, ModelConfig
+from bilevel.cg import conjugate_gradient
+from bilevel.implicit import proximal_solve
+from bilevel.models import BilevelModel
+from bilevel.params import HEAD_BIAS, HEAD_WEIGHT, is_head
+
+DTYPE = torch.float64
+WAYS, SHOTS, QUERIES, TASKS, INPUT = 3, 2, 2, 2, 5
+LAM, LR, CONVERGED_STEPS = 4.0, 0.25, 40
+
+
+class TanhEncoder(nn.Module):
+    """A smooth encoder ``tanh(Linear(x))`` (the model calls ``encoder(x, layout)``)."""
+
+    def __init__(self, features: int, hidden: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, hidden)
+
+    def forward(self, x, layout=None):
+        return torch.tanh(self.linear(x))
+
+
+def _batch(seed: int, tasks: int = TASKS) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(seed)
+    perms = torch.stack([torch.randperm(WAYS, generator=gen) for _ in range(tasks)])
+    ys = perms.gather(1, torch.arange(WAYS).repeat_interleave(SHOTS).expand(tasks, -1))
+    yq = perms.gather(1, torch.arange(WAYS).repeat_interleave(QUERIES).expand(tasks, -1))
+    return SimpleNamespace(
+        support_x=torch.randn(tasks, WAYS * SHOTS, INPUT, generator=gen, dtype=DTYPE), support_y=ys,
+        query_x=torch.randn(tasks, WAYS * QUERIES, INPUT, generator=gen, dtype=DTYPE), query_y=yq,
+    )
+
+
+def _model(kind: str, seed: int = 0) -> BilevelModel:
+    torch.manual_seed(seed)
+    if kind == "relu":
+        return build_model(ModelConfig(name="mlp", hidden=8, layers=1), (INPUT,), WAYS).to(DTYPE)
+    return BilevelModel(TanhEncoder(INPUT, 4), 4, WAYS).to(DTYPE)
+
+
+def _imaml(model: BilevelModel, adapt: str, **kw):
+    cfg = {"name": "imaml", "adapt": adapt, "lam": LAM, "inner_lr": LR, "inner_steps": CONVERGED_STEPS,
+           "cg_iters": 60}
+    cfg.update(kw)
+    return build_algorithm(cfg, model)
+
+
+def _rel(a: dict, b: dict) -> float:
+    num = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in b))
+    return num / math.sqrt(sum(float((b[k] ** 2).sum()) for k in b))
+
+
+def _logits(model, params, x):
+    return functional_call(model, params, (x,))
+
+
+# ----------------------------------------------------------------------------- references
+def _adapted_keys(params: dict, adapt: str) -> list[str]:
+    return [k for k in params if adapt == "all" or is_head(k)]
+
+
+def _unrolled_reference(model, params, batch, adapt: str, steps: int = 50) -> dict:
+    """Mean over tasks of d L_Q(φ_T(p)) / dp through ``steps`` unrolled proximal GD steps."""
+    keys = _adapted_keys(params, adapt)
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(batch.support_y.shape[0]):
+        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        phi = {k: p[k] for k in keys}
+        for _ in range(steps):
+            loss_s = F.cross_entropy(_logits(model, {**p, **phi}, batch.support_x[i]), batch.support_y[i])
+            grads = torch.autograd.grad(loss_s, list(phi.values()), create_graph=True)
+            phi = {k: v - LR * (g + LAM * (v - p[k])) for (k, v), g in zip(phi.items(), grads)}
+        loss_q = F.cross_entropy(_logits(model, {**p, **phi}, batch.query_x[i]), batch.query_y[i])
+        for k, g in zip(p, torch.autograd.grad(loss_q, list(p.values()))):
+            total[k] = total[k] + g / batch.support_y.shape[0]
+    return total
+
+
+def _inner_solution(model, params, xs, ys, adapt: str, steps: int = CONVERGED_STEPS) -> dict:
+    """φ* by plain proximal gradient descent (autograd, no graph kept)."""
+    phi = {k: params[k].clone() for k in _adapted_keys(params, adapt)}
+    for _ in range(steps):
+        leaves = {k: v.requires_grad_(True) for k, v in phi.items()}
+        loss = F.cross_entropy(_logits(model, {**params, **leaves}, xs), ys)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        phi = {k: (v - LR * (g + LAM * (v - params[k]))).detach() for (k, v), g in zip(leaves.items(), grads)}
+    return phi
+
+
+def _dense_reference(model, params, batch, adapt: str, damping: float = 0.0, lam_offset: float = 0.0) -> dict:
+    """Mean over tasks of the implicit meta-gradient by a dense Hessian and ``linalg.solve``:
+    ``((1+c) I + H/(λ+e)) u = ∇_φ L_Q(φ*)``; anchor gets ``u``, the encoder (head-only) gets
+    ``∂_θ L_Q − ∂_θ ⟨∇_φ L_S, u/(λ+e)⟩``."""
+    keys = _adapted_keys(params, adapt)
+    shapes = [params[k].shape for k in keys]
+    sizes = [params[k].numel() for k in keys]
+    lam_h = LAM + lam_offset
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    tasks = batch.support_y.shape[0]
+    for i in range(tasks):
+        xs, ys, xq, yq = batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
+        phi = _inner_solution(model, params, xs, ys, adapt)
+
+        def unflat(flat):
+            return {k: t.reshape(s) for k, t, s in zip(keys, flat.split(sizes), shapes)}
+
+        def loss_on(flat, x, y, p=params):
+            return F.cross_entropy(_logits(model, {**p, **unflat(flat)}, x), y)
+
+        flat = torch.cat([phi[k].reshape(-1) for k in keys])
+        h = hessian(loss_on)(flat, xs, ys)
+        flat_q = flat.clone().requires_grad_(True)
+        enc = {k: v.clone().requires_grad_(True) for k, v in params.items() if k not in keys}
+        loss_q = loss_on(flat_q, xq, yq, {**params, **enc})
+        grads = torch.autograd.grad(loss_q, [flat_q] + list(enc.values()))
+        eye = torch.eye(flat.numel(), dtype=DTYPE)
+        u = torch.linalg.solve((1 + damping) * eye + h / lam_h, grads[0])
+        out = unflat(u)
+        if enc:
+            flat_s = flat.clone().requires_grad_(True)
+            loss_s = loss_on(flat_s, xs, ys, {**params, **enc})
+            (g_phi,) = torch.autograd.grad(loss_s, [flat_s], create_graph=True)
+            mixed = torch.autograd.grad((g_phi * u).sum() / lam_h, list(enc.values()))
+            out.update({k: g - m for k, g, m in zip(enc, grads[1:], mixed)})
+        for k in total:
+            total[k] = total[k] + out[k] / tasks
+    return total
+
+
+# ---------------------------------------------------------------------------------------- CG
+def test_cg_solves_scalar_and_one_element_problems():
+    for rhs in (torch.tensor(6.0, dtype=DTYPE), torch.tensor([6.0], dtype=DTYPE)):
+        result = conjugate_gradient(lambda v: {"x": 3.0 * v["x"]}, {"x": rhs}, iters=3)
+        assert torch.allclose(result.solution["x"], torch.full_like(rhs, 2.0), atol=1e-14)
+        assert result.residual_norms.shape == (4,)
+        assert float(result.residual_norms[0]) == 6.0 and float(result.residual_norms[-1]) == 0.0
+
+
+def test_cg_matches_dense_solve_under_vmap_and_zero_rhs_is_finite():
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(7, 7, generator=gen, dtype=DTYPE)
+    a = m @ m.T + 0.5 * torch.eye(7, dtype=DTYPE)
+    rhs = torch.randn(3, 7, generator=gen, dtype=DTYPE)
+    rhs[1] = 0.0
+    solve = lambda b: conjugate_gradient(lambda v: {"x": a @ v["x"]}, {"x": b}, iters=30).solution["x"]  # noqa: E731
+    got = torch.vmap(solve)(rhs)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, torch.linalg.solve(a, rhs.T).T, atol=1e-10)
+    frozen = conjugate_gradient(lambda v: {"x": a @ v["x"]}, {"x": rhs[0]}, iters=30, tol=1e-3)
+    assert float(frozen.residual_norms[-1]) <= 1e-3 and float(frozen.residual_norms[-1]) > 0
+
+
+# ------------------------------------------------------------------------ implicit meta-gradient
+@pytest.mark.parametrize("adapt,kind", [("head", "relu"), ("all", "tanh")])
+def test_implicit_gradient_equals_derivative_of_converged_unrolled_solve(adapt, kind):
+    model = _model(kind)
+    params, batch = model.init_params(), _batch(1)
+    step = _imaml(model, adapt).meta_grad(params, batch)
+    assert _rel(step.grad, _unrolled_reference(model, params, batch, adapt)) < 1e-8
+
+
+@pytest.mark.parametrize("adapt,kind", [("head", "relu"), ("all", "tanh")])
+def test_cg_gradient_matches_dense_solve_and_error_falls_with_iterations(adapt, kind):
+    model = _model(kind)
+    params, batch = model.init_params(), _batch(2)
+    dense = _dense_reference(model, params, batch, adapt)
+    errors = [_rel(_imaml(model, adapt, cg_iters=k).meta_grad(params, batch).grad, dense) for k in (1, 2, 4, 8, 60)]
+    assert errors[-1] < 1e-8, errors
+    assert all(b <= 1.05 * a for a, b in zip(errors, errors[1:])), errors
+    assert errors[3] < 0.1 * errors[0], errors
+
+
+def test_damped_variant_solves_the_authors_system():
+    model = _model("relu")
+    params, batch = model.init_params(), _batch(3)
+    dense = _dense_reference(model, params, batch, "head", damping=0.5, lam_offset=10.0)
+    step = _imaml(model, "head", damping=0.5, lam_offset=10.0).meta_grad(params, batch)
+    assert _rel(step.grad, dense) < 1e-8
+
+
+def test_stationarity_residual_falls_with_inner_steps():
+    model = _model("relu")
+    params, batch = model.init_params(), _batch(4)
+    res = [float(_imaml(model, "head", inner_steps=t).meta_grad(params, batch).extras["imaml/stationarity"])
+           for t in (1, 2, 4, 8, CONVERGED_STEPS)]
+    assert all(b < a for a, b in zip(res[:4], res[1:4])), res
+    assert res[-1] < 1e-10, res
+
+
+# ----------------------------------------------------------------------------- decomposition
+@pytest.mark.parametrize("adapt,kind", [("head", "relu"), ("all", "relu"), ("all", "tanh")])
+@pytest.mark.parametrize("inner_steps", [3, CONVERGED_STEPS])
+def test_decomposition_identity_and_reconstruction(adapt, kind, inner_steps):
+    model = _model(kind)
+    params, batch = model.init_params(), _batch(5)
+    cg_iters = 40 if adapt == "head" else 120
+    step = _imaml(model, adapt, inner_steps=inner_steps, cg_iters=cg_iters).meta_grad(params, batch, decompose=True)
+    d = step.decomposition
+    assert set(d.terms) == {"contrastive", "init", "coefficient", "solver_residual"}
+    assert float(d.identity_error) < 1e-10
+    assert float(d.reconstruction_error) < 1e-10
+    enc = [k for k in params if not is_head(k)]
+    residual = max(float(d.terms["solver_residual"][k].abs().max()) for k in enc)
+    if inner_steps == CONVERGED_STEPS and kind != "relu":
+        assert residual < 1e-10
+    if inner_steps == 3:
+        assert residual > 1e-6
+    assert all(torch.isfinite(v).all() for v in step.extras.values())
+
+
+def test_head_only_coefficient_term_is_the_implicit_jacobian_path():
+    """Head-only, converged: contrastive + coefficient = the encoder gradient minus the query-side
+    direct term ``∂_θ L_Q`` at fixed W*; init + residual (+ query-side contrastive) = ``∂_θ L_Q``."""
+    model = _model("relu")
+    params, batch = model.init_params(), _batch(6)
+    d = _imaml(model, "head", cg_iters=40).meta_grad(params, batch, decompose=True).decomposition
+    enc = [k for k in params if not is_head(k)]
+    direct = {k: torch.zeros_like(params[k]) for k in enc}
+    for i in range(TASKS):
+        phi = _inner_solution(model, params, batch.support_x[i], batch.support_y[i], "head")
+        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        loss_q = F.cross_entropy(_logits(model, {**p, **phi}, batch.query_x[i]), batch.query_y[i])
+        for k, g in zip(enc, torch.autograd.grad(loss_q, [p[k] for k in enc])):
+            direct[k] = direct[k] + g / TASKS
+    implicit_path = {k: d.total[k] - direct[k] for k in enc}
+    assert _rel(implicit_path, direct) > 1e-6
+    sides = build_algorithm({"name": "imaml", "adapt": "head", "lam": LAM, "inner_lr": LR,
+                             "inner_steps": CONVERGED_STEPS, "cg_iters": 40}, model)
+    sides.terms = ("contrastive_query", "contrastive_support", "init", "coefficient", "solver_residual")
+    t = sides.meta_grad(params, batch, decompose=True).decomposition.terms
+    support_path = {k: t["contrastive_support"][k] + t["coefficient"][k] for k in enc}
+    query_path = {k: t["contrastive_query"][k] + t["init"][k] + t["solver_residual"][k] for k in enc}
+    assert _rel(support_path, implicit_path) < 1e-9
+    assert _rel(query_path, direct) < 1e-9
+
+
+# ----------------------------------------------------------------------------- paths, config
+@pytest.mark.parametrize("adapt", ["head", "all"])
+def test_vmap_equals_loop(adapt):
+    model = _model("relu")
+    params, batch = model.init_params(), _batch(7)
+    algo = _imaml(model, adapt, inner_steps=5, cg_iters=5)
+    out = {}
+    for mode in ("vmap", "loop"):
+        algo.execution = mode
+        out[mode] = algo.meta_grad(params, batch, decompose=True)
+    assert _rel(out["vmap"].grad, out["loop"].grad) < 1e-12
+    for term in algo.terms:
+        assert _rel(out["vmap"].decomposition.terms[term], out["loop"].decomposition.terms[term]) < 1e-10
+    for key, value in out["loop"].extras.items():
+        assert value.dim() == 0 and torch.allclose(out["vmap"].extras[key], value, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("adapt", ["head", "all"])
+def test_evaluate_reports_accuracy_after_each_proximal_step(adapt):
+    model = _model("relu")
+    params, batch = model.init_params(), _batch(8)
+    algo = _imaml(model, adapt, inner_steps=3)
+    accs = algo.evaluate(params, batch, steps=3)
+    assert accs.shape == (4,)
+    expected = []
+    for t in range(4):
+        per_task = []
+        for i in range(TASKS):
+            phi = _inner_solution(model, params, batch.support_x[i], batch.support_y[i], adapt, steps=t)
+            logits = _logits(model, {**params, **phi}, batch.query_x[i])
+            per_task.append((logits.argmax(-1) == batch.query_y[i]).to(DTYPE).mean())
+        expected.append(torch.stack(per_task).mean())
+    assert torch.allclose(accs, torch.stack(expected))
+
+
+@pytest.mark.parametrize("bad", [{"lam": 0.0}, {"lam": -1.0}, {"cg_iters": 0}, {"adapt": "encoder"},
+                                 {"inner_steps": 0}, {"inner_lr": 0.0}, {"damping": -0.1}])
+def test_bad_config_is_a_clear_error(bad):
+    key = next(iter(bad))
+    with pytest.raises(ValueError, match=key):
+        build_algorithm({"name": "imaml", **bad}, _model("relu"))
+
+
+def test_proximal_solve_records_a_head_trace():
+    model = _model("relu")
+    params, batch = model.init_params(), _batch(9)
+    result = proximal_solve(model, params, batch.support_x[0], batch.support_y[0], steps=4, lr=LR, lam=LAM,
+                            adapt="head")
+    assert len(result.head.trace.coeffs) == 4
+    rebuilt = result.head.trace.weight0 + sum(a.T @ f for a, f in zip(result.head.trace.coeffs,
+                                                                   result.head.trace.features))
+    assert torch.allclose(rebuilt, result.head.weight, atol=1e-12)
