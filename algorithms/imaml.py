@@ -74,7 +74,7 @@ class IMAMLConfig(AlgorithmConfig):
 
     name: str = "imaml"
     inner_steps: int = 10
-    inner_lr: float = 0.1
+    inner_lr: float = 0.05
     lam: float = 2.0
     cg_iters: int = 5
     adapt: str = "head"

@@ -2,8 +2,8 @@
 
 References are independent of the code under test: plain autograd through a long unrolled
 proximal gradient descent written with ``functional_call`` on the whole model
-(``nn.Linear`` head, ``F.cross_entropy``), and dense Hessians (``torch.func.hessian``) with
-``torch.linalg.solve``. Full-network problems use a tanh encoder, so the inner problem is
+(``nn.Linear`` head, ``F.cross_entropy``), and the dense-Hessian solve of
+``theory_checks.imaml_claims`` (``torch.func.hessian`` + ``torch.linalg.solve``). Full-network problems use a tanh encoder, so the inner problem is
 smooth and gradient descent reaches its stationary point (a ReLU encoder stalls on kinks).
 """
 from __future__ import annotations
@@ -15,13 +15,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, hessian
+from torch.func import functional_call
 
 from bilevel import build_algorithm, build_model, ModelConfig
 from bilevel.cg import conjugate_gradient
 from bilevel.implicit import proximal_solve
 from bilevel.models import BilevelModel
-from bilevel.params import HEAD_BIAS, HEAD_WEIGHT, is_head
+from bilevel.params import is_head
+from theory_checks.imaml_claims import adapted_keys, dense_implicit_gradient, inner_solution
 
 DTYPE = torch.float64
 WAYS, SHOTS, QUERIES, TASKS, INPUT = 3, 2, 2, 2, 5
@@ -74,13 +75,9 @@ def _logits(model, params, x):
 
 
 # ----------------------------------------------------------------------------- references
-def _adapted_keys(params: dict, adapt: str) -> list[str]:
-    return [k for k in params if adapt == "all" or is_head(k)]
-
-
 def _unrolled_reference(model, params, batch, adapt: str, steps: int = 50) -> dict:
     """Mean over tasks of d L_Q(φ_T(p)) / dp through ``steps`` unrolled proximal GD steps."""
-    keys = _adapted_keys(params, adapt)
+    keys = adapted_keys(params, adapt)
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     for i in range(batch.support_y.shape[0]):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -96,54 +93,11 @@ def _unrolled_reference(model, params, batch, adapt: str, steps: int = 50) -> di
 
 
 def _inner_solution(model, params, xs, ys, adapt: str, steps: int = CONVERGED_STEPS) -> dict:
-    """φ* by plain proximal gradient descent (autograd, no graph kept)."""
-    phi = {k: params[k].clone() for k in _adapted_keys(params, adapt)}
-    for _ in range(steps):
-        leaves = {k: v.requires_grad_(True) for k, v in phi.items()}
-        loss = F.cross_entropy(_logits(model, {**params, **leaves}, xs), ys)
-        grads = torch.autograd.grad(loss, list(leaves.values()))
-        phi = {k: (v - LR * (g + LAM * (v - params[k]))).detach() for (k, v), g in zip(leaves.items(), grads)}
-    return phi
+    return inner_solution(model, params, xs, ys, adapt, lam=LAM, lr=LR, steps=steps)
 
 
-def _dense_reference(model, params, batch, adapt: str, damping: float = 0.0, lam_offset: float = 0.0) -> dict:
-    """Mean over tasks of the implicit meta-gradient by a dense Hessian and ``linalg.solve``:
-    ``((1+c) I + H/(λ+e)) u = ∇_φ L_Q(φ*)``; anchor gets ``u``, the encoder (head-only) gets
-    ``∂_θ L_Q − ∂_θ ⟨∇_φ L_S, u/(λ+e)⟩``."""
-    keys = _adapted_keys(params, adapt)
-    shapes = [params[k].shape for k in keys]
-    sizes = [params[k].numel() for k in keys]
-    lam_h = LAM + lam_offset
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    tasks = batch.support_y.shape[0]
-    for i in range(tasks):
-        xs, ys, xq, yq = batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
-        phi = _inner_solution(model, params, xs, ys, adapt)
-
-        def unflat(flat):
-            return {k: t.reshape(s) for k, t, s in zip(keys, flat.split(sizes), shapes)}
-
-        def loss_on(flat, x, y, p=params):
-            return F.cross_entropy(_logits(model, {**p, **unflat(flat)}, x), y)
-
-        flat = torch.cat([phi[k].reshape(-1) for k in keys])
-        h = hessian(loss_on)(flat, xs, ys)
-        flat_q = flat.clone().requires_grad_(True)
-        enc = {k: v.clone().requires_grad_(True) for k, v in params.items() if k not in keys}
-        loss_q = loss_on(flat_q, xq, yq, {**params, **enc})
-        grads = torch.autograd.grad(loss_q, [flat_q] + list(enc.values()))
-        eye = torch.eye(flat.numel(), dtype=DTYPE)
-        u = torch.linalg.solve((1 + damping) * eye + h / lam_h, grads[0])
-        out = unflat(u)
-        if enc:
-            flat_s = flat.clone().requires_grad_(True)
-            loss_s = loss_on(flat_s, xs, ys, {**params, **enc})
-            (g_phi,) = torch.autograd.grad(loss_s, [flat_s], create_graph=True)
-            mixed = torch.autograd.grad((g_phi * u).sum() / lam_h, list(enc.values()))
-            out.update({k: g - m for k, g, m in zip(enc, grads[1:], mixed)})
-        for k in total:
-            total[k] = total[k] + out[k] / tasks
-    return total
+def _dense_reference(model, params, batch, adapt: str, **damped) -> dict:
+    return dense_implicit_gradient(model, params, batch, adapt, lam=LAM, lr=LR, steps=CONVERGED_STEPS, **damped)
 
 
 # ---------------------------------------------------------------------------------------- CG
