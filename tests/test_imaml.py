@@ -124,6 +124,7 @@ def test_cg_matches_dense_solve_under_vmap_and_zero_rhs_is_finite():
 
 
 # ------------------------------------------------------------------------ implicit meta-gradient
+@pytest.mark.slow
 @pytest.mark.parametrize("adapt,kind", [("head", "relu"), ("all", "tanh")])
 def test_implicit_gradient_equals_derivative_of_converged_unrolled_solve(adapt, kind):
     model = _model(kind)
@@ -132,6 +133,7 @@ def test_implicit_gradient_equals_derivative_of_converged_unrolled_solve(adapt, 
     assert _rel(step.grad, _unrolled_reference(model, params, batch, adapt)) < 1e-8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapt,kind", [("head", "relu"), ("all", "tanh")])
 def test_cg_gradient_matches_dense_solve_and_error_falls_with_iterations(adapt, kind):
     model = _model(kind)
