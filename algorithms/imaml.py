@@ -56,13 +56,12 @@ from bilevel.decompose import (
     stack_nodes,
     term_cotangents,
 )
-from bilevel.execution import map_tasks
+from bilevel.execution import map_tasks, reduce_tasks
 from bilevel.head import HeadTrace, readout
 from bilevel.implicit import implicit_vjp, linearize_stationarity, proximal_solve, stationarity_residual
 from bilevel.inner import ADAPTED_SETS, InnerResult
 from bilevel.losses import accuracy, cross_entropy, cross_entropy_logits_grad
 from bilevel.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
-from bilevel.unrolled import _task_mean
 
 
 @dataclass
@@ -118,7 +117,7 @@ class IMAML(BilevelAlgorithm):
         per_task = map_tasks(
             fn, self.execution, tree_detach(params), batch.support_x, batch.support_y, batch.query_x, batch.query_y
         )
-        out = {k: _task_mean(k, v) for k, v in per_task.items()}
+        out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
         decomposition = None
         if decompose:
             terms = {t: {k: v[i] for k, v in out["terms"].items()} for i, t in enumerate(self.terms)}

@@ -56,3 +56,15 @@ def choose_execution(
             best = min(best, time.perf_counter() - start)
         timings[mode] = best
     return min(timings, key=timings.__getitem__), timings
+
+
+def reduce_tasks(key: str, value: Any) -> Any:
+    """Reduce per-task outputs: means for gradients and scalars, max for check errors,
+    concatenation for per-task matrices (which already have a task axis)."""
+    if key == "reconstruction":
+        return value.amax()
+    if key in ("pairs", "cosines"):
+        return value
+    if isinstance(value, dict):
+        return {k: v.mean(0) for k, v in value.items()}
+    return value.mean(0)

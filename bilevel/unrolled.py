@@ -34,7 +34,7 @@ from .decompose import (
     stack_nodes,
     term_cotangents,
 )
-from .execution import map_tasks
+from .execution import map_tasks, reduce_tasks
 from .head import init_head, readout
 from .inner import ADAPTED_SETS, InnerResult, sgd_steps
 from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
@@ -110,7 +110,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             per_task = map_tasks(
                 fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y
             )
-            out = {k: _task_mean(k, v) for k, v in per_task.items()}
+            out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
         decomposition = None
         if decompose:
             decomposition = self._assemble(out, params, batch)
@@ -244,14 +244,3 @@ class UnrolledAlgorithm(BilevelAlgorithm):
                 accs.append(accuracy(readout(phi_q, head.weight, head.bias), batch.query_y).mean())
         return torch.stack(accs)
 
-
-def _task_mean(key: str, value: Any) -> Any:
-    """Reduce per-task outputs: means for gradients and scalars, max for check errors,
-    concatenation for per-task matrices (which already have a task axis)."""
-    if key == "reconstruction":
-        return value.amax()
-    if key in ("pairs", "cosines"):
-        return value
-    if isinstance(value, dict):
-        return {k: v.mean(0) for k, v in value.items()}
-    return value.mean(0)
