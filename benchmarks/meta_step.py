@@ -1,0 +1,264 @@
+"""Seconds per meta-step of this project's MAML against per-task ``higher`` and ``torch.autograd`` loops.
+
+A meta-step is the meta-gradient of one meta-batch plus one Adam step on the parameters.
+Methods, all on the same batches and in the same run (round-robin, see ``common.py``):
+
+* ``ours:<path>``: ``build_algorithm({"name": "maml", ...}).meta_grad(params, batch)`` on each
+  execution path in ``algo.executions`` (vmap, loop; shared for head-only inner loops);
+* ``higher``: a per-task loop with ``higher.innerloop_ctx`` (second order:
+  ``track_higher_grads=True`` and backward to the initial weights; first order:
+  ``track_higher_grads=False`` and the query gradient at the fast weights);
+* ``autograd``: a per-task loop with ``torch.autograd.grad(create_graph=second_order)`` on a
+  ``torch.func.functional_call`` (the style of the paper's code).
+
+Head-only cells (``adapt=head``) adapt only the head in the baselines as well; their encoder
+gets its gradient through the support features (second order) and the query features.
+
+The *default path* is the one the trainer's ``execution=auto`` picks: the fastest of ours
+measured in the same run. Goals checked: on CPU the default path is never slower than the
+fastest baseline (ratio ≥ 1); on CUDA it is ≥ 3× faster than ``higher`` at meta-batch 32.
+Before timing, every method's gradient at the same parameters and batch is compared with
+``ours:loop`` (column ``grad diff``: largest relative difference over the methods).
+
+    PYTHONPATH=. python benchmarks/meta_step.py --out meta_step.json            # full grid
+    PYTHONPATH=. python benchmarks/meta_step.py --quick                         # 4 small cells
+    PYTHONPATH=. python benchmarks/meta_step.py --meta-batch 32 --device cuda   # a sub-grid
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+from typing import Any
+
+from common import (
+    OUTER_LR, EngineStep, add_common_args, cycling_steps, ensure_allocator, environment, finish, grad_rel_diff,
+    make_batch, print_table, setup_torch, time_methods,
+)
+
+ORDERS = {"SO": "second_order", "FO": "first_order"}
+SHAPE = (1, 28, 28)
+INNER_LR = 0.4
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(parser)
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--queries", type=int, default=15, help="query images per class")
+    parser.add_argument("--shots", type=int, nargs="+", default=None, help="default 1 5 (quick: 1)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="inner steps; default 1 5 (quick: 1)")
+    parser.add_argument("--meta-batch", type=int, nargs="+", default=None, help="default 4 16 32 (quick: 4)")
+    parser.add_argument("--order", nargs="+", default=["SO", "FO"], choices=tuple(ORDERS))
+    parser.add_argument("--adapt", nargs="+", default=["all", "head"], choices=("all", "head"))
+    parser.add_argument("--baselines", nargs="*", default=["higher", "autograd"], choices=("higher", "autograd"))
+    args = parser.parse_args()
+    args.shots = args.shots or ([1] if args.quick else [1, 5])
+    args.steps = args.steps or ([1] if args.quick else [1, 5])
+    args.meta_batch = args.meta_batch or ([4] if args.quick else [4, 16, 32])
+    return args
+
+
+class HigherLoop:
+    """Per-task loop with ``higher.innerloop_ctx`` over the model (or its head), then Adam."""
+
+    def __init__(self, model, params: dict, adapt: str, order: str, steps: int) -> None:
+        import torch
+
+        self.module = copy.deepcopy(model)
+        with torch.no_grad():
+            for k, p in self.module.named_parameters():
+                p.copy_(params[k])
+        self.adapted = self.module.head if adapt == "head" else self.module
+        self.inner_opt = torch.optim.SGD(self.adapted.parameters(), lr=INNER_LR)
+        self.opt = torch.optim.Adam(self.module.parameters(), lr=OUTER_LR)
+        self.head_only, self.second_order, self.steps = adapt == "head", order == "second_order", steps
+
+    def grads(self, batch) -> dict:
+        import higher
+        import torch
+        import torch.nn.functional as F
+
+        params = dict(self.module.named_parameters())
+        for p in params.values():
+            p.grad = None
+        tasks = batch.support_x.shape[0]
+        for i in range(tasks):
+            xs, ys, xq, yq = batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
+            if self.head_only:
+                xs, xq = self.module.encoder(xs), self.module.encoder(xq)
+            with higher.innerloop_ctx(self.adapted, self.inner_opt, copy_initial_weights=False,
+                                      track_higher_grads=self.second_order) as (fmodel, diffopt):
+                for _ in range(self.steps):
+                    diffopt.step(F.cross_entropy(fmodel(xs), ys))
+                loss = F.cross_entropy(fmodel(xq), yq) / tasks
+                if self.second_order:
+                    loss.backward()
+                    continue
+                fast = list(fmodel.parameters())
+                encoder = list(self.module.encoder.parameters()) if self.head_only else []
+                got = torch.autograd.grad(loss, encoder + fast)
+                targets = encoder + list(self.adapted.parameters())
+                for p, g in zip(targets, got):
+                    p.grad = g if p.grad is None else p.grad + g
+        return {k: p.grad for k, p in params.items()}
+
+    def step(self, batch) -> None:
+        self.grads(batch)
+        self.opt.step()
+
+
+class AutogradLoop:
+    """Per-task loop with ``torch.autograd.grad`` on ``functional_call`` (paper style), then Adam."""
+
+    def __init__(self, model, params: dict, adapt: str, order: str, steps: int) -> None:
+        import torch
+
+        self.model = model
+        self.params = {k: v.clone().requires_grad_() for k, v in params.items()}
+        self.opt = torch.optim.Adam(list(self.params.values()), lr=OUTER_LR)
+        self.head_only, self.second_order, self.steps = adapt == "head", order == "second_order", steps
+
+    def grads(self, batch) -> dict:
+        import torch
+        import torch.nn.functional as F
+        from torch.func import functional_call
+
+        from bilevel.params import HEAD_BIAS, HEAD_WEIGHT, encoder_part
+
+        for p in self.params.values():
+            p.grad = None
+        tasks = batch.support_x.shape[0]
+        for i in range(tasks):
+            xs, ys, xq, yq = batch.support_x[i], batch.support_y[i], batch.query_x[i], batch.query_y[i]
+            if self.head_only:
+                encoder = encoder_part(self.params)
+                fs, fq = self.model.encode(encoder, xs), self.model.encode(encoder, xq)
+                fast = {HEAD_WEIGHT: self.params[HEAD_WEIGHT], HEAD_BIAS: self.params[HEAD_BIAS]}
+                forward = lambda w, x: F.linear(x, w[HEAD_WEIGHT], w[HEAD_BIAS])  # noqa: E731
+            else:
+                fs, fq, fast = xs, xq, dict(self.params)
+                forward = lambda w, x: functional_call(self.model, w, (x,))  # noqa: E731
+            for _ in range(self.steps):
+                loss = F.cross_entropy(forward(fast, fs), ys)
+                got = torch.autograd.grad(loss, list(fast.values()), create_graph=self.second_order)
+                fast = {k: v - INNER_LR * g for (k, v), g in zip(fast.items(), got)}
+            (F.cross_entropy(forward(fast, fq), yq) / tasks).backward()
+        return {k: p.grad for k, p in self.params.items()}
+
+    def step(self, batch) -> None:
+        self.grads(batch)
+        self.opt.step()
+
+
+def run_cell(model, params, batches, adapt: str, order: str, steps: int, args, device) -> dict[str, Any]:
+    """Time every method of one grid cell; the row of the JSON output."""
+    from bilevel import build_algorithm
+
+    config = {"name": "maml", "adapt": adapt, "order": ORDERS[order], "inner_steps": steps, "inner_lr": INNER_LR}
+    algo = build_algorithm(config, model)
+    methods: dict[str, Any] = {f"ours:{p}": EngineStep(algo, p, params) for p in algo.executions}
+    baselines = {"higher": HigherLoop, "autograd": AutogradLoop}
+    for name in args.baselines:
+        methods[name] = baselines[name](model, params, adapt, ORDERS[order], steps)
+    warmups = {name: (lambda m=m: m.grads(batches[0])) for name, m in methods.items()}
+    grads, records = time_methods(warmups, cycling_steps(methods, batches), device, args)
+    reference = grads["ours:loop"]
+    for name, rec in records.items():
+        rec["grad_rel_diff_vs_ours_loop"] = grad_rel_diff(grads[name], reference)
+    ours = {n[5:]: r["median_s"] for n, r in records.items() if n.startswith("ours:")}
+    default = min(ours, key=ours.__getitem__)
+    base = {n: r["median_s"] for n, r in records.items() if not n.startswith("ours:")}
+    tasks = batches[0].support_x.shape[0]
+    row: dict[str, Any] = {
+        "adapt": adapt, "order": order, "shots": batches[0].support_x.shape[1] // args.ways,
+        "inner_steps": steps, "meta_batch": tasks, "methods": records,
+        "default_path": default, "default_s": ours[default], "default_tasks_per_s": tasks / ours[default],
+    }
+    if base:
+        fastest = min(base.values())
+        row["ratio_fastest_baseline_over_default"] = fastest / ours[default]
+        row["ratio_fastest_baseline_over_path"] = {p: fastest / t for p, t in ours.items()}
+        row["ratio_baseline_over_default"] = {n: t / ours[default] for n, t in base.items()}
+    return row
+
+
+def report(rows: list[dict[str, Any]], args, device) -> dict[str, Any]:
+    """Print the tables and the goal checks; returns the summary."""
+    paths = ("vmap", "loop", "shared")
+    print("\nms per meta-step (median); default = fastest of ours (what execution=auto picks)")
+    header = ["adapt", "ord", "shot", "K", "T", *paths, *args.baselines, "default", "tasks/s", "grad diff"]
+    if device.type == "cuda":
+        header.append("peak MB (default/higher)")
+    lines = []
+    for r in rows:
+        m = r["methods"]
+        ms = lambda name: m[name]["median_s"] * 1e3 if name in m else None  # noqa: E731
+        line = [r["adapt"], r["order"], r["shots"], r["inner_steps"], r["meta_batch"],
+                *(ms(f"ours:{p}") for p in paths), *(ms(b) for b in args.baselines),
+                r["default_path"], r["default_tasks_per_s"],
+                max(v["grad_rel_diff_vs_ours_loop"] for v in m.values())]
+        if device.type == "cuda":
+            peak = lambda name: m[name]["peak_bytes"] / 2**20 if name in m else None  # noqa: E731
+            line.append(f"{peak('ours:' + r['default_path']):.0f}/{peak('higher') or 0:.0f}")
+        lines.append(line)
+    print_table(header, lines)
+    summary: dict[str, Any] = {}
+    if not args.baselines:
+        return summary
+    print("\nspeed-up = baseline time / our time (> 1: ours is faster)")
+    header = ["adapt", "ord", "shot", "K", "T", *(f"{b}/default" for b in args.baselines),
+              "best/default", *(f"best/{p}" for p in paths)]
+    lines = [[r["adapt"], r["order"], r["shots"], r["inner_steps"], r["meta_batch"],
+              *(r["ratio_baseline_over_default"][b] for b in args.baselines),
+              r["ratio_fastest_baseline_over_default"],
+              *(r["ratio_fastest_baseline_over_path"].get(p) for p in paths)] for r in rows]
+    print_table(header, lines)
+    cell = lambda r: f"{r['adapt']}/{r['order']}/{r['shots']}-shot/K={r['inner_steps']}/T={r['meta_batch']}"  # noqa: E731
+    if device.type == "cpu":
+        fails = [cell(r) for r in rows if r["ratio_fastest_baseline_over_default"] < 1.0]
+        summary["goal_cpu_default_not_slower_than_fastest_baseline"] = {
+            "met": len(rows) - len(fails), "cells": len(rows), "failed": fails}
+        print(f"\ngoal (CPU) default path >= fastest baseline: met in {len(rows) - len(fails)}/{len(rows)} cells"
+              + (f"; not met: {', '.join(fails)}" if fails else ""))
+    elif "higher" in args.baselines:
+        big = [r for r in rows if r["meta_batch"] == 32]
+        fails = [cell(r) for r in big if r["ratio_baseline_over_default"]["higher"] < 3.0]
+        summary["goal_gpu_3x_higher_at_meta_batch_32"] = {
+            "met": len(big) - len(fails), "cells": len(big), "failed": fails}
+        print(f"\ngoal (GPU) default path >= 3x higher at meta-batch 32: met in {len(big) - len(fails)}/{len(big)} "
+              "cells" + (f"; not met: {', '.join(fails)}" if fails else "") + ("" if big else " (none measured)"))
+    return summary
+
+
+def main() -> None:
+    args = parse_args()
+    ensure_allocator(args.malloc)
+    import torch
+
+    from bilevel import ModelConfig, build_model
+
+    device, dtype = setup_torch(args)
+    env = environment(args, device)
+    print(f"clock={args.clock}; torch {env['torch']} on {env['device']} ({env.get('gpu', env['processor'])}), "
+          f"{env['torch_threads']} threads, {args.dtype}, malloc={args.malloc} "
+          f"(GLIBC_TUNABLES={env['GLIBC_TUNABLES']}), load average {env['loadavg_start'][0]:.2f}")
+    model = build_model(ModelConfig(name="conv4"), SHAPE, args.ways).to(device, dtype)
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    for shots, tasks in itertools.product(args.shots, args.meta_batch):
+        batches = [make_batch(tasks, args.ways, shots, args.queries, SHAPE, device, dtype, generator)
+                   for _ in range(2)]
+        for adapt, order, steps in itertools.product(args.adapt, args.order, args.steps):
+            params = {k: v.to(device) for k, v in model.init_params().items()}
+            row = run_cell(model, params, batches, adapt, order, steps, args, device)
+            rows.append(row)
+            times = ", ".join(f"{n} {r['median_s'] * 1e3:.0f}" for n, r in row["methods"].items())
+            print(f"[{adapt} {order} {shots}-shot K={steps} T={tasks}] ms: {times}  "
+                  f"(repeats {len(next(iter(row['methods'].values()))['times_s'])})", flush=True)
+    summary = report(rows, args, device)
+    finish(env, rows, summary, args)
+
+
+if __name__ == "__main__":
+    main()
