@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
 from .algorithm import BilevelAlgorithm, MetaStep
-from .params import Params, is_head
+from .params import Params
 
 CONTRASTIVE_SIDES = ("contrastive_query", "contrastive_support")
 
@@ -21,15 +23,19 @@ class Ablation:
     kept: tuple[str, ...]
     plain: bool
 
-    def update(self, step: MetaStep) -> Params:
-        """The gradient the outer optimiser follows for this meta-step."""
+    def step(self, algorithm: BilevelAlgorithm, params: Params, batch: Any, decompose: bool) -> tuple[MetaStep, Params]:
+        """The meta-step (with its decomposition when ``decompose``) and the gradient the outer
+        optimiser follows. Plain: the algorithm's meta-gradient, untouched. Ablated: the kept
+        terms of the decomposition on logging steps, else the algorithm's cheaper
+        :meth:`~bilevel.algorithm.BilevelAlgorithm.ablated_meta_grad`."""
         if self.plain:
-            return step.grad
-        terms = step.decomposition.terms
-        return {
-            k: v if is_head(k) else sum(terms[t][k] for t in self.kept)
-            for k, v in step.grad.items()
-        }
+            result = algorithm.meta_grad(params, batch, decompose=decompose)
+            return result, result.grad
+        if decompose:
+            result = algorithm.meta_grad(params, batch, decompose=True)
+            return result, result.decomposition.combine(self.kept)
+        result = algorithm.ablated_meta_grad(params, batch, self.kept)
+        return result, result.grad
 
 
 def resolve_ablation(keep: list[str] | None, drop: list[str], algorithm: BilevelAlgorithm) -> Ablation:

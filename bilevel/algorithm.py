@@ -82,6 +82,14 @@ class BilevelAlgorithm(ABC):
     def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
         """The meta-gradient of the mean query loss over ``batch`` (and its decomposition)."""
 
+    def ablated_meta_grad(self, params: Params, batch: Any, keep: tuple[str, ...]) -> MetaStep:
+        """The meta-step whose ``grad`` has the sum of the ``keep`` terms on the encoder and the
+        exact meta-gradient on the head. Default: the full decomposition, combined; plugins
+        override it with a cheaper exact path when they have one."""
+        step = self.meta_grad(params, batch, decompose=True)
+        step.grad = step.decomposition.combine(keep)
+        return step
+
     @abstractmethod
     def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
         """Mean query accuracy after ``0 … steps`` inner steps: a tensor of ``steps + 1``."""

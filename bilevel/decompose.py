@@ -149,6 +149,11 @@ class Decomposition:
     encoder_adaptation: Optional[Params] = None
     extras: dict[str, Tensor] = field(default_factory=dict)
 
+    def combine(self, keep: tuple[str, ...]) -> Params:
+        """The ablated meta-gradient: the sum of the ``keep`` terms on the encoder, the exact
+        ``total`` on the head (the head is never ablated)."""
+        return {k: v if is_head(k) else sum(self.terms[t][k] for t in keep) for k, v in self.total.items()}
+
     def summary(self) -> dict[str, Tensor]:
         """Scalar statistics (0-d tensors, no host sync), keyed by their TensorBoard tag.
 

@@ -175,11 +175,8 @@ def train(cfg: Any, run_dir: str | Path, show_progress: bool = True) -> dict[str
             if step > start:
                 batch = run.sampler.sample().to(run.device, run.dtype)
             before_outer_step(params, policy)
-            decompose_now = not run.ablation.plain or (
-                cfg.train.decompose_every > 0 and step % cfg.train.decompose_every == 0
-            )
-            result = algorithm.meta_grad(params, batch, decompose=decompose_now)
-            update = run.ablation.update(result)
+            decompose_now = cfg.train.decompose_every > 0 and step % cfg.train.decompose_every == 0
+            result, update = run.ablation.step(algorithm, params, batch, decompose_now)
             for k, p in params.items():
                 p.grad = update[k]
             optimizer.step()
@@ -187,7 +184,7 @@ def train(cfg: Any, run_dir: str | Path, show_progress: bool = True) -> dict[str
             bad |= ~torch.isfinite(result.loss)
             loss_sum, acc_sum, count = loss_sum + result.loss.detach(), acc_sum + result.accuracy.detach(), count + 1
 
-            if decompose_now and cfg.train.decompose_every > 0 and step % cfg.train.decompose_every == 0:
+            if decompose_now:
                 images = cfg.train.image_every > 0 and step % cfg.train.image_every == 0
                 logger.decomposition(result.decomposition, batch, step, images)
             done = step + 1

@@ -62,6 +62,14 @@ def _zeros_like_nodes(nodes: Nodes) -> Nodes:
     )
 
 
+def _sum_nodes(nodes: list[Nodes]) -> Nodes:
+    return Nodes(
+        sum(n.query_features for n in nodes),
+        tuple(sum(f) for f in zip(*(n.features for n in nodes))),
+        tuple(sum(a) for a in zip(*(n.coeffs for n in nodes))),
+    )
+
+
 class UnrolledAlgorithm(BilevelAlgorithm):
     """Base for algorithms whose hypergradient is backprop through ``inner_loop``.
 
@@ -103,10 +111,18 @@ class UnrolledAlgorithm(BilevelAlgorithm):
 
     # ----------------------------------------------------------------------------- meta-gradient
     def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
+        return self._meta_step(params, batch, decompose, keep=None)
+
+    def ablated_meta_grad(self, params: Params, batch: Any, keep: tuple[str, ...]) -> MetaStep:
+        """One batched VJP of two rows: the plain row (for the head) and the sum of the kept
+        terms' cotangents (for the encoder) — by linearity, the sum of the kept terms."""
+        return self._meta_step(params, batch, False, keep=tuple(keep))
+
+    def _meta_step(self, params: Params, batch: Any, decompose: bool, keep) -> MetaStep:
         if self.execution == "shared":
-            out = self._shared_step(params, batch, decompose)
+            out = self._shared_step(params, batch, decompose, keep)
         else:
-            fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose)  # noqa: E731
+            fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose, keep)  # noqa: E731
             per_task = map_tasks(
                 fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y
             )
@@ -116,7 +132,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             decomposition = self._assemble(out, params, batch)
         return MetaStep(out["grad"], out["loss"], out["accuracy"], decomposition)
 
-    def _task_step(self, params, xs, ys, xq, yq, decompose: bool) -> dict[str, Any]:
+    def _task_step(self, params, xs, ys, xq, yq, decompose: bool, keep=None) -> dict[str, Any]:
         def forward(p):
             inner = self.inner_loop(p, xs, ys)
             phi_q = self.model.encode(inner.encoder, xq)
@@ -125,9 +141,9 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             path = tuple(inner.encoder_path) + (inner.encoder,)
             return (cross_entropy(logits, yq), nodes), (logits, inner.head.trace, path)
 
-        return self._backward(forward, params, yq, decompose, xs=xs, xq=xq, tasks=1)
+        return self._backward(forward, params, yq, decompose, keep, xs=xs, xq=xq, tasks=1)
 
-    def _shared_step(self, params, batch, decompose: bool) -> dict[str, Any]:
+    def _shared_step(self, params, batch, decompose: bool, keep=None) -> dict[str, Any]:
         tasks, n_s = batch.support_y.shape
         n_q = batch.query_y.shape[1]
 
@@ -145,19 +161,25 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             nodes = Nodes(phi_q, inner.head.trace.features, inner.head.trace.coeffs)
             return (cross_entropy(logits, batch.query_y).mean(), nodes), (logits, inner.head.trace, ())
 
-        return self._backward(forward, params, batch.query_y, decompose, tasks=tasks)
+        return self._backward(forward, params, batch.query_y, decompose, keep, tasks=tasks)
 
-    def _backward(self, forward, params, yq, decompose, xs=None, xq=None, tasks=1) -> dict[str, Any]:
+    def _backward(self, forward, params, yq, decompose, keep, xs=None, xq=None, tasks=1) -> dict[str, Any]:
         (loss, nodes), vjp_fn, (logits, trace, path) = vjp(forward, params, has_aux=True)
-        (grad,) = vjp_fn((torch.ones_like(loss), _zeros_like_nodes(nodes)))
+        phi_q = nodes.query_features
+        logits_grad = cross_entropy_logits_grad(logits, yq) / tasks
+        zero = torch.zeros_like(loss)
+        if keep is not None:
+            kept = term_cotangents(trace, phi_q, logits_grad, keep)
+            rows = stack_nodes([_zeros_like_nodes(nodes), _sum_nodes(list(kept.values()))])
+            (both,) = vmap(lambda s, c: vjp_fn((s, c)))(torch.stack([torch.ones_like(loss), zero]), rows)
+            grad = {k: v[0] if is_head(k) else v[1] for k, v in both.items()}
+        else:
+            (grad,) = vjp_fn((torch.ones_like(loss), _zeros_like_nodes(nodes)))
         out: dict[str, Any] = {"grad": grad, "loss": loss, "accuracy": accuracy(logits, yq).mean()}
         if not decompose:
             return out
-        phi_q = nodes.query_features
-        logits_grad = cross_entropy_logits_grad(logits, yq) / tasks
         cots = term_cotangents(trace, phi_q, logits_grad, self.terms)
         stacked = stack_nodes([cots[t] for t in self.terms])
-        zero = torch.zeros_like(loss)
         (term_grads,) = vmap(lambda c: vjp_fn((zero, c)))(stacked)
         head_w, head_b = readout_head_gradient(phi_q, logits_grad)
         is_init = (torch.arange(len(self.terms), device=loss.device) == self.terms.index("init")).to(loss.dtype)
