@@ -30,33 +30,9 @@ import time
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
-# glibc: never serve allocations with mmap (so freed activation buffers are not unmapped and
-# faulted back in on the next step) and never trim the heap top. ``mmap_threshold`` alone is
-# not enough: glibc caps it at 32 MiB, below the vmap paths' largest buffers.
+from bilevel.allocator import ALLOCATORS, RETAIN_TUNABLES, ensure_allocator  # noqa: F401
+
 OUTER_LR = 1e-3
-RETAIN_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-ALLOCATORS = ("retain", "default")
-
-
-def ensure_allocator(mode: str) -> None:
-    """Make the process run under the requested glibc malloc configuration.
-
-    ``retain``: ``GLIBC_TUNABLES=RETAIN_TUNABLES``; ``default``: no ``GLIBC_TUNABLES``.
-    glibc reads tunables once at start-up, so when the environment differs the script
-    re-executes itself with the corrected environment (same interpreter, same argv).
-    """
-    if mode not in ALLOCATORS:
-        raise ValueError(f"--malloc must be one of {ALLOCATORS}, got {mode!r}")
-    want = RETAIN_TUNABLES if mode == "retain" else None
-    if os.environ.get("GLIBC_TUNABLES") == want:
-        return
-    env = dict(os.environ)
-    if want is None:
-        env.pop("GLIBC_TUNABLES", None)
-    else:
-        env["GLIBC_TUNABLES"] = want
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from .ablation import Ablation, resolve_ablation
+from .allocator import ensure_allocator
 from .algorithm import BilevelAlgorithm, build_algorithm
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
 from .config import DEVICES, DTYPES, TrainConfig, register_configs
@@ -230,7 +233,9 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
 
 
 def main() -> None:
-    """Console entry point ``bilevel-train``."""
+    """Console entry point ``bilevel-train``. Runs under the page-retaining allocator
+    (:mod:`bilevel.allocator`) unless ``BILEVEL_ALLOCATOR=default``."""
+    ensure_allocator(os.environ.get("BILEVEL_ALLOCATOR", "retain"), ["-m", "bilevel.train"] + sys.argv[1:])
     register_configs()
     _hydra_main()
 
