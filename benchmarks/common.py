@@ -144,17 +144,20 @@ def time_methods(warmups: dict[str, Callable[[], Any]], steps: dict[str, Callabl
 
 class EngineStep:
     """A meta-step of this project's algorithm on one execution path:
-    ``algo.meta_grad(params, batch, decompose)`` and an Adam step with its ``grad``."""
+    ``algo.meta_grad(params, batch, decompose)`` (or, with ``keep``, the ablation step
+    ``algo.ablated_meta_grad(params, batch, keep)``) and an Adam step with its ``grad``."""
 
-    def __init__(self, algo, path: str, params: dict, decompose: bool = False) -> None:
+    def __init__(self, algo, path: str, params: dict, decompose: bool = False, keep: tuple | None = None) -> None:
         import torch
 
-        self.algo, self.path, self.decompose = algo, path, decompose
+        self.algo, self.path, self.decompose, self.keep = algo, path, decompose, keep
         self.params = {k: v.clone() for k, v in params.items()}
         self.opt = torch.optim.Adam(list(self.params.values()), lr=OUTER_LR)
 
     def grads(self, batch) -> dict:
         self.algo.execution = self.path
+        if self.keep is not None:
+            return self.algo.ablated_meta_grad(self.params, batch, self.keep).grad
         return self.algo.meta_grad(self.params, batch, decompose=self.decompose).grad
 
     def step(self, batch) -> None:
