@@ -13,19 +13,19 @@ from .decompose import Decomposition  # noqa: E402
 
 
 def pair_weight_figure(decomposition: Decomposition, support_y: Tensor, query_y: Tensor) -> Figure:
-    """``Σ_τ C_τ[s, q]`` of the first task, rows/columns sorted by label; blue = attract
-    (negative weight lowers the surrogate when the pair's similarity grows)."""
+    """``Σ_τ C_τ[s, q]`` of the first task, rows/columns sorted by label. Blue: negative
+    weight (the pair attracts: the surrogate falls as their similarity grows); red: repel."""
     weights = decomposition.pair_weights[0].sum(0).detach().float().cpu()
     s_order = torch.argsort(support_y[0].cpu(), stable=True)
     q_order = torch.argsort(query_y[0].cpu(), stable=True)
     weights = weights[s_order][:, q_order]
     bound = float(weights.abs().max()) or 1.0
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    im = ax.imshow(weights.numpy(), cmap="coolwarm_r", vmin=-bound, vmax=bound, aspect="auto")
+    im = ax.imshow(weights.numpy(), cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
     ax.set_xlabel("query sample (sorted by label)")
     ax.set_ylabel("support sample (sorted by label)")
     ax.set_title("pair weights C[s, q] (task 0)")
-    fig.colorbar(im, ax=ax)
+    fig.colorbar(im, ax=ax, label="attract (−)  /  repel (+)")
     fig.tight_layout()
     return fig
 
