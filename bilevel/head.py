@@ -64,6 +64,25 @@ def head_write(state: HeadState, features: Tensor, coeff: Tensor) -> HeadState:
     return HeadState(weight, state.bias + coeff.sum(-2), trace)
 
 
+def head_adjust(
+    state: HeadState, coeff_deltas: tuple[Tensor, ...], noise_weight: Tensor, noise_bias: Tensor
+) -> HeadState:
+    """``A_τ ← A_τ + ΔA_τ`` for every entry and ``ξ ← ξ + Δξ``, the head following:
+    ``W ← W + Σ_τ ΔA_τᵀ Φ_τ + Δξ_W``, ``b ← b + Σ_τ ΔA_τᵀ 1 + Δξ_b``. Any inner optimiser
+    that is linear in the gradients (momentum, ...) updates the head this way."""
+    t = state.trace
+    weight, bias = state.weight + noise_weight, state.bias + noise_bias
+    for delta, feats in zip(coeff_deltas, t.features):
+        weight = weight + delta.transpose(-1, -2) @ feats
+        bias = bias + delta.sum(-2)
+    trace = t._replace(
+        coeffs=tuple(a + d for a, d in zip(t.coeffs, coeff_deltas)),
+        noise_weight=t.noise_weight + noise_weight,
+        noise_bias=t.noise_bias + noise_bias,
+    )
+    return HeadState(weight, bias, trace)
+
+
 def head_shrink(state: HeadState, factor: float) -> HeadState:
     """Pull towards the initial head: ``W ← W_0 + c (W − W_0)`` (same for ``b``).
 

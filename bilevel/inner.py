@@ -7,6 +7,11 @@ encoder is frozen; ANIL) — with step size ``α``:
     θ_{t+1} = θ_t − α (∇_θ L_S(θ_t, W_t) + λ (θ_t − θ_0))          (adapt = "all")
     W_{t+1} = W_0 + (1 − αλ)(W_t − W_0) + A_tᵀ Φ_t,   A_t = −α ∂L_S/∂Z_S
 
+With ``momentum = μ > 0`` both use heavy-ball momentum, ``v ← μ v + g``, ``x ← x − α v``;
+for the head the velocity is kept in trace form (one coefficient block per entry, plus
+the noise slot), so eq. (1) still holds: ``V_τ ← μ V_τ + λ A_τ`` (the proximal gradient of
+entry τ), ``V_t = ∂L_S/∂Z_S`` for the new entry, and every ``A_τ ← A_τ − α V_τ``.
+
 ``first_order=True`` stops the gradient through the inner gradients (A_t, Φ_t in the
 update and the encoder's inner gradient are constants); the fast weights stay
 differentiable through the identity path. Tensors may carry leading task dimensions
@@ -16,10 +21,11 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import torch
 from torch import Tensor
 from torch.func import vjp
 
-from .head import HeadState, head_shrink, head_write, init_head, readout
+from .head import HeadState, head_adjust, head_shrink, head_write, init_head, readout
 from .losses import cross_entropy_logits_grad
 from .models import BilevelModel
 from .params import HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
@@ -47,6 +53,7 @@ def sgd_steps(
     adapt: str,
     first_order: bool,
     prox: float = 0.0,
+    momentum: float = 0.0,
     support_features: Optional[Tensor] = None,
     head: Optional[HeadState] = None,
 ) -> InnerResult:
@@ -63,6 +70,9 @@ def sgd_steps(
     if adapt == "head" and support_features is None:
         support_features = model.encode(encoder, support_x)
     path: list[Params] = []
+    enc_velocity = {k: torch.zeros_like(v) for k, v in encoder.items()}
+    head_velocity: tuple[Tensor, ...] = ()
+    noise_velocity = (torch.zeros_like(state.weight), torch.zeros_like(state.bias))
     for _ in range(steps):
         path.append(encoder)
         if adapt == "all":
@@ -76,11 +86,23 @@ def sgd_steps(
                 enc_grad = tree_detach(enc_grad)
             if prox:
                 enc_grad = {k: g + prox * (encoder[k] - anchor[k]) for k, g in enc_grad.items()}
+            if momentum:
+                enc_velocity = {k: momentum * enc_velocity[k] + g for k, g in enc_grad.items()}
+                enc_grad = enc_velocity
             encoder = {k: v - lr * enc_grad[k] for k, v in encoder.items()}
-        coeff = -lr * logits_grad
         if first_order:
-            coeff, feats = coeff.detach(), feats.detach()
+            logits_grad, feats = logits_grad.detach(), feats.detach()
+        if momentum:
+            t = state.trace
+            head_velocity = tuple(momentum * v + prox * a for v, a in zip(head_velocity, t.coeffs))
+            head_velocity += (logits_grad,)
+            noise_velocity = (momentum * noise_velocity[0] + prox * t.noise_weight,
+                              momentum * noise_velocity[1] + prox * t.noise_bias)
+            state = head_write(state, feats, torch.zeros_like(logits_grad))
+            state = head_adjust(state, tuple(-lr * v for v in head_velocity),
+                                -lr * noise_velocity[0], -lr * noise_velocity[1])
+            continue
         if prox:
             state = head_shrink(state, 1.0 - lr * prox)
-        state = head_write(state, feats, coeff)
+        state = head_write(state, feats, -lr * logits_grad)
     return InnerResult(encoder, state, tuple(path))

@@ -45,11 +45,12 @@ ORDERS = ("second_order", "first_order")
 
 @dataclass
 class UnrolledConfig(AlgorithmConfig):
-    """``inner_steps`` T, ``inner_lr`` α, ``adapt`` in {all, head}, ``order`` in
-    {second_order, first_order}."""
+    """``inner_steps`` T, ``inner_lr`` α, ``inner_momentum`` μ (heavy ball; 0 = plain SGD),
+    ``adapt`` in {all, head}, ``order`` in {second_order, first_order}."""
 
     inner_steps: int = 1
     inner_lr: float = 0.4
+    inner_momentum: float = 0.0
     adapt: str = "all"
     order: str = "second_order"
 
@@ -104,7 +105,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         return sgd_steps(
             self.model, params, support_x, support_y,
             steps=self.config.inner_steps if steps is None else steps,
-            lr=self.config.inner_lr, adapt=self.config.adapt,
+            lr=self.config.inner_lr, momentum=self.config.inner_momentum, adapt=self.config.adapt,
             first_order=self.first_order if first_order is None else first_order,
             support_features=support_features, head=head,
         )
@@ -237,10 +238,14 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         return accs.mean(0)
 
     def _evaluate_task(self, params, xs, ys, xq, yq, steps: int) -> Tensor:
-        accs = []
+        """Step by step from the previous adapted state; with momentum (whose velocity a
+        restart would lose) every step count runs from the start."""
+        accs, start = [], params
         for t in range(steps + 1):
             if t:
-                inner = self.inner_loop(params, xs, ys, steps=1, first_order=True)
+                restart = self.config.inner_momentum != 0
+                inner = self.inner_loop(start if restart else params, xs, ys, steps=t if restart else 1,
+                                        first_order=True)
                 params = {**{ENCODER_PREFIX + k: v.detach() for k, v in inner.encoder.items()},
                           HEAD_WEIGHT: inner.head.weight.detach(), HEAD_BIAS: inner.head.bias.detach()}
             phi_q = self.model.encode(encoder_part(params), xq)
@@ -260,9 +265,11 @@ class UnrolledAlgorithm(BilevelAlgorithm):
                 params[HEAD_BIAS].expand(tasks, *params[HEAD_BIAS].shape),
             )
             accs = [accuracy(readout(phi_q, head.weight, head.bias), batch.query_y).mean()]
-            for _ in range(steps):
+            start = head
+            for t in range(1, steps + 1):
+                restart = self.config.inner_momentum != 0
                 head = self.inner_loop(params, None, batch.support_y, support_features=phi_s,
-                                       head=head, steps=1, first_order=True).head
+                                       head=start if restart else head, steps=t if restart else 1, first_order=True).head
                 accs.append(accuracy(readout(phi_q, head.weight, head.bias), batch.query_y).mean())
         return torch.stack(accs)
 
