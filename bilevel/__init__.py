@@ -1,4 +1,12 @@
-"""bilevel: min-min bi-level learning with exact contrastive / interference decomposition."""
+"""bilevel: min-min bi-level learning with exact contrastive / interference decomposition.
+
+The public API: models and parameters, the head primitives that record the trace
+(eq. 1 of THEORY.md), the inner solvers (SGD/momentum/proximal, Langevin chains, proximal
+solves with implicit differentiation), the algorithm base class and registry, the
+decomposition, ablation, and execution helpers. ``bilevel.data`` holds the data sets and
+the task sampler; ``bilevel.train`` the Hydra training app; ``bilevel.report`` the run report.
+"""
+from .ablation import Ablation, resolve_ablation
 from .algorithm import (
     AlgorithmConfig,
     BilevelAlgorithm,
@@ -8,16 +16,34 @@ from .algorithm import (
     get_algorithm,
     register,
 )
-from .decompose import TERMS, Decomposition
-from .head import HeadState, HeadTrace, head_add_noise, head_shrink, head_write, init_head, readout, reconstruct_logits
+from .cg import CGResult, conjugate_gradient
+from .chain import ChainAlgorithm, ChainConfig, ChainSpec, decompose_chain, run_chain
+from .decompose import TERMS, Decomposition, Nodes, term_cotangents
+from .execution import choose_execution, map_tasks, reduce_tasks
+from .head import (
+    HeadState,
+    HeadTrace,
+    head_add_noise,
+    head_adjust,
+    head_shrink,
+    head_write,
+    init_head,
+    readout,
+    reconstruct_logits,
+)
+from .implicit import implicit_vjp, linearize_stationarity, proximal_solve, stationarity_residual
 from .inner import InnerResult, sgd_steps
 from .models import BilevelModel, ModelConfig, build_model
 from .params import Params
 from .unrolled import UnrolledAlgorithm, UnrolledConfig
 
 __all__ = [
-    "AlgorithmConfig", "BilevelAlgorithm", "MetaStep", "available_algorithms", "build_algorithm",
-    "get_algorithm", "register", "TERMS", "Decomposition", "HeadState", "HeadTrace", "head_add_noise",
-    "head_shrink", "head_write", "init_head", "readout", "reconstruct_logits", "InnerResult", "sgd_steps",
-    "BilevelModel", "ModelConfig", "build_model", "Params", "UnrolledAlgorithm", "UnrolledConfig",
+    "Ablation", "resolve_ablation", "AlgorithmConfig", "BilevelAlgorithm", "MetaStep",
+    "available_algorithms", "build_algorithm", "get_algorithm", "register", "CGResult",
+    "conjugate_gradient", "ChainAlgorithm", "ChainConfig", "ChainSpec", "decompose_chain", "run_chain",
+    "TERMS", "Decomposition", "Nodes", "term_cotangents", "choose_execution", "map_tasks", "reduce_tasks",
+    "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_shrink", "head_write", "init_head",
+    "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
+    "stationarity_residual", "InnerResult", "sgd_steps", "BilevelModel", "ModelConfig", "build_model",
+    "Params", "UnrolledAlgorithm", "UnrolledConfig",
 ]
