@@ -30,7 +30,7 @@ import time
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
-from bilevel.allocator import ALLOCATORS, RETAIN_TUNABLES, ensure_allocator  # noqa: F401
+from bilevel.allocator import ALLOCATORS, ensure_allocator
 
 OUTER_LR = 1e-3
 
