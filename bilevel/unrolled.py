@@ -134,6 +134,10 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         return MetaStep(out["grad"], out["loss"], out["accuracy"], decomposition)
 
     def _task_step(self, params, xs, ys, xq, yq, decompose: bool, keep=None) -> dict[str, Any]:
+        if self.config.adapt == "head":
+            encode = lambda e: (self.model.encode(e, xs), self.model.encode(e, xq))  # noqa: E731
+            return self._backward(self._head_forward(ys, yq, None), params, yq, decompose, keep, encode=encode)
+
         def forward(p):
             inner = self.inner_loop(p, xs, ys)
             phi_q = self.model.encode(inner.encoder, xq)
@@ -148,28 +152,56 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         tasks, n_s = batch.support_y.shape
         n_q = batch.query_y.shape[1]
 
-        def forward(p):
+        def encode(e):
             x = torch.cat([batch.support_x.flatten(0, 1), batch.query_x.flatten(0, 1)])
-            phi = self.model.encode(encoder_part(p), x, layout=((tasks, n_s), (tasks, n_q)))
-            phi_s = phi[: tasks * n_s].unflatten(0, (tasks, n_s))
-            phi_q = phi[tasks * n_s :].unflatten(0, (tasks, n_q))
-            head = init_head(
-                p[HEAD_WEIGHT].expand(tasks, *p[HEAD_WEIGHT].shape),
-                p[HEAD_BIAS].expand(tasks, *p[HEAD_BIAS].shape),
-            )
-            inner = self.inner_loop(p, None, batch.support_y, support_features=phi_s, head=head)
+            phi = self.model.encode(e, x, layout=((tasks, n_s), (tasks, n_q)))
+            return phi[: tasks * n_s].unflatten(0, (tasks, n_s)), phi[tasks * n_s :].unflatten(0, (tasks, n_q))
+
+        forward = self._head_forward(batch.support_y, batch.query_y, tasks)
+        return self._backward(forward, params, batch.query_y, decompose, keep, tasks=tasks, encode=encode)
+
+    def _head_forward(self, ys, yq, tasks):
+        """The head-level part of a head-only meta-loss, a function of (features, head params);
+        ``tasks`` (shared path) broadcasts the head over a leading task axis."""
+
+        def forward(feats, head_params):
+            phi_s, phi_q = feats
+            w, b = head_params[HEAD_WEIGHT], head_params[HEAD_BIAS]
+            if tasks is not None:
+                w, b = w.expand(tasks, *w.shape), b.expand(tasks, *b.shape)
+            inner = self.inner_loop(head_params, None, ys, support_features=phi_s, head=init_head(w, b))
             logits = readout(phi_q, inner.head.weight, inner.head.bias)
             nodes = Nodes(phi_q, inner.head.trace.features, inner.head.trace.coeffs)
-            return (cross_entropy(logits, batch.query_y).mean(), nodes), (logits, inner.head.trace, ())
+            return (cross_entropy(logits, yq).mean(), nodes), (logits, inner.head.trace, ())
 
-        return self._backward(forward, params, batch.query_y, decompose, keep, tasks=tasks)
+        return forward
 
-    def _backward(self, forward, params, yq, decompose, keep, xs=None, xq=None, tasks=1) -> dict[str, Any]:
-        (loss, nodes), vjp_fn, (logits, trace, path) = vjp(forward, params, has_aux=True)
+    def _backward(self, forward, params, yq, decompose, keep, xs=None, xq=None, tasks=1, encode=None) -> dict[str, Any]:
+        """Plain meta-gradient, ablated gradient (``keep``) and term gradients from one forward.
+
+        With ``encode`` (head-only loops) the VJP runs in two stages: the head-level VJP to the
+        features and the head, then one encoder VJP; the ablated step then needs a single
+        encoder backward (kept terms), the head's exact gradient coming from the head stage."""
+        if encode is None:
+            (loss, nodes), vjp_fn, (logits, trace, path) = vjp(forward, params, has_aux=True)
+        else:
+            head_params = {HEAD_WEIGHT: params[HEAD_WEIGHT], HEAD_BIAS: params[HEAD_BIAS]}
+            feats, encoder_vjp = vjp(encode, encoder_part(params))
+            (loss, nodes), head_vjp, (logits, trace, path) = vjp(forward, feats, head_params, has_aux=True)
+
+            def vjp_fn(cot):
+                feat_cot, head_grad = head_vjp(cot)
+                (enc_grad,) = encoder_vjp(feat_cot)
+                return ({**{ENCODER_PREFIX + k: v for k, v in enc_grad.items()}, **head_grad},)
         phi_q = nodes.query_features
         logits_grad = cross_entropy_logits_grad(logits, yq) / tasks
         zero = torch.zeros_like(loss)
-        if keep is not None:
+        if keep is not None and encode is not None:
+            kept = _sum_nodes(list(term_cotangents(trace, phi_q, logits_grad, keep).values()))
+            _, head_grad = head_vjp((torch.ones_like(loss), _zeros_like_nodes(nodes)))
+            (kept_grad,) = vjp_fn((zero, kept))
+            grad = {k: head_grad[k] if is_head(k) else v for k, v in kept_grad.items()}
+        elif keep is not None:
             kept = term_cotangents(trace, phi_q, logits_grad, keep)
             rows = stack_nodes([_zeros_like_nodes(nodes), _sum_nodes(list(kept.values()))])
             (both,) = vmap(lambda s, c: vjp_fn((s, c)))(torch.stack([torch.ones_like(loss), zero]), rows)
