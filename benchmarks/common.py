@@ -33,6 +33,9 @@ from typing import Any, Callable, Sequence
 from bilevel.allocator import ALLOCATORS, ensure_allocator
 
 OUTER_LR = 1e-3
+ORDERS = {"SO": "second_order", "FO": "first_order"}
+SHAPE = (1, 28, 28)
+INNER_LR = 0.4
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -183,6 +186,30 @@ def grad_rel_diff(grad: dict[str, Any], reference: dict[str, Any]) -> float:
     num = sum(float(torch.sum((grad[k].double() - reference[k].double()) ** 2)) for k in reference)
     den = sum(float(torch.sum(reference[k].double() ** 2)) for k in reference)
     return (num / den) ** 0.5
+
+
+def start(args: argparse.Namespace, note: str = "") -> SimpleNamespace:
+    """The start-up every benchmark shares: allocator (re-exec), torch setup, the environment
+    record and its header line, the conv4 model and the batch generator."""
+    ensure_allocator(args.malloc)
+    import torch
+
+    from bilevel import ModelConfig, build_model
+
+    device, dtype = setup_torch(args)
+    env = environment(args, device)
+    print(f"clock={args.clock}; torch {env['torch']} on {env['device']} ({env.get('gpu', env['processor'])}), "
+          f"{env['torch_threads']} threads, {args.dtype}, malloc={args.malloc} "
+          f"(GLIBC_TUNABLES={env['GLIBC_TUNABLES']}){note}, load average {env['loadavg_start'][0]:.2f}")
+    model = build_model(ModelConfig(name="conv4"), SHAPE, args.ways).to(device, dtype)
+    generator = torch.Generator().manual_seed(args.seed)
+    return SimpleNamespace(device=device, dtype=dtype, env=env, model=model, generator=generator)
+
+
+def cell_batches(run: SimpleNamespace, args: argparse.Namespace, tasks: int, shots: int) -> list:
+    """The two meta-batches every method of a cell walks through."""
+    return [make_batch(tasks, args.ways, shots, args.queries, SHAPE, run.device, run.dtype, run.generator)
+            for _ in range(2)]
 
 
 def environment(args: argparse.Namespace, device) -> dict[str, Any]:

@@ -25,13 +25,9 @@ import itertools
 from typing import Any
 
 from common import (
-    EngineStep, add_common_args, cycling_steps, ensure_allocator, environment, finish, make_batch, print_table,
-    setup_torch, time_methods,
+    INNER_LR, ORDERS, EngineStep, add_common_args, cell_batches, cycling_steps, finish, print_table, start,
+    time_methods,
 )
-
-ORDERS = {"SO": "second_order", "FO": "first_order"}
-SHAPE = (1, 28, 28)
-INNER_LR = 0.4
 GOALS = {("head", "SO"): 1.5, ("head", "FO"): 1.5, ("all", "SO"): 2.0}
 
 
@@ -176,24 +172,15 @@ def report(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    ensure_allocator(args.malloc)
-    import torch
+    from bilevel import available_algorithms
 
-    from bilevel import ModelConfig, available_algorithms, build_model
-
-    device, dtype = setup_torch(args)
-    env = environment(args, device)
     plugins = [a for a in (available_algorithms() if args.algorithms is None else args.algorithms) if a != "maml"]
-    env["algorithms"] = ["maml", *plugins]
-    print(f"clock={args.clock}; torch {env['torch']} on {env['device']} ({env.get('gpu', env['processor'])}), "
-          f"{env['torch_threads']} threads, {args.dtype}, malloc={args.malloc}, algorithms: {', '.join(env['algorithms'])}, "
-          f"load average {env['loadavg_start'][0]:.2f}")
-    model = build_model(ModelConfig(name="conv4"), SHAPE, args.ways).to(device, dtype)
-    generator = torch.Generator().manual_seed(args.seed)
+    run = start(args, note=f", algorithms: {', '.join(['maml', *plugins])}")
+    run.env["algorithms"] = ["maml", *plugins]
+    device, model = run.device, run.model
     rows = []
     for shots, tasks in itertools.product(args.shots, args.meta_batch):
-        batches = [make_batch(tasks, args.ways, shots, args.queries, SHAPE, device, dtype, generator)
-                   for _ in range(2)]
+        batches = cell_batches(run, args, tasks, shots)
         params = {k: v.to(device) for k, v in model.init_params().items()}
         cell = {"shots": shots, "meta_batch": tasks}
         for adapt, order, steps in itertools.product(args.adapt, args.order, args.steps):
@@ -208,7 +195,7 @@ def main() -> None:
                 print(f"[{config}] " + (row.get("error") or f"ratio {row['default_ratio']:.2f}, "
                                          f"vs MAML {row['plain_over_maml']:.2f}"), flush=True)
     summary = report(rows)
-    finish(env, rows, summary, args)
+    finish(run.env, rows, summary, args)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,9 @@ import itertools
 from typing import Any
 
 from common import (
-    OUTER_LR, EngineStep, add_common_args, cycling_steps, ensure_allocator, environment, finish, grad_rel_diff,
-    make_batch, print_table, setup_torch, time_methods,
+    INNER_LR, ORDERS, OUTER_LR, EngineStep, add_common_args, cell_batches, cycling_steps, finish, grad_rel_diff,
+    print_table, start, time_methods,
 )
-
-ORDERS = {"SO": "second_order", "FO": "first_order"}
-SHAPE = (1, 28, 28)
-INNER_LR = 0.4
 
 
 def parse_args() -> argparse.Namespace:
@@ -233,22 +229,11 @@ def report(rows: list[dict[str, Any]], args, device) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    ensure_allocator(args.malloc)
-    import torch
-
-    from bilevel import ModelConfig, build_model
-
-    device, dtype = setup_torch(args)
-    env = environment(args, device)
-    print(f"clock={args.clock}; torch {env['torch']} on {env['device']} ({env.get('gpu', env['processor'])}), "
-          f"{env['torch_threads']} threads, {args.dtype}, malloc={args.malloc} "
-          f"(GLIBC_TUNABLES={env['GLIBC_TUNABLES']}), load average {env['loadavg_start'][0]:.2f}")
-    model = build_model(ModelConfig(name="conv4"), SHAPE, args.ways).to(device, dtype)
-    generator = torch.Generator().manual_seed(args.seed)
+    run = start(args)
+    device, model = run.device, run.model
     rows = []
     for shots, tasks in itertools.product(args.shots, args.meta_batch):
-        batches = [make_batch(tasks, args.ways, shots, args.queries, SHAPE, device, dtype, generator)
-                   for _ in range(2)]
+        batches = cell_batches(run, args, tasks, shots)
         for adapt, order, steps in itertools.product(args.adapt, args.order, args.steps):
             params = {k: v.to(device) for k, v in model.init_params().items()}
             row = run_cell(model, params, batches, adapt, order, steps, args, device)
@@ -257,7 +242,7 @@ def main() -> None:
             print(f"[{adapt} {order} {shots}-shot K={steps} T={tasks}] ms: {times}  "
                   f"(repeats {len(next(iter(row['methods'].values()))['times_s'])})", flush=True)
     summary = report(rows, args, device)
-    finish(env, rows, summary, args)
+    finish(run.env, rows, summary, args)
 
 
 if __name__ == "__main__":
