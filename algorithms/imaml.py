@@ -115,7 +115,8 @@ class IMAML(BilevelAlgorithm):
     def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
         fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose)  # noqa: E731
         per_task = map_tasks(
-            fn, self.execution, tree_detach(params), batch.support_x, batch.support_y, batch.query_x, batch.query_y
+            fn, self.execution, tree_detach(params), batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+            channels_last=not decompose,
         )
         out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
         decomposition = None
@@ -227,7 +228,7 @@ class IMAML(BilevelAlgorithm):
         starting point), ``steps (steps + 1)/2`` inner steps in all."""
         fn = lambda p, xs, ys, xq, yq: self._evaluate_task(p, xs, ys, xq, yq, steps)  # noqa: E731
         accs = map_tasks(fn, self.execution, tree_detach(params), batch.support_x, batch.support_y,
-                         batch.query_x, batch.query_y)
+                         batch.query_x, batch.query_y, channels_last=True)
         return accs.mean(0)
 
     def _evaluate_task(self, params: Params, xs, ys, xq, yq, steps: int) -> Tensor:

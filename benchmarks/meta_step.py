@@ -48,6 +48,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--order", nargs="+", default=["SO", "FO"], choices=tuple(ORDERS))
     parser.add_argument("--adapt", nargs="+", default=["all", "head"], choices=("all", "head"))
     parser.add_argument("--baselines", nargs="*", default=["higher", "autograd"], choices=("higher", "autograd"))
+    parser.add_argument("--baseline-model", default="paper", choices=("paper", "ours"),
+                        help="the conv4 the baselines run: torch.nn layers as the paper's code writes them "
+                             "(paper_conv4.py), or this project's model (engine-only comparison)")
     args = parser.parse_args()
     args.shots = args.shots or ([1] if args.quick else [1, 5])
     args.steps = args.steps or ([1] if args.quick else [1, 5])
@@ -155,8 +158,14 @@ def run_cell(model, params, batches, adapt: str, order: str, steps: int, args, d
     algo = build_algorithm(config, model)
     methods: dict[str, Any] = {f"ours:{p}": EngineStep(algo, p, params) for p in algo.executions}
     baselines = {"higher": HigherLoop, "autograd": AutogradLoop}
+    if args.baseline_model == "paper":
+        from paper_conv4 import PaperConv4
+
+        baseline_model = PaperConv4(model)
+    else:
+        baseline_model = model
     for name in args.baselines:
-        methods[name] = baselines[name](model, params, adapt, ORDERS[order], steps)
+        methods[name] = baselines[name](baseline_model, params, adapt, ORDERS[order], steps)
     warmups = {name: (lambda m=m: m.grads(batches[0])) for name, m in methods.items()}
     grads, records = time_methods(warmups, cycling_steps(methods, batches), device, args)
     reference = grads["ours:loop"]

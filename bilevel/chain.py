@@ -359,7 +359,7 @@ class ChainAlgorithm(BilevelAlgorithm):
 
         per_task = map_tasks(
             task, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-            *(noise[k] for k in keys),
+            *(noise[k] for k in keys), channels_last=not decompose,
         )
         grad = {k: v.mean(0) for k, v in per_task["grad"].items()}
         decomposition = None
@@ -410,4 +410,4 @@ def finetune_accuracies(
         return torch.stack(accs)
 
     return map_tasks(task, execution, tree_detach(params), batch.support_x, batch.support_y,
-                     batch.query_x, batch.query_y).mean(0)
+                     batch.query_x, batch.query_y, channels_last=True).mean(0)

@@ -115,8 +115,9 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         return self._meta_step(params, batch, decompose, keep=None)
 
     def ablated_meta_grad(self, params: Params, batch: Any, keep: tuple[str, ...]) -> MetaStep:
-        """One batched VJP of two rows: the plain row (for the head) and the sum of the kept
-        terms' cotangents (for the encoder) — by linearity, the sum of the kept terms."""
+        """Two VJP rows of one forward: the plain row (for the head) and the sum of the kept
+        terms' cotangents (for the encoder) — by linearity, the sum of the kept terms. The
+        rows run one after the other (no ``vmap``), so a loop keeps channels-last activations."""
         return self._meta_step(params, batch, False, keep=tuple(keep))
 
     def _meta_step(self, params: Params, batch: Any, decompose: bool, keep) -> MetaStep:
@@ -125,7 +126,8 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         else:
             fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose, keep)  # noqa: E731
             per_task = map_tasks(
-                fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y
+                fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                channels_last=not decompose,
             )
             out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
         decomposition = None
@@ -196,16 +198,12 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         phi_q = nodes.query_features
         logits_grad = cross_entropy_logits_grad(logits, yq) / tasks
         zero = torch.zeros_like(loss)
-        if keep is not None and encode is not None:
+        if keep is not None:
             kept = _sum_nodes(list(term_cotangents(trace, phi_q, logits_grad, keep).values()))
-            _, head_grad = head_vjp((torch.ones_like(loss), _zeros_like_nodes(nodes)))
+            plain_row = (torch.ones_like(loss), _zeros_like_nodes(nodes))
+            head_grad = head_vjp(plain_row)[1] if encode is not None else vjp_fn(plain_row)[0]
             (kept_grad,) = vjp_fn((zero, kept))
             grad = {k: head_grad[k] if is_head(k) else v for k, v in kept_grad.items()}
-        elif keep is not None:
-            kept = term_cotangents(trace, phi_q, logits_grad, keep)
-            rows = stack_nodes([_zeros_like_nodes(nodes), _sum_nodes(list(kept.values()))])
-            (both,) = vmap(lambda s, c: vjp_fn((s, c)))(torch.stack([torch.ones_like(loss), zero]), rows)
-            grad = {k: v[0] if is_head(k) else v[1] for k, v in both.items()}
         else:
             (grad,) = vjp_fn((torch.ones_like(loss), _zeros_like_nodes(nodes)))
         out: dict[str, Any] = {"grad": grad, "loss": loss, "accuracy": accuracy(logits, yq).mean()}
@@ -266,7 +264,8 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             return self._evaluate_shared(params, batch, steps)
         mode = "loop" if self.execution == "shared" else self.execution
         fn = lambda p, xs, ys, xq, yq: self._evaluate_task(p, xs, ys, xq, yq, steps)  # noqa: E731
-        accs = map_tasks(fn, mode, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+        accs = map_tasks(fn, mode, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                         channels_last=True)
         return accs.mean(0)
 
     def _evaluate_task(self, params, xs, ys, xq, yq, steps: int) -> Tensor:

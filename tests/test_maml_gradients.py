@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from bilevel import ModelConfig, build_algorithm, build_model
 from bilevel.head import readout
 from bilevel.inner import sgd_steps
 from bilevel.losses import cross_entropy
@@ -226,3 +227,31 @@ def test_evaluate_matches_oracle_accuracies(make_problem, reference, adapt, head
     if head == "zero":
         assert float(accs[0]) == pytest.approx(float((b.query_y == 0).to(accs.dtype).mean()), abs=1e-15)
         assert float(accs[0]) == pytest.approx(1 / p.ways, abs=1e-15)
+
+
+@pytest.mark.parametrize("adapt", ADAPT)
+def test_loop_runs_channels_last_and_equals_the_default_layout(make_problem, rel_err, adapt):
+    """The plain loop step lays conv activations out channels-last (a faster layout on CPU,
+    same values); ``vmap`` and decomposition steps (which vmap VJPs) keep the default layout;
+    a model built with ``channels_last=False`` gives the same meta-gradient."""
+    p = make_problem("conv4")
+    seen: list[bool] = []
+    hooks = [block.norm.register_forward_pre_hook(
+        lambda _, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)
+                                   and not inp[0].is_contiguous()))
+        for block in p.model.encoder.blocks]
+    algo = p.algorithm(adapt=adapt, inner_steps=2)
+    layouts = {}
+    for mode, decompose in (("loop", False), ("loop", True), ("vmap", False)):
+        algo.execution, seen[:] = mode, []
+        algo.meta_grad(p.params, p.batch, decompose=decompose)
+        layouts[mode, decompose] = set(seen)
+    for h in hooks:
+        h.remove()
+    assert layouts == {("loop", False): {True}, ("loop", True): {False}, ("vmap", False): {False}}
+    dense = build_model(ModelConfig(name="conv4", channels=4, channels_last=False), p.batch.support_x.shape[2:], p.ways)
+    dense = dense.to(torch.float64)
+    algo.execution = "loop"
+    expected = build_algorithm({"name": "maml", "inner_lr": p.inner_lr, "adapt": adapt, "inner_steps": 2},
+                               dense).meta_grad(p.params, p.batch).grad
+    assert rel_err(algo.meta_grad(p.params, p.batch).grad, expected) < 1e-12
