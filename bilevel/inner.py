@@ -14,11 +14,15 @@ entry τ), ``V_t = ∂L_S/∂Z_S`` for the new entry, and every ``A_τ ← A_τ 
 
 ``first_order=True`` stops the gradient through the inner gradients (A_t, Φ_t in the
 update and the encoder's inner gradient are constants); the fast weights stay
-differentiable through the identity path. Tensors may carry leading task dimensions
+differentiable through the identity path. Second-order support passes of a full-network
+loop keep the default activation layout (they are differentiated twice, and BatchNorm's
+double backward is slower channels-last: see :func:`~bilevel.models.channels_last_activations`).
+Tensors may carry leading task dimensions
 when ``adapt="head"`` (the shared-encoder path batches the head loops that way).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple, Optional
 
 import torch
@@ -27,7 +31,7 @@ from torch.func import vjp
 
 from .head import HeadState, head_adjust, head_shrink, head_write, init_head, readout
 from .losses import cross_entropy_logits_grad
-from .models import BilevelModel
+from .models import BilevelModel, channels_last_activations
 from .params import HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
 
 ADAPTED_SETS = ("all", "head")
@@ -76,7 +80,8 @@ def sgd_steps(
     for _ in range(steps):
         path.append(encoder)
         if adapt == "all":
-            feats, pull_back = vjp(lambda e: model.encode(e, support_x), encoder)
+            with nullcontext() if first_order else channels_last_activations(False):
+                feats, pull_back = vjp(lambda e: model.encode(e, support_x), encoder)
         else:
             feats = support_features
         logits_grad = cross_entropy_logits_grad(readout(feats, state.weight, state.bias), support_y)
