@@ -14,6 +14,12 @@ Methods, all on the same batches and in the same run (round-robin, see ``common.
 Head-only cells (``adapt=head``) adapt only the head in the baselines as well; their encoder
 gets its gradient through the support features (second order) and the query features.
 
+The baselines run conv4 as the paper's code writes it (``--baseline-model paper``, default:
+``torch.nn`` layers, ``NCHW``, see ``paper_conv4.py``) or this project's model called the way
+a hand-written loop calls it (``--baseline-model ours``: same layers as ours, default
+activation layout); either way with the same parameter values, and the gradient check below
+confirms they compute the same meta-gradient.
+
 The *default path* is the one the trainer's ``execution=auto`` picks: the fastest of ours
 measured in the same run. Goals checked: on CPU the default path is never slower than the
 fastest baseline (ratio ≥ 1); on CUDA it is ≥ 3× faster than ``higher`` at meta-batch 32.

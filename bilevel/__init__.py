@@ -32,7 +32,7 @@ from .head import (
     reconstruct_logits,
 )
 from .implicit import implicit_vjp, linearize_stationarity, proximal_solve, stationarity_residual
-from .inner import InnerResult, sgd_steps
+from .inner import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
 from .models import BilevelModel, ModelConfig, build_model, channels_last_activations
 from .params import Params
 from .unrolled import UnrolledAlgorithm, UnrolledConfig
@@ -44,6 +44,6 @@ __all__ = [
     "TERMS", "Decomposition", "Nodes", "term_cotangents", "choose_execution", "map_tasks", "reduce_tasks",
     "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_shrink", "head_write", "init_head",
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
-    "stationarity_residual", "InnerResult", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "channels_last_activations",
+    "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "channels_last_activations",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
 ]

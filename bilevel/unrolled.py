@@ -36,7 +36,7 @@ from .decompose import (
 )
 from .execution import map_tasks, reduce_tasks
 from .head import init_head, readout
-from .inner import ADAPTED_SETS, InnerResult, sgd_steps
+from .inner import ADAPTED_SETS, InnerResult, autograd_pullbacks, sgd_steps
 from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
 from .params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, is_head
 
@@ -183,7 +183,10 @@ class UnrolledAlgorithm(BilevelAlgorithm):
 
         With ``encode`` (head-only loops) the VJP runs in two stages: the head-level VJP to the
         features and the head, then one encoder VJP; the ablated step then needs a single
-        encoder backward (kept terms), the head's exact gradient coming from the head stage."""
+        encoder backward (kept terms), the head's exact gradient coming from the head stage.
+        The per-task loop's plain step runs on plain autograd instead (:meth:`_autograd_backward`)."""
+        if not decompose and keep is None and self.execution == "loop":
+            return self._autograd_backward(forward, params, yq, encode)
         if encode is None:
             (loss, nodes), vjp_fn, (logits, trace, path) = vjp(forward, params, has_aux=True)
         else:
@@ -224,6 +227,19 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         if self.config.adapt == "all" and self.first_order is False and path:
             out["adaptation"] = self._adaptation(term_grads, stacked, path, xs, xq)
         return out
+
+    def _autograd_backward(self, forward, params, yq, encode) -> dict[str, Any]:
+        """The plain meta-gradient of the same forward by ``torch.autograd.grad``, with the
+        inner pullbacks on autograd too: no ``torch.func`` transform wraps the loop's ops."""
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad(), autograd_pullbacks():
+            if encode is None:
+                (loss, _), (logits, _, _) = forward(leaves)
+            else:
+                head = {HEAD_WEIGHT: leaves[HEAD_WEIGHT], HEAD_BIAS: leaves[HEAD_BIAS]}
+                (loss, _), (logits, _, _) = forward(encode(encoder_part(leaves)), head)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+        return {"grad": dict(zip(leaves, grads)), "loss": loss.detach(), "accuracy": accuracy(logits.detach(), yq).mean()}
 
     def _adaptation(self, term_grads, stacked: Nodes, path, xs, xq) -> Params:
         """Σ over feature terms of (full − leaf), the leaf gradients taken w.r.t. the adapted
