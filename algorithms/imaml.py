@@ -115,8 +115,7 @@ class IMAML(BilevelAlgorithm):
     def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
         fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose)  # noqa: E731
         per_task = map_tasks(
-            fn, self.execution, tree_detach(params), batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-            channels_last=not decompose,
+            fn, self.execution, tree_detach(params), batch.support_x, batch.support_y, batch.query_x, batch.query_y
         )
         out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
         decomposition = None

@@ -359,7 +359,7 @@ class ChainAlgorithm(BilevelAlgorithm):
 
         per_task = map_tasks(
             task, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-            *(noise[k] for k in keys), channels_last=not decompose,
+            *(noise[k] for k in keys),
         )
         grad = {k: v.mean(0) for k, v in per_task["grad"].items()}
         decomposition = None

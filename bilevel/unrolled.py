@@ -3,9 +3,12 @@
 The meta-gradient of one task is the VJP of ``L_Q(adapted(params))`` — second order
 through every inner step, or first order with the inner gradients detached. The same
 forward also outputs the decomposition nodes ``(φ_q, Φ_τ, A_τ)``, so a decomposition
-costs one batched VJP over the term cotangents on top of the plain backward, and the
-plain meta-gradient (cotangent 1 on the loss, 0 on the nodes) is computed identically
-whether or not the decomposition is requested.
+costs one batched VJP over the term cotangents on top of the plain backward. The
+meta-gradient a step returns does not depend on whether the decomposition is requested,
+bit for bit: on the per-task loop, whose plain step runs on plain autograd with
+channels-last activations (which batched VJPs cannot use), a decomposition step takes its
+gradient from that plain step and its terms from a separate ``torch.func`` pass in the
+default layout; the identity check compares them with the gradient the step returns.
 
 Execution paths: ``vmap`` and ``loop`` run the per-task function over tasks; ``shared``
 (head-only inner loops) runs the encoder once over every support and query image of the
@@ -130,9 +133,10 @@ class UnrolledAlgorithm(BilevelAlgorithm):
                 channels_last=not decompose,
             )
             out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
-        decomposition = None
-        if decompose:
-            decomposition = self._assemble(out, params, batch)
+        if decompose and self.execution == "loop":
+            plain = self._meta_step(params, batch, False, None)
+            out.update(grad=plain.grad, loss=plain.loss, accuracy=plain.accuracy)
+        decomposition = self._assemble(out, batch) if decompose else None
         return MetaStep(out["grad"], out["loss"], out["accuracy"], decomposition)
 
     def _task_step(self, params, xs, ys, xq, yq, decompose: bool, keep=None) -> dict[str, Any]:
@@ -261,7 +265,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             for k, v in full.items()
         }
 
-    def _assemble(self, out: dict[str, Any], params: Params, batch) -> Decomposition:
+    def _assemble(self, out: dict[str, Any], batch) -> Decomposition:
         terms = {t: {k: v[i] for k, v in out["terms"].items()} for i, t in enumerate(self.terms)}
         return Decomposition(
             terms=terms,

@@ -233,7 +233,8 @@ def test_evaluate_matches_oracle_accuracies(make_problem, reference, adapt, head
 def test_loop_runs_channels_last_and_equals_the_default_layout(make_problem, rel_err, adapt, order):
     """The plain loop step lays conv activations out channels-last (a faster layout on CPU,
     same values) except in second-order full-network support passes (differentiated twice);
-    ``vmap`` and decomposition steps (which vmap VJPs) keep the default layout; a model built
+    ``vmap`` and the decomposition's own pass (which vmaps VJPs) keep the default layout (a
+    decomposition step on the loop also runs the plain step, for its gradient); a model built
     with ``channels_last=False`` gives the same meta-gradient."""
     p = make_problem("conv4", queries=2)
     n_support = p.batch.support_x.shape[1]
@@ -256,10 +257,23 @@ def test_loop_runs_channels_last_and_equals_the_default_layout(make_problem, rel
         h.remove()
     dense = {("support", False), ("query", False)}
     support_layout = not (adapt == "all" and order == "second_order")
-    assert layouts == {("loop", False): {("support", support_layout), ("query", True)},
-                       ("loop", True): dense, ("vmap", False): dense}
+    plain_loop = {("support", support_layout), ("query", True)}
+    assert layouts == {("loop", False): plain_loop, ("loop", True): dense | plain_loop, ("vmap", False): dense}
     model = build_model(ModelConfig(name="conv4", channels=4, channels_last=False), p.batch.support_x.shape[2:], p.ways)
     reference = build_algorithm({"name": "maml", "inner_lr": p.inner_lr, "adapt": adapt, "order": order,
                                  "inner_steps": 2}, model.to(torch.float64))
     algo.execution = "loop"
     assert rel_err(algo.meta_grad(p.params, p.batch).grad, reference.meta_grad(p.params, p.batch).grad) < 1e-12
+
+
+@pytest.mark.parametrize("execution", ["loop", "vmap"])
+@pytest.mark.parametrize("adapt", ADAPT)
+def test_decomposing_does_not_change_the_meta_gradient_bitwise(make_problem, adapt, execution):
+    """A training run with the decomposition on follows the same trajectory as without it."""
+    p = make_problem("conv4", dtype=torch.float32)
+    algo = p.algorithm(adapt=adapt, inner_steps=2)
+    algo.execution = execution
+    plain = algo.meta_grad(p.params, p.batch).grad
+    decomposed = algo.meta_grad(p.params, p.batch, decompose=True)
+    assert decomposed.decomposition is not None
+    assert all(torch.equal(decomposed.grad[k], plain[k]) for k in plain)
