@@ -3,12 +3,12 @@
 The meta-gradient of one task is the VJP of ``L_Q(adapted(params))`` — second order
 through every inner step, or first order with the inner gradients detached. The same
 forward also outputs the decomposition nodes ``(φ_q, Φ_τ, A_τ)``, so a decomposition
-costs one batched VJP over the term cotangents on top of the plain backward. The
+costs one VJP per term on top of the plain backward (one batched VJP under ``vmap``; one
+after the other on the per-task loop, which keeps its channels-last activations). The
 meta-gradient a step returns does not depend on whether the decomposition is requested,
-bit for bit: on the per-task loop, whose plain step runs on plain autograd with
-channels-last activations (which batched VJPs cannot use), a decomposition step takes its
-gradient from that plain step and its terms from a separate ``torch.func`` pass in the
-default layout; the identity check compares them with the gradient the step returns.
+bit for bit: the loop's plain step runs on plain autograd, so a decomposition step there
+takes its gradient from that plain step and its terms from a ``torch.func`` pass; the
+identity check compares them with the gradient the step returns.
 
 Execution paths: ``vmap`` and ``loop`` run the per-task function over tasks; ``shared``
 (head-only inner loops) runs the encoder once over every support and query image of the
@@ -37,7 +37,7 @@ from .decompose import (
     stack_nodes,
     term_cotangents,
 )
-from .execution import map_tasks, reduce_tasks
+from .execution import map_tasks, reduce_tasks, stack_trees
 from .head import init_head, readout
 from .inner import ADAPTED_SETS, InnerResult, autograd_pullbacks, sgd_steps
 from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
@@ -130,7 +130,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose, keep)  # noqa: E731
             per_task = map_tasks(
                 fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-                channels_last=not decompose,
+                channels_last=True,
             )
             out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
         if decompose and self.execution == "loop":
@@ -205,20 +205,23 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         phi_q = nodes.query_features
         logits_grad = cross_entropy_logits_grad(logits, yq) / tasks
         zero = torch.zeros_like(loss)
+        out: dict[str, Any] = {"loss": loss, "accuracy": accuracy(logits, yq).mean()}
         if keep is not None:
             kept = _sum_nodes(list(term_cotangents(trace, phi_q, logits_grad, keep).values()))
             plain_row = (torch.ones_like(loss), _zeros_like_nodes(nodes))
             head_grad = head_vjp(plain_row)[1] if encode is not None else vjp_fn(plain_row)[0]
             (kept_grad,) = vjp_fn((zero, kept))
-            grad = {k: head_grad[k] if is_head(k) else v for k, v in kept_grad.items()}
-        else:
-            (grad,) = vjp_fn((torch.ones_like(loss), _zeros_like_nodes(nodes)))
-        out: dict[str, Any] = {"grad": grad, "loss": loss, "accuracy": accuracy(logits, yq).mean()}
+            out["grad"] = {k: head_grad[k] if is_head(k) else v for k, v in kept_grad.items()}
+        elif not (decompose and self.execution == "loop"):  # the loop's takes it from the plain step
+            (out["grad"],) = vjp_fn((torch.ones_like(loss), _zeros_like_nodes(nodes)))
         if not decompose:
             return out
         cots = term_cotangents(trace, phi_q, logits_grad, self.terms)
         stacked = stack_nodes([cots[t] for t in self.terms])
-        (term_grads,) = vmap(lambda c: vjp_fn((zero, c)))(stacked)
+        if self.execution == "loop":
+            term_grads = stack_trees([vjp_fn((zero, cots[t]))[0] for t in self.terms])
+        else:
+            (term_grads,) = vmap(lambda c: vjp_fn((zero, c)))(stacked)
         head_w, head_b = readout_head_gradient(phi_q, logits_grad)
         is_init = (torch.arange(len(self.terms), device=loss.device) == self.terms.index("init")).to(loss.dtype)
         term_grads[HEAD_WEIGHT] = term_grads[HEAD_WEIGHT] + is_init[:, None, None] * head_w.reshape(
@@ -256,9 +259,9 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         for enc, x, cot in uses:
             enc = {k: v.detach() for k, v in enc.items()}
             _, pull = vjp(lambda e: self.model.encode(e, x), enc)
-            (g,) = vmap(pull)(cot.index_select(0, idx))
+            (g,) = pull(cot.index_select(0, idx).sum(0))
             for k, v in g.items():
-                leaf[k] = leaf.get(k, 0) + v.sum(0)
+                leaf[k] = leaf.get(k, 0) + v
         full = {k: v.index_select(0, idx).sum(0) for k, v in term_grads.items()}
         return {
             k: torch.zeros_like(v) if is_head(k) else v - leaf[k[len(ENCODER_PREFIX):]]
