@@ -14,11 +14,13 @@ entry τ), ``V_t = ∂L_S/∂Z_S`` for the new entry, and every ``A_τ ← A_τ 
 
 ``first_order=True`` stops the gradient through the inner gradients (A_t, Φ_t in the
 update and the encoder's inner gradient are constants); the fast weights stay
-differentiable through the identity path. Second-order support passes of a full-network
-loop keep the default activation layout (they are differentiated twice, and BatchNorm's
-double backward is slower channels-last: see :func:`~bilevel.models.channels_last_activations`).
-Tensors may carry leading task dimensions
-when ``adapt="head"`` (the shared-encoder path batches the head loops that way).
+differentiable through the identity path. Tensors may carry leading task dimensions when
+``adapt="head"`` (the shared-encoder path batches the head loops that way).
+
+Second-order support passes of a full-network loop keep the default activation layout even
+inside :func:`~bilevel.models.channels_last_activations`: they are differentiated twice, and
+BatchNorm's double backward is slower channels-last (5-shot, 5 steps: 3.67 s vs 3.0 s per
+conv4 meta-step on one core).
 """
 from __future__ import annotations
 
