@@ -61,6 +61,7 @@ from bilevel.head import HeadTrace, readout
 from bilevel.implicit import implicit_vjp, linearize_stationarity, proximal_solve, stationarity_residual
 from bilevel.inner import ADAPTED_SETS, InnerResult
 from bilevel.losses import accuracy, cross_entropy, cross_entropy_logits_grad
+from bilevel.models import channels_last_activations
 from bilevel.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
 
 
@@ -115,9 +116,15 @@ class IMAML(BilevelAlgorithm):
     def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
         fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose)  # noqa: E731
         per_task = map_tasks(
-            fn, self.execution, tree_detach(params), batch.support_x, batch.support_y, batch.query_x, batch.query_y
+            fn, self.execution, tree_detach(params), batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+            channels_last=not decompose,
         )
         out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
+        # On the loop a decomposition step takes its gradient from a plain step (channels-last
+        # layout), so that decomposing never changes a training run.
+        if decompose and self.execution == "loop":
+            plain = self.meta_grad(params, batch)
+            out.update(grad=plain.grad, loss=plain.loss, accuracy=plain.accuracy)
         decomposition = None
         if decompose:
             terms = {t: {k: v[i] for k, v in out["terms"].items()} for i, t in enumerate(self.terms)}
@@ -157,7 +164,9 @@ class IMAML(BilevelAlgorithm):
             return self.model.encode(encoder, xs), self.model.encode(encoder, xq)
 
         def support_loss(x: Any, phi: Params) -> Tensor:
-            return cross_entropy(readout(features(x, phi)[0], phi[HEAD_WEIGHT], phi[HEAD_BIAS]), ys)
+            # differentiated twice (the Hessian-vector products): the default layout is faster there
+            with channels_last_activations(False):
+                return cross_entropy(readout(features(x, phi)[0], phi[HEAD_WEIGHT], phi[HEAD_BIAS]), ys)
 
         def forward(x: Any, phi: Params):
             feats_s, feats_q = features(x, phi)

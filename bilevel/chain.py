@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -347,7 +348,7 @@ class ChainAlgorithm(BilevelAlgorithm):
         keys = sorted(noise) if noise else []
         terms = self.terms
 
-        def task(p, xs, ys, xq, yq, *draws):
+        def task(p, xs, ys, xq, yq, *draws, decompose=decompose):
             n = dict(zip(keys, draws)) if keys else None
             x, y = chain_batch(xs, ys, xq, yq, self.config.batches)
             result = run_chain(self.model, p, x, y, spec, n, record=decompose)
@@ -357,10 +358,13 @@ class ChainAlgorithm(BilevelAlgorithm):
                 out["pairs"], out["cosines"] = self._diagnostics(result, p, xs, xq, ys.shape[-1], yq.shape[-1])
             return out
 
-        per_task = map_tasks(
-            task, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-            *(noise[k] for k in keys),
-        )
+        inputs = (params, batch.support_x, batch.support_y, batch.query_x, batch.query_y, *(noise[k] for k in keys))
+        per_task = map_tasks(task, self.execution, *inputs, channels_last=not decompose)
+        # On the loop a decomposition step takes its gradient from a plain step (same draws,
+        # channels-last layout), so that decomposing never changes a training run.
+        if decompose and self.execution == "loop":
+            plain = map_tasks(partial(task, decompose=False), "loop", *inputs, channels_last=True)
+            per_task.update(grad=plain["grad"], loss=plain["loss"], accuracy=plain["accuracy"])
         grad = {k: v.mean(0) for k, v in per_task["grad"].items()}
         decomposition = None
         if decompose:
