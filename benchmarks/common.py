@@ -57,6 +57,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write all measurements to this JSON file")
 
 
+def parse_grid_args(parser: argparse.ArgumentParser, meta_batches: Sequence[int],
+                    adapt: Sequence[str]) -> argparse.Namespace:
+    """Add the grid options both scripts share (5-way conv4 cells), parse the command line and
+    fill the grid's defaults: 1 and 5 shots and inner steps, ``meta_batches`` (``--quick``: the
+    first cell only)."""
+    batches = " ".join(map(str, meta_batches))
+    parser.add_argument("--ways", type=int, default=5)
+    parser.add_argument("--queries", type=int, default=15, help="query images per class")
+    parser.add_argument("--shots", type=int, nargs="+", default=None, help="default 1 5 (quick: 1)")
+    parser.add_argument("--steps", type=int, nargs="+", default=None, help="inner steps; default 1 5 (quick: 1)")
+    parser.add_argument("--meta-batch", type=int, nargs="+", default=None, help=f"default {batches} (quick: 4)")
+    parser.add_argument("--order", nargs="+", default=["SO", "FO"], choices=tuple(ORDERS))
+    parser.add_argument("--adapt", nargs="+", default=list(adapt), choices=("all", "head"))
+    args = parser.parse_args()
+    args.shots = args.shots or ([1] if args.quick else [1, 5])
+    args.steps = args.steps or ([1] if args.quick else [1, 5])
+    args.meta_batch = args.meta_batch or ([4] if args.quick else list(meta_batches))
+    return args
+
+
 def setup_torch(args: argparse.Namespace) -> tuple[Any, Any]:
     """Seed, threads; returns ``(device, dtype)``."""
     import torch

@@ -25,8 +25,8 @@ import itertools
 from typing import Any
 
 from common import (
-    INNER_LR, ORDERS, EngineStep, add_common_args, cell_batches, cycling_steps, finish, print_table, start,
-    time_methods,
+    INNER_LR, ORDERS, EngineStep, add_common_args, cell_batches, cycling_steps, finish, parse_grid_args,
+    print_table, start, time_methods,
 )
 GOALS = {("head", "SO"): 1.5, ("head", "FO"): 1.5, ("all", "SO"): 2.0}
 
@@ -34,20 +34,9 @@ GOALS = {("head", "SO"): 1.5, ("head", "FO"): 1.5, ("all", "SO"): 2.0}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--queries", type=int, default=15, help="query images per class")
-    parser.add_argument("--shots", type=int, nargs="+", default=None, help="default 1 5 (quick: 1)")
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="inner steps; default 1 5 (quick: 1)")
-    parser.add_argument("--meta-batch", type=int, nargs="+", default=None, help="default 4 16 (quick: 4)")
-    parser.add_argument("--order", nargs="+", default=["SO", "FO"], choices=tuple(ORDERS))
-    parser.add_argument("--adapt", nargs="+", default=["head", "all"], choices=("all", "head"))
     parser.add_argument("--algorithms", nargs="*", default=None,
                         help="plugins besides MAML to include (default: every registered one)")
-    args = parser.parse_args()
-    args.shots = args.shots or ([1] if args.quick else [1, 5])
-    args.steps = args.steps or ([1] if args.quick else [1, 5])
-    args.meta_batch = args.meta_batch or ([4] if args.quick else [4, 16])
-    return args
+    return parse_grid_args(parser, (4, 16), ("head", "all"))
 
 
 def plain_and_decomposed(prefix: str, algo, params) -> dict[str, EngineStep]:

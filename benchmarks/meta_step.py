@@ -39,29 +39,18 @@ from typing import Any
 
 from common import (
     INNER_LR, ORDERS, OUTER_LR, EngineStep, add_common_args, cell_batches, cycling_steps, finish, grad_rel_diff,
-    print_table, start, time_methods,
+    parse_grid_args, print_table, start, time_methods,
 )
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
-    parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--queries", type=int, default=15, help="query images per class")
-    parser.add_argument("--shots", type=int, nargs="+", default=None, help="default 1 5 (quick: 1)")
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="inner steps; default 1 5 (quick: 1)")
-    parser.add_argument("--meta-batch", type=int, nargs="+", default=None, help="default 4 16 32 (quick: 4)")
-    parser.add_argument("--order", nargs="+", default=["SO", "FO"], choices=tuple(ORDERS))
-    parser.add_argument("--adapt", nargs="+", default=["all", "head"], choices=("all", "head"))
     parser.add_argument("--baselines", nargs="*", default=["higher", "autograd"], choices=("higher", "autograd"))
     parser.add_argument("--baseline-model", default="paper", choices=("paper", "ours"),
                         help="the conv4 the baselines run: torch.nn layers as the paper's code writes them "
                              "(paper_conv4.py), or this project's model (engine-only comparison)")
-    args = parser.parse_args()
-    args.shots = args.shots or ([1] if args.quick else [1, 5])
-    args.steps = args.steps or ([1] if args.quick else [1, 5])
-    args.meta_batch = args.meta_batch or ([4] if args.quick else [4, 16, 32])
-    return args
+    return parse_grid_args(parser, (4, 16, 32), ("all", "head"))
 
 
 class HigherLoop:
