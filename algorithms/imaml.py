@@ -56,7 +56,7 @@ from bilevel.decompose import (
     stack_nodes,
     term_cotangents,
 )
-from bilevel.execution import map_tasks, reduce_tasks
+from bilevel.execution import map_meta_steps, map_tasks, reduce_tasks
 from bilevel.head import HeadTrace, readout
 from bilevel.implicit import implicit_vjp, linearize_stationarity, proximal_solve, stationarity_residual
 from bilevel.inner import ADAPTED_SETS, InnerResult
@@ -114,17 +114,14 @@ class IMAML(BilevelAlgorithm):
 
     # ----------------------------------------------------------------------------- meta-gradient
     def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
-        fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose)  # noqa: E731
-        per_task = map_tasks(
-            fn, self.execution, tree_detach(params), batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-            channels_last=not decompose,
+        def make_fn(d: bool):
+            return lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, d)
+
+        per_task = map_meta_steps(
+            make_fn, self.execution, tree_detach(params), batch.support_x, batch.support_y, batch.query_x,
+            batch.query_y, decompose=decompose,
         )
         out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
-        # On the loop a decomposition step takes its gradient from a plain step (channels-last
-        # layout), so that decomposing never changes a training run.
-        if decompose and self.execution == "loop":
-            plain = self.meta_grad(params, batch)
-            out.update(grad=plain.grad, loss=plain.loss, accuracy=plain.accuracy)
         decomposition = None
         if decompose:
             terms = {t: {k: v[i] for k, v in out["terms"].items()} for i, t in enumerate(self.terms)}
@@ -164,7 +161,8 @@ class IMAML(BilevelAlgorithm):
             return self.model.encode(encoder, xs), self.model.encode(encoder, xq)
 
         def support_loss(x: Any, phi: Params) -> Tensor:
-            # differentiated twice (the Hessian-vector products): the default layout is faster there
+            # differentiated twice (the Hessian-vector products): the default layout, as in
+            # MAML's second-order support passes (BatchNorm's double backward is slower channels-last)
             with channels_last_activations(False):
                 return cross_entropy(readout(features(x, phi)[0], phi[HEAD_WEIGHT], phi[HEAD_BIAS]), ys)
 

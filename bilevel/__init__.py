@@ -19,7 +19,7 @@ from .algorithm import (
 from .cg import CGResult, conjugate_gradient
 from .chain import ChainAlgorithm, ChainConfig, ChainSpec, decompose_chain, run_chain
 from .decompose import TERMS, Decomposition, Nodes, term_cotangents
-from .execution import choose_execution, map_tasks, reduce_tasks
+from .execution import choose_execution, map_meta_steps, map_tasks, reduce_tasks
 from .head import (
     HeadState,
     HeadTrace,
@@ -41,7 +41,7 @@ __all__ = [
     "Ablation", "resolve_ablation", "AlgorithmConfig", "BilevelAlgorithm", "MetaStep",
     "available_algorithms", "build_algorithm", "get_algorithm", "register", "CGResult",
     "conjugate_gradient", "ChainAlgorithm", "ChainConfig", "ChainSpec", "decompose_chain", "run_chain",
-    "TERMS", "Decomposition", "Nodes", "term_cotangents", "choose_execution", "map_tasks", "reduce_tasks",
+    "TERMS", "Decomposition", "Nodes", "term_cotangents", "choose_execution", "map_meta_steps", "map_tasks", "reduce_tasks",
     "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_shrink", "head_write", "init_head",
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "channels_last_activations",

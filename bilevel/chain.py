@@ -67,7 +67,7 @@ from .decompose import (
     reconstruction_error,
     term_cotangents,
 )
-from .execution import map_tasks
+from .execution import map_meta_steps, map_tasks
 from .head import HeadState, head_add_noise, head_shrink, head_write, init_head, readout
 from .inner import ADAPTED_SETS, sgd_steps
 from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
@@ -348,7 +348,7 @@ class ChainAlgorithm(BilevelAlgorithm):
         keys = sorted(noise) if noise else []
         terms = self.terms
 
-        def task(p, xs, ys, xq, yq, *draws, decompose=decompose):
+        def task(p, xs, ys, xq, yq, *draws, decompose: bool):
             n = dict(zip(keys, draws)) if keys else None
             x, y = chain_batch(xs, ys, xq, yq, self.config.batches)
             result = run_chain(self.model, p, x, y, spec, n, record=decompose)
@@ -358,13 +358,10 @@ class ChainAlgorithm(BilevelAlgorithm):
                 out["pairs"], out["cosines"] = self._diagnostics(result, p, xs, xq, ys.shape[-1], yq.shape[-1])
             return out
 
-        inputs = (params, batch.support_x, batch.support_y, batch.query_x, batch.query_y, *(noise[k] for k in keys))
-        per_task = map_tasks(task, self.execution, *inputs, channels_last=not decompose)
-        # On the loop a decomposition step takes its gradient from a plain step (same draws,
-        # channels-last layout), so that decomposing never changes a training run.
-        if decompose and self.execution == "loop":
-            plain = map_tasks(partial(task, decompose=False), "loop", *inputs, channels_last=True)
-            per_task.update(grad=plain["grad"], loss=plain["loss"], accuracy=plain["accuracy"])
+        per_task = map_meta_steps(
+            lambda d: partial(task, decompose=d), self.execution, params, batch.support_x, batch.support_y,
+            batch.query_x, batch.query_y, *(noise[k] for k in keys), decompose=decompose,
+        )
         grad = {k: v.mean(0) for k, v in per_task["grad"].items()}
         decomposition = None
         if decompose:

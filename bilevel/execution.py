@@ -44,6 +44,27 @@ def map_tasks(fn: Callable[..., Any], mode: str, shared: Any, *per_task: Tensor,
     raise ValueError(f"unknown per-task execution {mode!r}; use 'vmap' or 'loop'")
 
 
+def map_meta_steps(
+    make_fn: Callable[[bool], Callable[..., dict[str, Any]]], mode: str, shared: Any, *per_task: Tensor,
+    decompose: bool, sequential_rows: bool = False,
+) -> dict[str, Any]:
+    """Per-task outputs of ``make_fn(decompose)`` (a dict with ``grad``, ``loss``,
+    ``accuracy``), with a gradient that does not depend on ``decompose``, bit for bit.
+
+    A plain ``loop`` step runs channels-last; a decomposition pass runs in the default layout
+    (its rows are one ``vmap``-ped VJP) unless ``sequential_rows``, and may take another
+    differentiation route. So on the ``loop`` a decomposition step takes ``grad``, ``loss``
+    and ``accuracy`` from ``make_fn(False)`` on the same inputs (random draws included), and
+    decomposing never changes a training run; ``make_fn(True)`` need not compute ``grad``.
+    """
+    out = map_tasks(make_fn(decompose), mode, shared, *per_task,
+                    channels_last=not decompose or sequential_rows)
+    if decompose and mode == "loop":
+        plain = map_tasks(make_fn(False), mode, shared, *per_task, channels_last=True)
+        out.update(grad=plain["grad"], loss=plain["loss"], accuracy=plain["accuracy"])
+    return out
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

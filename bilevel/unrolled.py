@@ -7,8 +7,9 @@ costs one VJP per term on top of the plain backward (one batched VJP under ``vma
 after the other on the per-task loop, which keeps its channels-last activations). The
 meta-gradient a step returns does not depend on whether the decomposition is requested,
 bit for bit: the loop's plain step runs on plain autograd, so a decomposition step there
-takes its gradient from that plain step and its terms from a ``torch.func`` pass; the
-identity check compares them with the gradient the step returns.
+takes its gradient from that plain step (:func:`~bilevel.execution.map_meta_steps`) and its
+terms from a ``torch.func`` pass; the identity check compares them with the gradient the
+step returns.
 
 Execution paths: ``vmap`` and ``loop`` run the per-task function over tasks; ``shared``
 (head-only inner loops) runs the encoder once over every support and query image of the
@@ -37,7 +38,7 @@ from .decompose import (
     stack_nodes,
     term_cotangents,
 )
-from .execution import map_tasks, reduce_tasks, stack_trees
+from .execution import map_meta_steps, map_tasks, reduce_tasks, stack_trees
 from .head import init_head, readout
 from .inner import ADAPTED_SETS, InnerResult, autograd_pullbacks, sgd_steps
 from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
@@ -127,15 +128,14 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         if self.execution == "shared":
             out = self._shared_step(params, batch, decompose, keep)
         else:
-            fn = lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, decompose, keep)  # noqa: E731
-            per_task = map_tasks(
-                fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-                channels_last=True,
+            def make_fn(d: bool):
+                return lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, d, keep)
+
+            per_task = map_meta_steps(
+                make_fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
+                decompose=decompose, sequential_rows=True,
             )
             out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
-        if decompose and self.execution == "loop":
-            plain = self._meta_step(params, batch, False, None)
-            out.update(grad=plain.grad, loss=plain.loss, accuracy=plain.accuracy)
         decomposition = self._assemble(out, batch) if decompose else None
         return MetaStep(out["grad"], out["loss"], out["accuracy"], decomposition)
 
@@ -212,7 +212,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             head_grad = head_vjp(plain_row)[1] if encode is not None else vjp_fn(plain_row)[0]
             (kept_grad,) = vjp_fn((zero, kept))
             out["grad"] = {k: head_grad[k] if is_head(k) else v for k, v in kept_grad.items()}
-        elif not (decompose and self.execution == "loop"):  # the loop's takes it from the plain step
+        elif not (decompose and self.execution == "loop"):  # map_meta_steps supplies it
             (out["grad"],) = vjp_fn((torch.ones_like(loss), _zeros_like_nodes(nodes)))
         if not decompose:
             return out
