@@ -61,7 +61,6 @@ from bilevel.head import HeadTrace, readout
 from bilevel.implicit import implicit_vjp, linearize_stationarity, proximal_solve, stationarity_residual
 from bilevel.inner import ADAPTED_SETS, InnerResult
 from bilevel.losses import accuracy, cross_entropy, cross_entropy_logits_grad
-from bilevel.models import channels_last_activations
 from bilevel.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
 
 
@@ -161,10 +160,7 @@ class IMAML(BilevelAlgorithm):
             return self.model.encode(encoder, xs), self.model.encode(encoder, xq)
 
         def support_loss(x: Any, phi: Params) -> Tensor:
-            # differentiated twice (the Hessian-vector products): the default layout, as in
-            # MAML's second-order support passes (BatchNorm's double backward is slower channels-last)
-            with channels_last_activations(False):
-                return cross_entropy(readout(features(x, phi)[0], phi[HEAD_WEIGHT], phi[HEAD_BIAS]), ys)
+            return cross_entropy(readout(features(x, phi)[0], phi[HEAD_WEIGHT], phi[HEAD_BIAS]), ys)
 
         def forward(x: Any, phi: Params):
             feats_s, feats_q = features(x, phi)
@@ -234,7 +230,7 @@ class IMAML(BilevelAlgorithm):
         starting point), ``steps (steps + 1)/2`` inner steps in all."""
         fn = lambda p, xs, ys, xq, yq: self._evaluate_task(p, xs, ys, xq, yq, steps)  # noqa: E731
         accs = map_tasks(fn, self.execution, tree_detach(params), batch.support_x, batch.support_y,
-                         batch.query_x, batch.query_y, channels_last=True)
+                         batch.query_x, batch.query_y)
         return accs.mean(0)
 
     def _evaluate_task(self, params: Params, xs, ys, xq, yq, steps: int) -> Tensor:

@@ -24,7 +24,10 @@ The *default path* is the one the trainer's ``execution=auto`` picks: the fastes
 measured in the same run. Goals checked: on CPU the default path is never slower than the
 fastest baseline (ratio ≥ 1); on CUDA it is ≥ 3× faster than ``higher`` at meta-batch 32.
 Before timing, every method's gradient at the same parameters and batch is compared with
-``ours:loop`` (column ``grad diff``: largest relative difference over the methods).
+``ours:loop`` (column ``grad diff``: largest relative difference over the methods) and, in
+float32, with the same cell computed in float64 (columns ``err <method>``: relative error of
+each method's float32 meta-gradient; goal: the default path's is at most 2x the autograd
+loop's).
 
     PYTHONPATH=. python benchmarks/meta_step.py --out meta_step.json            # full grid
     PYTHONPATH=. python benchmarks/meta_step.py --quick                         # 4 small cells
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import statistics
 from typing import Any
 
 from common import (
@@ -145,6 +149,32 @@ class AutogradLoop:
         self.opt.step()
 
 
+ERROR_TASKS = 4
+
+
+def float32_errors(methods: dict[str, Any], model, params: dict, batch, adapt: str, order: str,
+                   steps: int) -> dict[str, list[float]]:
+    """Per task (the first ``ERROR_TASKS`` of ``batch``), each method's relative error
+    ``‖g − g64‖ / ‖g64‖`` against the same task computed in float64 (model, parameters and
+    images cast up) by the plain-autograd loop on this project's model (in float64 every method
+    agrees with it to ~1e-14). The table reports the median over the tasks: float32 error is
+    round-off (~1e-6) plus rare discrete events (a max-pool or ReLU decision that a 1e-7
+    perturbation flips: 1e-4 – 1e-2 on that task) which strike every implementation at random
+    points; the median measures the first, the per-task lists in the JSON show the second."""
+    import torch
+
+    model64 = copy.deepcopy(model).to(torch.float64)
+    params64 = {k: v.to(torch.float64) for k, v in params.items()}
+    errors: dict[str, list[float]] = {name: [] for name in methods}
+    for i in range(min(ERROR_TASKS, batch.support_x.shape[0])):
+        task = type(batch)(**{k: v[i:i + 1] for k, v in vars(batch).items()})
+        task64 = type(task)(**{k: v.to(torch.float64) if v.is_floating_point() else v for k, v in vars(task).items()})
+        exact = AutogradLoop(model64, params64, adapt, ORDERS[order], steps).grads(task64)
+        for name, method in methods.items():
+            errors[name].append(grad_rel_diff(method.grads(task), exact))
+    return errors
+
+
 def run_cell(model, params, batches, adapt: str, order: str, steps: int, args, device) -> dict[str, Any]:
     """Time every method of one grid cell; the row of the JSON output."""
     from bilevel import build_algorithm
@@ -161,11 +191,14 @@ def run_cell(model, params, batches, adapt: str, order: str, steps: int, args, d
         baseline_model = model
     for name in args.baselines:
         methods[name] = baselines[name](baseline_model, params, adapt, ORDERS[order], steps)
+    errors = float32_errors(methods, model, params, batches[0], adapt, order, steps) if args.dtype == "float32" else {}
     warmups = {name: (lambda m=m: m.grads(batches[0])) for name, m in methods.items()}
     grads, records = time_methods(warmups, cycling_steps(methods, batches), device, args)
     reference = grads["ours:loop"]
     for name, rec in records.items():
         rec["grad_rel_diff_vs_ours_loop"] = grad_rel_diff(grads[name], reference)
+        rec["error_vs_float64_per_task"] = errors.get(name)
+        rec["error_vs_float64"] = statistics.median(errors[name]) if name in errors else None
     ours = {n[5:]: r["median_s"] for n, r in records.items() if n.startswith("ours:")}
     default = min(ours, key=ours.__getitem__)
     base = {n: r["median_s"] for n, r in records.items() if not n.startswith("ours:")}
@@ -187,17 +220,20 @@ def report(rows: list[dict[str, Any]], args, device) -> dict[str, Any]:
     """Print the tables and the goal checks; returns the summary."""
     paths = ("vmap", "loop", "shared")
     print("\nms per meta-step (median); default = fastest of ours (what execution=auto picks)")
-    header = ["adapt", "ord", "shot", "K", "T", *paths, *args.baselines, "default", "tasks/s", "grad diff"]
+    header = ["adapt", "ord", "shot", "K", "T", *paths, *args.baselines, "default", "tasks/s", "grad diff",
+              *(f"err {p}" for p in paths), *(f"err {b}" for b in args.baselines)]
     if device.type == "cuda":
         header.append("peak MB (default/higher)")
     lines = []
     for r in rows:
         m = r["methods"]
         ms = lambda name: m[name]["median_s"] * 1e3 if name in m else None  # noqa: E731
+        err = lambda name: m[name]["error_vs_float64"] if name in m else None  # noqa: E731
         line = [r["adapt"], r["order"], r["shots"], r["inner_steps"], r["meta_batch"],
                 *(ms(f"ours:{p}") for p in paths), *(ms(b) for b in args.baselines),
                 r["default_path"], r["default_tasks_per_s"],
-                max(v["grad_rel_diff_vs_ours_loop"] for v in m.values())]
+                max(v["grad_rel_diff_vs_ours_loop"] for v in m.values()),
+                *(err(f"ours:{p}") for p in paths), *(err(b) for b in args.baselines)]
         if device.type == "cuda":
             peak = lambda name: m[name]["peak_bytes"] / 2**20 if name in m else None  # noqa: E731
             line.append(f"{peak('ours:' + r['default_path']):.0f}/{peak('higher') or 0:.0f}")
@@ -215,12 +251,22 @@ def report(rows: list[dict[str, Any]], args, device) -> dict[str, Any]:
               *(r["ratio_fastest_baseline_over_path"].get(p) for p in paths)] for r in rows]
     print_table(header, lines)
     cell = lambda r: f"{r['adapt']}/{r['order']}/{r['shots']}-shot/K={r['inner_steps']}/T={r['meta_batch']}"  # noqa: E731
-    if device.type == "cpu":
-        fails = [cell(r) for r in rows if r["ratio_fastest_baseline_over_default"] < 1.0]
-        summary["goal_cpu_default_not_slower_than_fastest_baseline"] = {
+    if args.dtype == "float32" and "autograd" in args.baselines:
+        def accurate(r):
+            m = r["methods"]
+            return m["ours:" + r["default_path"]]["error_vs_float64"] <= 2 * m["autograd"]["error_vs_float64"]
+        fails = [cell(r) for r in rows if not accurate(r)]
+        summary["goal_default_error_within_2x_autograd_loop"] = {
             "met": len(rows) - len(fails), "cells": len(rows), "failed": fails}
-        print(f"\ngoal (CPU) default path >= fastest baseline: met in {len(rows) - len(fails)}/{len(rows)} cells"
-              + (f"; not met: {', '.join(fails)}" if fails else ""))
+        print(f"\naccuracy: default path's error vs float64 <= 2x the autograd loop's: met in "
+              f"{len(rows) - len(fails)}/{len(rows)} cells" + (f"; not met: {', '.join(fails)}" if fails else ""))
+    if device.type == "cpu":
+        for goal, bound in (("goal_cpu_default_not_slower_than_fastest_baseline", 1.0),
+                            ("target_cpu_default_1_3x_fastest_baseline", 1.3)):
+            fails = [cell(r) for r in rows if r["ratio_fastest_baseline_over_default"] < bound]
+            summary[goal] = {"met": len(rows) - len(fails), "cells": len(rows), "failed": fails}
+            print(f"speed (CPU) default path >= {bound}x fastest baseline: met in {len(rows) - len(fails)}/{len(rows)} "
+                  "cells" + (f"; not met: {', '.join(fails)}" if fails else ""))
     elif "higher" in args.baselines:
         big = [r for r in rows if r["meta_batch"] == 32]
         fails = [cell(r) for r in big if r["ratio_baseline_over_default"]["higher"] < 3.0]

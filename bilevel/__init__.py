@@ -25,6 +25,7 @@ from .head import (
     HeadTrace,
     head_add_noise,
     head_adjust,
+    head_displacement,
     head_shrink,
     head_write,
     init_head,
@@ -33,7 +34,8 @@ from .head import (
 )
 from .implicit import implicit_vjp, linearize_stationarity, proximal_solve, stationarity_residual
 from .inner import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
-from .models import BilevelModel, ModelConfig, build_model, channels_last_activations
+from .models import BilevelModel, ModelConfig, build_model
+from .pooling import max_pool2x2
 from .params import Params
 from .unrolled import UnrolledAlgorithm, UnrolledConfig
 
@@ -42,8 +44,8 @@ __all__ = [
     "available_algorithms", "build_algorithm", "get_algorithm", "register", "CGResult",
     "conjugate_gradient", "ChainAlgorithm", "ChainConfig", "ChainSpec", "decompose_chain", "run_chain",
     "TERMS", "Decomposition", "Nodes", "term_cotangents", "choose_execution", "map_meta_steps", "map_tasks", "reduce_tasks",
-    "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_shrink", "head_write", "init_head",
+    "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_displacement", "head_shrink", "head_write", "init_head",
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
-    "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "channels_last_activations",
+    "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
 ]

@@ -15,8 +15,9 @@ so ``vmap`` and the loop see the same draws. *EMA convention*: weight ``a`` on t
 iterate, ``μ_0 = x``, hence ``μ_L = (1 − a)^L x + Σ_ℓ a (1 − a)^{L−ℓ} x'_ℓ``; ``a = 1`` makes
 ``μ`` the last iterate. The head runs through the head primitives (``head_shrink`` for the
 coupling, ``head_write`` for the gradient, ``head_add_noise`` for the noise), so its trace
-explains every step's logits by eq. (1). The encoder is run in displacement form
-``u = θ' − θ`` (algebraically the same, without the cancellation in ``θ − μ``).
+explains every step's logits by eq. (1). The chain is carried as displacements from ``x``
+(algebraically the same, without the float32 cancellation in ``x − μ``): the encoder as
+``u = θ' − θ``, the head's EMA from its trace (:func:`~bilevel.head.head_displacement`).
 
 **The direction** (the ``prox_mean`` hypergradient) is ``d = s (x − μ_L)`` on the adapted set,
 ``s`` the algorithm's scale (``γ`` for Entropy-SGD). Non-adapted parameters (the encoder when
@@ -68,7 +69,7 @@ from .decompose import (
     term_cotangents,
 )
 from .execution import map_meta_steps, map_tasks
-from .head import HeadState, head_add_noise, head_shrink, head_write, init_head, readout
+from .head import HeadState, head_add_noise, head_displacement, head_shrink, head_write, init_head, readout
 from .inner import ADAPTED_SETS, sgd_steps
 from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
 from .models import BilevelModel
@@ -203,8 +204,9 @@ def run_chain(
         head = head_write(head, feats, -lr * logits_grad)
         if spec.noise:
             head = head_add_noise(head, amp * noise[HEAD_WEIGHT][l], amp * noise[HEAD_BIAS][l])
-        mean_w = (1 - a) * mean_w + a * (head.weight - w0)
-        mean_b = (1 - a) * mean_b + a * (head.bias - b0)
+        disp_w, disp_b = head_displacement(head)
+        mean_w = (1 - a) * mean_w + a * disp_w
+        mean_b = (1 - a) * mean_b + a * disp_b
     if spec.adapt == "all":
         enc_dir = {k: -spec.scale * m for k, m in mean_enc.items()}
     else:
@@ -411,4 +413,4 @@ def finetune_accuracies(
         return torch.stack(accs)
 
     return map_tasks(task, execution, tree_detach(params), batch.support_x, batch.support_y,
-                     batch.query_x, batch.query_y, channels_last=True).mean(0)
+                     batch.query_x, batch.query_y).mean(0)

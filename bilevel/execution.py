@@ -15,8 +15,6 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .models import channels_last_activations
-
 EXECUTIONS = ("auto", "vmap", "loop", "shared")
 
 
@@ -27,40 +25,32 @@ def stack_trees(trees: Sequence[Any]) -> Any:
     return tree_unflatten([torch.stack(group) for group in zip(*leaves)], spec)
 
 
-def map_tasks(fn: Callable[..., Any], mode: str, shared: Any, *per_task: Tensor, channels_last: bool = False) -> Any:
-    """``fn(shared, *task_i)`` for every task ``i`` (leading axis of ``per_task``), stacked.
-
-    ``channels_last=True`` lets a ``loop`` run under
-    :func:`~bilevel.models.channels_last_activations`; pass it only when ``fn`` takes no
-    ``vmap``-ped VJP through the model. ``vmap`` ignores it: a vmapped conv is a grouped
-    conv, and a channels-last copy there is a pure cost (808 vs 687 ms per conv4 meta-step).
-    """
+def map_tasks(fn: Callable[..., Any], mode: str, shared: Any, *per_task: Tensor) -> Any:
+    """``fn(shared, *task_i)`` for every task ``i`` (leading axis of ``per_task``), stacked."""
     if mode == "vmap":
         in_dims = (None,) + (0,) * len(per_task)
         return torch.func.vmap(fn, in_dims=in_dims, randomness="error")(shared, *per_task)
     if mode == "loop":
-        with channels_last_activations(channels_last):
-            return stack_trees([fn(shared, *(t[i] for t in per_task)) for i in range(per_task[0].shape[0])])
+        return stack_trees([fn(shared, *(t[i] for t in per_task)) for i in range(per_task[0].shape[0])])
     raise ValueError(f"unknown per-task execution {mode!r}; use 'vmap' or 'loop'")
 
 
 def map_meta_steps(
     make_fn: Callable[[bool], Callable[..., dict[str, Any]]], mode: str, shared: Any, *per_task: Tensor,
-    decompose: bool, sequential_rows: bool = False,
+    decompose: bool,
 ) -> dict[str, Any]:
     """Per-task outputs of ``make_fn(decompose)`` (a dict with ``grad``, ``loss``,
     ``accuracy``), with a gradient that does not depend on ``decompose``, bit for bit.
 
-    A plain ``loop`` step runs channels-last; a decomposition pass runs in the default layout
-    (its rows are one ``vmap``-ped VJP) unless ``sequential_rows``, and may take another
-    differentiation route. So on the ``loop`` a decomposition step takes ``grad``, ``loss``
-    and ``accuracy`` from ``make_fn(False)`` on the same inputs (random draws included), and
-    decomposing never changes a training run; ``make_fn(True)`` need not compute ``grad``.
+    A plain ``loop`` step runs on plain autograd; a decomposition pass runs on ``torch.func``
+    (another differentiation route, so other round-off). So on the ``loop`` a decomposition
+    step takes ``grad``, ``loss`` and ``accuracy`` from ``make_fn(False)`` on the same inputs
+    (random draws included), and decomposing never changes a training run;
+    ``make_fn(True)`` need not compute ``grad``.
     """
-    out = map_tasks(make_fn(decompose), mode, shared, *per_task,
-                    channels_last=not decompose or sequential_rows)
+    out = map_tasks(make_fn(decompose), mode, shared, *per_task)
     if decompose and mode == "loop":
-        plain = map_tasks(make_fn(False), mode, shared, *per_task, channels_last=True)
+        plain = map_tasks(make_fn(False), mode, shared, *per_task)
         out.update(grad=plain["grad"], loss=plain["loss"], accuracy=plain["accuracy"])
     return out
 

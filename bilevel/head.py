@@ -109,6 +109,18 @@ def head_add_noise(state: HeadState, noise_weight: Tensor, noise_bias: Tensor) -
     return HeadState(state.weight + noise_weight, state.bias + noise_bias, trace)
 
 
+def head_displacement(state: HeadState) -> tuple[Tensor, Tensor]:
+    """``(W − W_0, b − b_0)`` from the trace, ``(Σ_τ A_τᵀ Φ_τ + ξ_W, Σ_τ A_τᵀ 1 + ξ_b)``: the same
+    value as subtracting the initial head from the materialised one, without its cancellation
+    (which loses ``log10(‖W_0‖ / ‖W − W_0‖)`` digits in float32)."""
+    t = state.trace
+    weight, bias = t.noise_weight, t.noise_bias
+    for feats, coeff in zip(t.features, t.coeffs):
+        weight = weight + coeff.transpose(-1, -2) @ feats
+        bias = bias + coeff.sum(-2)
+    return weight, bias
+
+
 def kernel(support_features: Tensor, query_features: Tensor) -> Tensor:
     """``k(s, q) = ⟨φ_s, φ_q⟩ + 1`` (the ``+1`` is the bias): ``[..., n_s, n_q]``."""
     return support_features @ query_features.transpose(-1, -2) + 1.0

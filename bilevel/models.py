@@ -10,10 +10,8 @@ per-set statistics exactly as if each set had been forwarded alone.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,24 +20,9 @@ from torch import Tensor
 from torch.func import functional_call
 
 from .params import Params
+from .pooling import max_pool2x2
 
 Layout = Optional[Sequence[tuple[int, int]]]
-
-_CHANNELS_LAST: ContextVar[bool] = ContextVar("bilevel_channels_last", default=False)
-
-
-@contextmanager
-def channels_last_activations(enabled: bool = True) -> Iterator[None]:
-    """Within this block, conv activations of models built with ``channels_last=True`` are
-    laid out channels-last on CPU (see :class:`ConvBlock`). The engine enables it where it
-    is safe and measured faster: per-task loops whose backward is not ``vmap``-ped (torch
-    has no channels-last rules under ``vmap``: a batched VJP through such a graph fails)."""
-    token = _CHANNELS_LAST.set(enabled)
-    try:
-        yield
-    finally:
-        _CHANNELS_LAST.reset(token)
-
 
 class SetBatchNorm(nn.Module):
     """BatchNorm with batch statistics computed per set of the layout (biased variance).
@@ -73,37 +56,32 @@ class SetBatchNorm(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """conv3×3 → SetBatchNorm → max-pool 2 → ReLU.
+    """conv3×3 → SetBatchNorm → max-pool 2 → ReLU, in the default (``NCHW``) layout.
 
     Pooling before the ReLU is exact (ReLU is monotone, so ``pool(relu(x)) = relu(pool(x))``,
-    gradients included) and rectifies 4× fewer values. With ``channels_last``, inside
-    :func:`channels_last_activations`, a single set (``layout=None``) on CPU has its conv
-    output laid out channels-last (``NHWC`` strides, by permutes; same values): CPU BatchNorm
-    and max-pool kernels are vectorised over channels in that layout (max-pool 2×2 of
-    75×64×28×28: 23 ms → 1.6 ms on one core here).
+    gradients included) and rectifies 4× fewer values. On CPU the pool is
+    :func:`max_pool2x2` (same values, indices and gradients as ``F.max_pool2d``, faster).
+    The layout stays ``NCHW`` everywhere: CPU ``batch_norm`` on channels-last tensors is 4× faster
+    but ~50× less accurate in float32 (``docs/performance.md``).
     """
 
-    def __init__(self, c_in: int, c_out: int, channels_last: bool = True) -> None:
+    def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.norm = SetBatchNorm(c_out)
-        self.channels_last = channels_last
 
     def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
-        y = self.conv(x)
-        if self.channels_last and layout is None and y.device.type == "cpu" and _CHANNELS_LAST.get():
-            y = y.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-        return F.relu(F.max_pool2d(self.norm(y, layout), 2))
+        y = self.norm(self.conv(x), layout)
+        pooled = max_pool2x2(y) if y.device.type == "cpu" else F.max_pool2d(y, 2)
+        return F.relu(pooled)
 
 
 class Conv4(nn.Module):
     """Four conv blocks, flattened: 1×28×28 → 64 (64 ch) or 3×84×84 → 800 (32 ch)."""
 
-    def __init__(self, in_channels: int, channels: int, channels_last: bool = True) -> None:
+    def __init__(self, in_channels: int, channels: int) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(
-            [ConvBlock(in_channels if i == 0 else channels, channels, channels_last) for i in range(4)]
-        )
+        self.blocks = nn.ModuleList([ConvBlock(in_channels if i == 0 else channels, channels) for i in range(4)])
 
     def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
         for block in self.blocks:
@@ -152,15 +130,12 @@ class BilevelModel(nn.Module):
 @dataclass
 class ModelConfig:
     """Model choice. ``channels`` = conv width (default 64 for conv4, 32 for conv4_mini);
-    ``hidden``/``layers`` = MLP width and depth; ``channels_last`` = let the engine lay conv
-    activations out channels-last where it is safe (CPU per-task loops; same values, faster:
-    see ``docs/performance.md``)."""
+    ``hidden``/``layers`` = MLP width and depth."""
 
     name: str = "conv4"
     channels: Optional[int] = None
     hidden: int = 64
     layers: int = 2
-    channels_last: bool = True
 
 
 MODELS = ("conv4", "conv4_mini", "mlp")
@@ -175,7 +150,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], ways: int) -> Bi
                 "use model=mlp for vector data (data=synthetic)"
             )
         channels = cfg.channels or (64 if cfg.name == "conv4" else 32)
-        encoder: nn.Module = Conv4(input_shape[0], channels, cfg.channels_last)
+        encoder: nn.Module = Conv4(input_shape[0], channels)
     elif cfg.name == "mlp":
         features = 1
         for s in input_shape:

@@ -4,7 +4,7 @@ The meta-gradient of one task is the VJP of ``L_Q(adapted(params))`` — second 
 through every inner step, or first order with the inner gradients detached. The same
 forward also outputs the decomposition nodes ``(φ_q, Φ_τ, A_τ)``, so a decomposition
 costs one VJP per term on top of the plain backward (one batched VJP under ``vmap``; one
-after the other on the per-task loop, which keeps its channels-last activations). The
+after the other on the per-task loop). The
 meta-gradient a step returns does not depend on whether the decomposition is requested,
 bit for bit: the loop's plain step runs on plain autograd, so a decomposition step there
 takes its gradient from that plain step (:func:`~bilevel.execution.map_meta_steps`) and its
@@ -120,8 +120,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
 
     def ablated_meta_grad(self, params: Params, batch: Any, keep: tuple[str, ...]) -> MetaStep:
         """Two VJP rows of one forward: the plain row (for the head) and the sum of the kept
-        terms' cotangents (for the encoder) — by linearity, the sum of the kept terms. The
-        rows run one after the other (no ``vmap``), so a loop keeps channels-last activations."""
+        terms' cotangents (for the encoder) — by linearity, the sum of the kept terms."""
         return self._meta_step(params, batch, False, keep=tuple(keep))
 
     def _meta_step(self, params: Params, batch: Any, decompose: bool, keep) -> MetaStep:
@@ -133,7 +132,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
 
             per_task = map_meta_steps(
                 make_fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-                decompose=decompose, sequential_rows=True,
+                decompose=decompose,
             )
             out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
         decomposition = self._assemble(out, batch) if decompose else None
@@ -287,8 +286,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             return self._evaluate_shared(params, batch, steps)
         mode = "loop" if self.execution == "shared" else self.execution
         fn = lambda p, xs, ys, xq, yq: self._evaluate_task(p, xs, ys, xq, yq, steps)  # noqa: E731
-        accs = map_tasks(fn, mode, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-                         channels_last=True)
+        accs = map_tasks(fn, mode, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
         return accs.mean(0)
 
     def _evaluate_task(self, params, xs, ys, xq, yq, steps: int) -> Tensor:

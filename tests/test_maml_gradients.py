@@ -229,43 +229,6 @@ def test_evaluate_matches_oracle_accuracies(make_problem, reference, adapt, head
         assert float(accs[0]) == pytest.approx(1 / p.ways, abs=1e-15)
 
 
-@pytest.mark.parametrize("adapt, order", [("all", "second_order"), ("all", "first_order"), ("head", "second_order")])
-def test_loop_runs_channels_last_and_equals_the_default_layout(make_problem, rel_err, adapt, order):
-    """The plain loop step lays conv activations out channels-last (a faster layout on CPU,
-    same values) except in second-order full-network support passes (differentiated twice),
-    and so does a decomposition step on the loop (its term rows run one after the other);
-    ``vmap`` keeps the default layout; a model built with ``channels_last=False`` gives the
-    same meta-gradient."""
-    p = make_problem("conv4", queries=2)
-    n_support = p.batch.support_x.shape[1]
-    seen: set[tuple[str, bool]] = set()
-
-    def record(_, inp):
-        x = inp[0]
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        seen.add(("support" if x.shape[0] == n_support else "query", channels_last))
-
-    hooks = [block.norm.register_forward_pre_hook(record) for block in p.model.encoder.blocks]
-    algo = p.algorithm(adapt=adapt, order=order, inner_steps=2)
-    layouts = {}
-    for mode, decompose in (("loop", False), ("loop", True), ("vmap", False)):
-        algo.execution = mode
-        seen.clear()
-        algo.meta_grad(p.params, p.batch, decompose=decompose)
-        layouts[mode, decompose] = set(seen)
-    for h in hooks:
-        h.remove()
-    dense = {("support", False), ("query", False)}
-    support_layout = not (adapt == "all" and order == "second_order")
-    assert layouts["loop", False] == {("support", support_layout), ("query", True)}
-    assert ("query", True) in layouts["loop", True] and layouts["vmap", False] == dense
-    model = build_model(ModelConfig(name="conv4", channels=4, channels_last=False), p.batch.support_x.shape[2:], p.ways)
-    reference = build_algorithm({"name": "maml", "inner_lr": p.inner_lr, "adapt": adapt, "order": order,
-                                 "inner_steps": 2}, model.to(torch.float64))
-    algo.execution = "loop"
-    assert rel_err(algo.meta_grad(p.params, p.batch).grad, reference.meta_grad(p.params, p.batch).grad) < 1e-12
-
-
 @pytest.mark.parametrize("execution", ["loop", "vmap"])
 @pytest.mark.parametrize("adapt", ADAPT)
 @pytest.mark.parametrize("name", ["maml", "imaml", "entropy_sgd"])
