@@ -53,6 +53,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="what the medians and ratios use: wall time, or this process's CPU time "
                              "(robust to other jobs on a shared machine; use with --threads 1)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="CUDA: allow TF32 in matmuls and cuDNN convolutions (its accuracy cost shows in "
+                             "the error-vs-float64 columns)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="CUDA: torch.backends.cudnn.benchmark=True")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write all measurements to this JSON file")
 
@@ -83,6 +87,9 @@ def setup_torch(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -220,7 +227,8 @@ def start(args: argparse.Namespace, note: str = "") -> SimpleNamespace:
     env = environment(args, device)
     print(f"clock={args.clock}; torch {env['torch']} on {env['device']} ({env.get('gpu', env['processor'])}), "
           f"{env['torch_threads']} threads, {args.dtype}, malloc={args.malloc} "
-          f"(GLIBC_TUNABLES={env['GLIBC_TUNABLES']}){note}, load average {env['loadavg_start'][0]:.2f}")
+          f"(GLIBC_TUNABLES={env['GLIBC_TUNABLES']}){note}{', TF32' if args.tf32 else ''}"
+          f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}, load average {env['loadavg_start'][0]:.2f}")
     model = build_model(ModelConfig(name="conv4"), SHAPE, args.ways).to(device, dtype)
     generator = torch.Generator().manual_seed(args.seed)
     return SimpleNamespace(device=device, dtype=dtype, env=env, model=model, generator=generator)
@@ -248,6 +256,8 @@ def environment(args: argparse.Namespace, device) -> dict[str, Any]:
         "device": str(device),
         "dtype": args.dtype,
         "malloc": args.malloc,
+        "tf32": args.tf32,
+        "cudnn_benchmark": args.cudnn_benchmark,
         "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
         "loadavg_start": os.getloadavg(),
     }

@@ -10,10 +10,12 @@ implementation at random points (``docs/performance.md``).
 Targets: MAML's paths within 2× the error of an independent plain-autograd loop
 (``conftest.reference_meta_grad``) and ≤ 1e-4 on one-step cells; iMAML's and Entropy-SGD's
 paths within 2× their own ``vmap`` path (``torch.func``, the default layout) and ≤ 1e-4.
+``BILEVEL_TEST_DEVICE=cuda`` runs the same checks on a GPU (``benchmarks/gpu_check.sh``).
 """
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 
 import pytest
@@ -23,12 +25,13 @@ from bilevel import ModelConfig, build_algorithm, build_model
 from conftest import Batch, reference_meta_grad
 
 WAYS, QUERIES, SHAPE, TASKS = 5, 15, (1, 28, 28), 3
+DEVICE = torch.device(os.environ.get("BILEVEL_TEST_DEVICE", "cpu"))
 
 
 def real_size(shots: int, head: str, seed: int = 0):
     """The float32 conv4 model, its parameters and a batch of ``TASKS`` tasks."""
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(name="conv4"), SHAPE, WAYS)
+    model = build_model(ModelConfig(name="conv4"), SHAPE, WAYS).to(DEVICE)
     params = model.init_params()
     if head == "zero":
         params = {k: torch.zeros_like(v) if k.startswith("head.") else v for k, v in params.items()}
@@ -36,7 +39,7 @@ def real_size(shots: int, head: str, seed: int = 0):
 
     def draw(per_class: int):
         x = torch.randn(TASKS, WAYS * per_class, *SHAPE, generator=gen)
-        return x, torch.arange(WAYS).repeat_interleave(per_class).repeat(TASKS, 1)
+        return x.to(DEVICE), torch.arange(WAYS, device=DEVICE).repeat_interleave(per_class).repeat(TASKS, 1)
 
     return model, params, Batch(*draw(shots), *draw(QUERIES))
 
@@ -108,11 +111,11 @@ def test_entropy_sgd_direction_has_no_cancellation(rel_err):
     """``γ (x − μ)`` with a head far from its displacement (‖W_0‖ ≫ ‖W − W_0‖): carried as the
     displacement, the float32 direction keeps float32 accuracy."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="mlp", hidden=16, layers=2), (8,), 4)
+    model = build_model(ModelConfig(name="mlp", hidden=16, layers=2), (8,), 4).to(DEVICE)
     params = model.init_params()
     params["head.weight"] = params["head.weight"] * 1e3
-    x = torch.randn(1, 12, 8)
-    y = torch.arange(4).repeat_interleave(3)[None]
+    x = torch.randn(1, 12, 8).to(DEVICE)
+    y = torch.arange(4, device=DEVICE).repeat_interleave(3)[None]
     batch = Batch(x, y, x, y)
     config = {"name": "entropy_sgd", "noise": 0.0, "adapt": "head", "inner_lr": 1e-3, "inner_steps": 3}
     algo, algo64 = build_algorithm(config, model), build_algorithm(config, copy.deepcopy(model).double())
