@@ -1,7 +1,9 @@
 """The training app: ``bilevel-train`` / ``python -m bilevel.train`` (Hydra).
 
-Everything is validated before the first step (config keys and types, algorithm name and
-options, ablation terms, data shapes and directories, device). Each run directory holds
+Everything is validated before the first step (config keys, types and declared ranges,
+algorithm name and options, ablation terms, data shapes and directories, device, a memory
+estimate of one meta-step); a refusal is a :class:`~bilevel.errors.ConfigError`, which the
+CLI prints without a traceback, exiting 2. Each run directory holds
 the resolved config, TensorBoard events (``tb/``), ``checkpoint.pt`` (atomic) and
 ``metrics.json``. A non-finite meta-loss stops the run with a message; the last good
 checkpoint is kept.
@@ -27,10 +29,12 @@ from .ablation import Ablation, resolve_ablation
 from .allocator import ensure_allocator
 from .algorithm import BilevelAlgorithm, build_algorithm
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
-from .config import DEVICES, DTYPES, TrainConfig, register_configs
+from .config import DEVICES, register_configs, typed_config, validate
 from .data import TaskBatch, TaskSampler, build_sampler, input_shape
-from .execution import EXECUTIONS, choose_execution
-from .head_policy import before_outer_step, check_policy, initialise_head, zeroed_head
+from .errors import ConfigError
+from .execution import choose_execution
+from .head_policy import before_outer_step, initialise_head, zeroed_head
+from .memory import check_meta_step_memory
 from .models import BilevelModel, build_model
 from .params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
 from .tb import RunLogger
@@ -45,11 +49,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
     return torch.device(name)
-
-
-def typed_config(cfg: Any) -> DictConfig:
-    """Merge ``cfg`` into the TrainConfig schema: unknown keys / wrong types fail here."""
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
 
 
 @dataclass
@@ -75,32 +74,35 @@ def eval_batches(cfg: DictConfig, split: str, tasks: int, device, dtype) -> list
 
 
 def setup(cfg: Any) -> Run:
-    """Validate the configuration and build the run (data, model, algorithm, ablation)."""
+    """Validate the configuration and build the run (data, model, algorithm, ablation).
+
+    Every refusal is a :class:`~bilevel.errors.ConfigError` raised before any work: the
+    schema's keys and checks, then whatever building data, model and algorithm refuses
+    (their ``ValueError``s say which key to change), then the memory estimate."""
     cfg = typed_config(cfg)
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {cfg.dtype!r}")
-    if cfg.execution not in EXECUTIONS:
-        raise ValueError(f"execution must be one of {EXECUTIONS}, got {cfg.execution!r}")
-    check_policy(cfg.head.policy)
-    for key in ("steps", "meta_batch", "eval_every", "log_every", "checkpoint_every"):
-        if cfg.train[key] < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {cfg.train[key]}")
-    device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    sampler = build_sampler(cfg.data, "train", cfg.train.meta_batch, seed=cfg.seed)
-    evals = eval_batches(cfg, cfg.eval.split, cfg.eval.tasks, device, dtype)
-    model = build_model(cfg.model, input_shape(cfg.data), cfg.data.ways).to(device=device, dtype=dtype)
-    params = model.init_params()
-    initialise_head(params, cfg.head.policy, cfg.head.scale)
-    algorithm = build_algorithm(cfg.algorithm, model)
-    ablation = resolve_ablation(
-        None if cfg.ablation.keep is None else list(cfg.ablation.keep), list(cfg.ablation.drop), algorithm
-    )
-    if cfg.execution not in ("auto",) + tuple(algorithm.executions):
-        raise ValueError(
-            f"execution={cfg.execution} is not available for algorithm {algorithm.name!r} with this "
-            f"configuration; available: {', '.join(algorithm.executions)} (or auto)"
+    validate(cfg)
+    try:
+        device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        shape = input_shape(cfg.data)
+        model = build_model(cfg.model, shape, cfg.data.ways)
+        algorithm = build_algorithm(cfg.algorithm, model)
+        check_meta_step_memory(model, shape, cfg, algorithm.config, algorithm.train_steps, device, dtype)
+        model.to(device=device, dtype=dtype)
+        params = model.init_params()
+        initialise_head(params, cfg.head.policy, cfg.head.scale)
+        ablation = resolve_ablation(
+            None if cfg.ablation.keep is None else list(cfg.ablation.keep), list(cfg.ablation.drop), algorithm
         )
+        if cfg.execution not in ("auto",) + tuple(algorithm.executions):
+            raise ConfigError(
+                f"execution={cfg.execution} is not available for algorithm {algorithm.name!r} with this "
+                f"configuration; available: {', '.join(algorithm.executions)} (or auto)"
+            )
+        sampler = build_sampler(cfg.data, "train", cfg.train.meta_batch, seed=cfg.seed)
+        evals = eval_batches(cfg, cfg.eval.split, cfg.eval.tasks, device, dtype)
+    except (ValueError, FileNotFoundError) as err:
+        raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
     return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals)
 
 
@@ -228,7 +230,13 @@ def train(cfg: Any, run_dir: str | Path, show_progress: bool = True) -> dict[str
 
 @hydra.main(config_path="pkg://configs", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> Optional[float]:
-    metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    except ConfigError as error:  # printed without a traceback; HYDRA_FULL_ERROR=1 shows one, as in Hydra
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
     return metrics.get("test_accuracy")
 
 

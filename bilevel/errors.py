@@ -1,0 +1,20 @@
+"""The failures a user can act on, each with the exit status ``bilevel-train`` ends with.
+
+Every message says what happened, names the key, file or tensor concerned and what to do;
+``bilevel-train`` prints it without a traceback (``HYDRA_FULL_ERROR=1`` shows one) and exits
+with ``exit_code``. Anything else that escapes is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class BilevelError(Exception):
+    """Base of the actionable failures; ``exit_code`` is the process status for the CLI."""
+
+    exit_code: int = 1
+
+
+class ConfigError(BilevelError, ValueError):
+    """A configuration that cannot run: the message names the key and its valid values.
+    Raised before any work (nothing is written to the run directory)."""
+
+    exit_code = 2
