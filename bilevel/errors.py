@@ -18,3 +18,8 @@ class ConfigError(BilevelError, ValueError):
     Raised before any work (nothing is written to the run directory)."""
 
     exit_code = 2
+
+
+class CorruptFileError(BilevelError):
+    """A file we wrote does not read back (truncated, overwritten, wrong format version);
+    the message names the file and the fix."""

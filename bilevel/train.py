@@ -4,9 +4,9 @@ Everything is validated before the first step (config keys, types and declared r
 algorithm name and options, ablation terms, data shapes and directories, device, a memory
 estimate of one meta-step); a refusal is a :class:`~bilevel.errors.ConfigError`, which the
 CLI prints without a traceback, exiting 2. Each run directory holds
-the resolved config, TensorBoard events (``tb/``), ``checkpoint.pt`` (atomic) and
-``metrics.json``. A non-finite meta-loss stops the run with a message; the last good
-checkpoint is kept.
+the resolved config, TensorBoard events (``tb/``), ``checkpoint.pt`` and ``checkpoint.prev.pt``
+(the last two, atomic and checksummed: :mod:`bilevel.checkpoint`) and ``metrics.json``. A
+non-finite meta-loss stops the run with a message; the last good checkpoint is kept.
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 from .ablation import Ablation, resolve_ablation
 from .allocator import ensure_allocator
 from .algorithm import BilevelAlgorithm, build_algorithm
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DEVICES, register_configs, typed_config, validate
 from .data import TaskBatch, TaskSampler, build_sampler, input_shape
 from .errors import ConfigError
 from .execution import choose_execution
+from .files import atomic_write_text
 from .head_policy import before_outer_step, initialise_head, zeroed_head
 from .memory import check_meta_step_memory
 from .models import BilevelModel, build_model
@@ -159,11 +160,11 @@ def train(cfg: Any, run_dir: str | Path, show_progress: bool = True) -> dict[str
     policy = cfg.head.policy
 
     def save(step: int) -> None:
-        atomic_save({
+        save_checkpoint({
             "step": step, "params": params, "optimizer": optimizer.state_dict(),
             "algorithm": algorithm.state_dict(), "sampler": run.sampler.state_dict(),
             "config": OmegaConf.to_container(cfg, resolve=True),
-        }, ckpt_path)
+        }, run_dir)
 
     def log_eval(step: int, split_batches: list[TaskBatch], prefix: str) -> dict[str, float]:
         values = eval_scalars(prefix, evaluate(algorithm, params, split_batches, zero_head=False))
