@@ -21,7 +21,15 @@ from .algorithm import (
 from .cg import CGResult, conjugate_gradient
 from .chain import ChainAlgorithm, ChainConfig, ChainSpec, decompose_chain, run_chain
 from .decompose import TERMS, Decomposition, Nodes, term_cotangents
-from .errors import BilevelError, ConfigError, CorruptFileError
+from .errors import (
+    BilevelError,
+    ConfigError,
+    CorruptFileError,
+    NonFiniteError,
+    ResumeError,
+    RunDirectoryBusy,
+    RunInterrupted,
+)
 from .execution import choose_execution, map_meta_steps, map_tasks, reduce_tasks
 from .head import (
     HeadState,
@@ -50,6 +58,7 @@ __all__ = [
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "channels_last_activations",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
-    "BilevelError", "ConfigError", "CorruptFileError", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
+    "BilevelError", "ConfigError", "CorruptFileError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
+    "RunInterrupted", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
     "check_declared",
 ]

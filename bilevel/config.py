@@ -24,6 +24,7 @@ from .validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_de
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
+RESUME_MODES = ("auto", "true", "false", "force")
 
 
 @dataclass
@@ -56,13 +57,16 @@ class TrainLoopConfig:
     """Outer loop: ``steps`` outer updates on meta-batches of ``meta_batch`` tasks with the
     algorithm's outer optimiser (Adam by default) at ``lr``; evaluation every ``eval_every``
     steps; decomposition logged every ``decompose_every`` steps (0: never) and its images
-    every ``image_every`` steps (0: never); ``identity_check`` compares the terms with the
-    plain hypergradient on decomposition steps."""
+    every ``image_every`` steps (0: never); a checkpoint every ``checkpoint_every`` steps.
+    ``resume``: ``auto`` continues the directory's checkpoint when its trajectory keys match
+    (else starts a new run), ``true`` requires a checkpoint, ``force`` also lets
+    ``steps`` and the logging cadence change, ``false`` refuses a directory that holds one
+    (:mod:`bilevel.resume`)."""
 
     checks: ClassVar[dict[str, Check]] = {
         "steps": AT_LEAST_1, "meta_batch": AT_LEAST_1, "lr": POSITIVE, "eval_every": AT_LEAST_1,
         "log_every": AT_LEAST_1, "decompose_every": NON_NEGATIVE, "image_every": NON_NEGATIVE,
-        "checkpoint_every": AT_LEAST_1,
+        "checkpoint_every": AT_LEAST_1, "resume": OneOf(RESUME_MODES),
     }
 
     steps: int = 400
@@ -73,7 +77,7 @@ class TrainLoopConfig:
     decompose_every: int = 25
     image_every: int = 200
     checkpoint_every: int = 100
-    resume: bool = False
+    resume: str = "auto"
 
 
 @dataclass
@@ -115,6 +119,18 @@ class TrainConfig:
     execution: str = "auto"
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys → leaf values of a config tree (lists become tuples, so values compare and hash)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
 def typed_config(cfg: Any) -> DictConfig:
     """Merge ``cfg`` into the TrainConfig schema: a wrong type fails here."""
     return OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
@@ -122,7 +138,9 @@ def typed_config(cfg: Any) -> DictConfig:
 
 def validate(cfg: DictConfig) -> None:
     """Reject keys the schema lacks and values its checks refuse (:class:`ConfigError`, naming
-    the key and the valid values)."""
+    the key and the valid values). ``train.resume`` is read case-insensitively (``true``
+    on the command line arrives as a boolean)."""
+    cfg.train.resume = str(cfg.train.resume).lower()
     reject_unknown_keys(cfg, OmegaConf.structured(TrainConfig))
     check_declared(cfg)
 
