@@ -19,14 +19,16 @@ from .params import Params
 
 
 def step_tensors(loss: Tensor, grads: Params, params: Params, optimizer: torch.optim.Optimizer) -> list[tuple[str, Tensor]]:
-    """The tensors of one outer step, named and in causal order."""
+    """The tensors of one outer step, named and in causal order. Of the optimiser state, the
+    tensors shaped like their parameter (moment estimates, momentum buffers), which live on its
+    device; counters such as Adam's ``step`` may live on the CPU and are left out."""
     names = {id(p): k for k, p in params.items()}
     named = [("the meta-loss", loss)]
     named += [(f"the gradient of {k}", g) for k, g in grads.items()]
     named += [(f"parameter {k}", p) for k, p in params.items()]
     for p, state in optimizer.state.items():
         named += [(f"optimiser state {s!r} of {names.get(id(p), '?')}", v) for s, v in state.items()
-                  if isinstance(v, Tensor) and v.is_floating_point()]
+                  if isinstance(v, Tensor) and v.shape == p.shape]
     return named
 
 

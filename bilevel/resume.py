@@ -89,10 +89,11 @@ def check_resume(path: Path, step: int, saved: dict[str, Any], current: dict[str
     raise ResumeError(" ".join(parts))
 
 
-def checkpoint_to_resume(run_dir: Path, mode: str, device: torch.device) -> Optional[tuple[Path, dict[str, Any]]]:
-    """The checkpoint ``train.resume=mode`` continues in ``run_dir`` (path and verified state),
-    or None for a new run. ``true``/``force`` require one; ``false`` refuses a directory that
-    holds one (a new run there would overwrite its record)."""
+def checkpoint_to_resume(run_dir: Path, mode: str) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The checkpoint ``train.resume=mode`` continues in ``run_dir`` (path and verified state,
+    on the CPU: generator states must stay there; parameters and optimiser state are copied to
+    the run's device when restored), or None for a new run. ``true``/``force`` require one;
+    ``false`` refuses a directory that holds one (a new run there would overwrite its record)."""
     path = latest_checkpoint(run_dir)
     if path is None:
         if mode in ("true", "force"):
@@ -108,7 +109,7 @@ def checkpoint_to_resume(run_dir: Path, mode: str, device: torch.device) -> Opti
         )
     if path.name != LATEST:
         print(f"{run_dir / LATEST} is missing (a crash between two renames); resuming from {path}")
-    return path, load_checkpoint(path, device)
+    return path, load_checkpoint(path, "cpu")
 
 
 def resume_command(overrides: Sequence[str], run_dir: str | Path, program: str = "bilevel-train") -> str:

@@ -179,7 +179,7 @@ def train(cfg: Any, run_dir: str | Path, show_progress: bool = True) -> dict[str
 def _train(run: Run, directory: RunDirectory, show_progress: bool) -> dict[str, float]:
     cfg, params, algorithm = run.cfg, run.params, run.algorithm
     optimizer = algorithm.make_outer_optimizer(list(params.values()), cfg.train.lr)
-    found = checkpoint_to_resume(directory.path, cfg.train.resume, run.device)
+    found = checkpoint_to_resume(directory.path, cfg.train.resume)
     choice = settle_path(run, found[1]["execution"] if found else None)
     start, last_good = 0, "none written yet"
     if found:
@@ -195,13 +195,13 @@ def _train(run: Run, directory: RunDirectory, show_progress: bool) -> dict[str, 
     logger = RunLogger(directory.path, resume=(start, found[1]["time"]) if found else None)
     logger.text("run/execution", choice.reason, start)
     guard = FiniteGuard(run.device, checked_until=start)
-    saved = start
 
     def save(step: int) -> None:
-        nonlocal last_good, saved
+        nonlocal last_good
         guard.check(step, last_good)
         logger.flush()  # the events a resumed attempt keeps are those on disk before the checkpoint
-        last_good, saved = f"{save_checkpoint(run_state(run, optimizer, step, choice.path), directory.path)} (step {step})", step
+        path = save_checkpoint(run_state(run, optimizer, step, choice.path), directory.path)
+        last_good = f"{path} (step {step})"
 
     def log_eval(step: int, split_batches: list[TaskBatch], prefix: str) -> dict[str, float]:
         values = eval_scalars(prefix, evaluate(algorithm, params, split_batches, zero_head=False))
