@@ -1,8 +1,8 @@
 """Watching a run for non-finite values without a host sync per step.
 
 After every outer step :meth:`FiniteGuard.observe` checks, on the device, the meta-loss, every
-gradient the optimiser followed, every parameter after the update and every floating tensor of
-the optimiser state, and keeps per tensor the first step at which it held a NaN or an infinity.
+gradient the optimiser followed, every parameter after the update and the optimiser state shaped
+like the parameters (moment estimates, momentum buffers), and keeps per tensor the first step at which it held a NaN or an infinity.
 Nothing is read back until :meth:`FiniteGuard.check` (called at log, evaluation and checkpoint
 steps and before stopping), which costs one sync and raises
 :class:`~bilevel.errors.NonFiniteError` naming the first bad tensor in causal order (loss,
