@@ -25,7 +25,7 @@ size ``η a η' γ``; for ``L`` steps with ``η'γ = κ`` fixed and ``γ → ∞
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -34,12 +34,18 @@ from bilevel.algorithm import register
 from bilevel.chain import ChainAlgorithm, ChainConfig, ChainSpec, draw_noise
 from bilevel.models import BilevelModel
 from bilevel.params import HEAD_WEIGHT, Params
+from bilevel.validate import INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, Range
 
 
 @dataclass
 class EntropySGDConfig(ChainConfig):
     """``inner_steps`` L, ``inner_lr`` η', ``gamma0``/``gamma1`` the scoping
     ``γ_t = γ_0 (1 + γ_1)^t``, ``noise`` ε, ``ema`` a, ``outer_lr`` η, ``seed`` of the noise."""
+
+    checks: ClassVar[dict[str, Check]] = {
+        **INNER_LOOP, "gamma0": POSITIVE, "gamma1": NON_NEGATIVE, "noise": NON_NEGATIVE,
+        "ema": Range(low=0, high=1, low_open=True), "outer_lr": POSITIVE, "seed": NON_NEGATIVE,
+    }
 
     name: str = "entropy_sgd"
     gamma0: float = 1.0

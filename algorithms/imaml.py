@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -62,6 +62,7 @@ from bilevel.implicit import implicit_vjp, linearize_stationarity, proximal_solv
 from bilevel.inner import ADAPTED_SETS, InnerResult
 from bilevel.losses import accuracy, cross_entropy, cross_entropy_logits_grad
 from bilevel.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
+from bilevel.validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check
 
 
 @dataclass
@@ -70,6 +71,10 @@ class IMAMLConfig(AlgorithmConfig):
     strength ``lam`` λ, ``cg_iters`` CG iterations, ``adapt`` in {head, all}; ``damping`` c and
     ``lam_offset`` e select the system ``((1 + c) I + H/(λ + e)) u = g`` (0, 0: the paper's;
     the authors' code uses e = 10)."""
+
+    checks: ClassVar[dict[str, Check]] = {
+        **INNER_LOOP, "lam": POSITIVE, "cg_iters": AT_LEAST_1, "damping": NON_NEGATIVE, "lam_offset": NON_NEGATIVE,
+    }
 
     name: str = "imaml"
     inner_steps: int = 10

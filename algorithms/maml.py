@@ -9,13 +9,17 @@ over the tasks. Presets: ``algorithm=fomaml`` (first order), ``algorithm=anil`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from bilevel.algorithm import register
 from bilevel.unrolled import UnrolledAlgorithm, UnrolledConfig
+from bilevel.validate import INNER_LOOP, Check, Range
 
 
 @dataclass
 class MAMLConfig(UnrolledConfig):
+    checks: ClassVar[dict[str, Check]] = {**INNER_LOOP, "inner_momentum": Range(low=0, high=1, high_open=True)}
+
     name: str = "maml"
 
 

@@ -3,8 +3,10 @@
 The public API: models and parameters, the head primitives that record the trace
 (eq. 1 of THEORY.md), the inner solvers (SGD/momentum/proximal, Langevin chains, proximal
 solves with implicit differentiation), the algorithm base class and registry, the
-decomposition, ablation, and execution helpers. ``bilevel.data`` holds the data sets and
-the task sampler; ``bilevel.train`` the Hydra training app; ``bilevel.report`` the run report.
+decomposition, ablation, and execution helpers, the declarative config checks plugins use
+(``Range``, ``OneOf``, ...) and the actionable errors with their exit statuses. ``bilevel.data``
+holds the data sets and the task sampler; ``bilevel.train`` the Hydra training app;
+``bilevel.report`` the run report.
 """
 from .ablation import Ablation, resolve_ablation
 from .algorithm import (
@@ -19,6 +21,15 @@ from .algorithm import (
 from .cg import CGResult, conjugate_gradient
 from .chain import ChainAlgorithm, ChainConfig, ChainSpec, decompose_chain, run_chain
 from .decompose import TERMS, Decomposition, Nodes, term_cotangents
+from .errors import (
+    BilevelError,
+    ConfigError,
+    CorruptFileError,
+    NonFiniteError,
+    ResumeError,
+    RunDirectoryBusy,
+    RunInterrupted,
+)
 from .execution import choose_execution, map_meta_steps, map_tasks, reduce_tasks
 from .head import (
     HeadState,
@@ -38,6 +49,7 @@ from .models import BilevelModel, ModelConfig, build_model
 from .pooling import max_pool2x2
 from .params import Params
 from .unrolled import UnrolledAlgorithm, UnrolledConfig
+from .validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared
 
 __all__ = [
     "Ablation", "resolve_ablation", "AlgorithmConfig", "BilevelAlgorithm", "MetaStep",
@@ -48,4 +60,7 @@ __all__ = [
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
+    "BilevelError", "ConfigError", "CorruptFileError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
+    "RunInterrupted", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
+    "check_declared",
 ]

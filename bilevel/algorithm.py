@@ -20,8 +20,10 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from .decompose import Decomposition
+from .errors import ConfigError
 from .models import BilevelModel
 from .params import Params
+from .validate import NON_NEGATIVE, Check, check_declared
 
 ENTRY_POINT_GROUP = "bilevel.algorithms"
 
@@ -29,7 +31,10 @@ ENTRY_POINT_GROUP = "bilevel.algorithms"
 @dataclass
 class AlgorithmConfig:
     """Fields every algorithm has. ``name`` selects the plugin; ``test_steps`` is the number
-    of inner steps at evaluation (None: the training number)."""
+    of inner steps at evaluation (None: the training number). ``checks`` declares the valid
+    values of fields (:mod:`bilevel.validate`); a plugin's Config adds its own."""
+
+    checks: ClassVar[dict[str, Check]] = {"test_steps": NON_NEGATIVE}
 
     name: str = "maml"
     test_steps: Optional[int] = None
@@ -145,7 +150,7 @@ def get_algorithm(name: str) -> type[BilevelAlgorithm]:
     """The algorithm class registered under ``name``; a clear error when there is none."""
     _load_plugins()
     if name not in _REGISTRY:
-        raise ValueError(
+        raise ConfigError(
             f"unknown algorithm {name!r}; registered: {', '.join(sorted(_REGISTRY))}. "
             f"External plugins register through the {ENTRY_POINT_GROUP!r} entry-point group."
         )
@@ -155,21 +160,24 @@ def get_algorithm(name: str) -> type[BilevelAlgorithm]:
 def algorithm_config(config: Any) -> Any:
     """Validate a mapping (dict or DictConfig with ``name``) against its plugin's Config.
 
-    Unknown keys and wrong types fail here, naming the key and the valid fields.
+    Unknown keys, wrong types and values the Config's declared checks refuse fail here with
+    :class:`~bilevel.errors.ConfigError`, naming the key and the valid fields or values.
     """
     raw = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config)
     cls = get_algorithm(str(raw.get("name", AlgorithmConfig.name)))
     valid = [f.name for f in dataclasses.fields(cls.Config)]
     unknown = [k for k in raw if k not in valid]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown key(s) {unknown} for algorithm {cls.name!r}; valid keys: {', '.join(valid)}"
         )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(cls.Config), raw)
     except OmegaConfBaseException as err:
-        raise ValueError(f"bad value in algorithm config: {err}") from err
-    return OmegaConf.to_object(merged)
+        raise ConfigError(f"bad value in algorithm config: {err}") from err
+    config = OmegaConf.to_object(merged)
+    check_declared(config, "algorithm.")
+    return config
 
 
 def build_algorithm(config: Any, model: BilevelModel) -> BilevelAlgorithm:

@@ -1,46 +1,65 @@
-"""Atomic checkpoints: write to a temporary file in the same directory, then rename.
+"""Checkpoints of a run directory: the last two, atomic, checksummed, with a format version.
 
-A crash mid-write leaves the previous checkpoint intact; ``os.replace`` is atomic on POSIX.
+``checkpoint.pt`` is the latest and ``checkpoint.prev.pt`` the one before: a new checkpoint
+is written to a temporary file, the latest is renamed to the previous, then the new one is
+renamed into place (:func:`bilevel.files.atomic_write_bytes`). A crash at any point leaves at
+least one complete checkpoint; between the two renames only the previous one, which
+:func:`latest_checkpoint` then returns. A checkpoint that does not read back is a
+:class:`~bilevel.errors.CorruptFileError` that names it and says whether the other one is intact.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from .errors import CorruptFileError
+from .files import load_checked, save_checked
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` atomically."""
+LATEST = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+KIND = "checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: str | os.PathLike) -> Path:
+    """Write ``state`` as the run directory's latest checkpoint, keeping the one before."""
+    run_dir = Path(run_dir)
+    path = run_dir / LATEST
+    save_checked(state, path, KIND, FORMAT_VERSION, keep_previous=run_dir / PREVIOUS)
+    return path
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    """``checkpoint.pt``, else ``checkpoint.prev.pt`` (a crash between the renames), else None."""
+    for name in (LATEST, PREVIOUS):
+        path = Path(run_dir) / name
+        if path.exists():
+            return path
+    return None
+
+
+def _read(path: Path, device: torch.device | str) -> dict[str, Any]:
+    return load_checked(path, KIND, FORMAT_VERSION, map_location=device)
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load and verify a checkpoint. A corrupt latest checkpoint names the previous one and
+    whether it reads back (with its step), so the fix is one ``mv``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write a text file atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | os.PathLike, device: torch.device) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`atomic_save`."""
-    return torch.load(path, map_location=device, weights_only=False)
+        return _read(path, device)
+    except CorruptFileError as err:
+        previous = path.with_name(PREVIOUS)
+        if path.name != LATEST or not previous.exists():
+            raise CorruptFileError(f"{err}. No other checkpoint to fall back on: start a new run in another directory.") from None
+        try:
+            step = _read(previous, "cpu")["step"]
+        except CorruptFileError as prev_err:
+            raise CorruptFileError(f"{err}. The previous checkpoint is unreadable too ({prev_err}).") from None
+        raise CorruptFileError(
+            f"{err}. The previous checkpoint {previous} (step {step}) is intact: to resume from it, "
+            f"run `mv {previous} {path}` and start again with train.resume=auto."
+        ) from None

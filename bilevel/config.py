@@ -1,29 +1,38 @@
 """Typed configuration of a training run (Hydra structured configs).
 
 The schema ``base_train`` is registered in Hydra's ConfigStore; ``configs/train.yaml``
-extends it, so an unknown key or a wrong type fails at start-up naming the key. The
-``algorithm`` node is validated against the selected plugin's own Config dataclass
-(:func:`bilevel.algorithm.algorithm_config`), so a plugin's keys are typed too.
+extends it, so a misspelt key or a wrong type fails at composition naming the key.
+:func:`validate` then rejects keys added with ``+key=...`` that the schema does not have and
+applies every node's declared checks (:mod:`bilevel.validate`: sizes >= 1, rates > 0, choices).
+The ``algorithm`` node is validated against the selected plugin's own Config dataclass and
+its checks (:func:`bilevel.algorithm.algorithm_config`), so a plugin's keys are checked too.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 from .data import DataConfig
-from .models import ModelConfig
+from .data.dataset import SPLITS
+from .execution import EXECUTIONS
+from .head_policy import HEAD_POLICIES
+from .models import MODELS, ModelConfig
+from .validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_declared, reject_unknown_keys
 
-HEAD_POLICIES = ("random", "scaled", "zero_init", "zeroing")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
+RESUME_MODES = ("auto", "true", "false", "force")
 
 
 @dataclass
 class HeadConfig:
     """Head policy (THEORY §4): ``random`` (Kaiming init), ``scaled`` (init × ``scale``),
     ``zero_init`` (zero once), ``zeroing`` (W = b = 0 before every outer step)."""
+
+    checks: ClassVar[dict[str, Check]] = {"policy": OneOf(HEAD_POLICIES), "scale": NON_NEGATIVE}
 
     policy: str = "zeroing"
     scale: float = 1.0
@@ -48,8 +57,17 @@ class TrainLoopConfig:
     """Outer loop: ``steps`` outer updates on meta-batches of ``meta_batch`` tasks with the
     algorithm's outer optimiser (Adam by default) at ``lr``; evaluation every ``eval_every``
     steps; decomposition logged every ``decompose_every`` steps (0: never) and its images
-    every ``image_every`` steps (0: never); ``identity_check`` compares the terms with the
-    plain hypergradient on decomposition steps."""
+    every ``image_every`` steps (0: never); a checkpoint every ``checkpoint_every`` steps.
+    ``resume``: ``auto`` continues the directory's checkpoint when its trajectory keys match
+    (else starts a new run), ``true`` requires a checkpoint, ``force`` also lets
+    ``steps`` and the logging cadence change, ``false`` refuses a directory that holds one
+    (:mod:`bilevel.resume`)."""
+
+    checks: ClassVar[dict[str, Check]] = {
+        "steps": AT_LEAST_1, "meta_batch": AT_LEAST_1, "lr": POSITIVE, "eval_every": AT_LEAST_1,
+        "log_every": AT_LEAST_1, "decompose_every": NON_NEGATIVE, "image_every": NON_NEGATIVE,
+        "checkpoint_every": AT_LEAST_1, "resume": OneOf(RESUME_MODES),
+    }
 
     steps: int = 400
     meta_batch: int = 4
@@ -59,13 +77,17 @@ class TrainLoopConfig:
     decompose_every: int = 25
     image_every: int = 200
     checkpoint_every: int = 100
-    resume: bool = False
+    resume: str = "auto"
 
 
 @dataclass
 class EvalConfig:
     """Held-out evaluation: ``tasks`` tasks (a fixed set, same every time) of the ``split``;
     accuracy after every test-time inner step, with and without test-time zeroing."""
+
+    checks: ClassVar[dict[str, Check]] = {
+        "tasks": AT_LEAST_1, "final_tasks": AT_LEAST_1, "split": OneOf(SPLITS), "final_split": OneOf(SPLITS),
+    }
 
     tasks: int = 100
     split: str = "val"
@@ -75,7 +97,14 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
-    """A training run. ``device`` auto|cpu|cuda; ``execution`` auto|vmap|loop|shared."""
+    """A training run. ``device`` auto|cpu|cuda; ``execution`` auto|vmap|loop|shared.
+    The model's checks are declared here, as :class:`ModelConfig` lives with the models."""
+
+    checks: ClassVar[dict[str, Check]] = {
+        "seed": NON_NEGATIVE, "device": OneOf(DEVICES), "dtype": OneOf(DTYPES), "execution": OneOf(EXECUTIONS),
+        "model.name": OneOf(MODELS), "model.channels": AT_LEAST_1, "model.hidden": AT_LEAST_1,
+        "model.layers": AT_LEAST_1,
+    }
 
     algorithm: Any = field(default_factory=lambda: {"name": "maml"})
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -88,6 +117,32 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     execution: str = "auto"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys → leaf values of a config tree (lists become tuples, so values compare and hash)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def typed_config(cfg: Any) -> DictConfig:
+    """Merge ``cfg`` into the TrainConfig schema: a wrong type fails here."""
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject keys the schema lacks and values its checks refuse (:class:`ConfigError`, naming
+    the key and the valid values). ``train.resume`` is read case-insensitively (``true``
+    on the command line arrives as a boolean)."""
+    cfg.train.resume = str(cfg.train.resume).lower()
+    reject_unknown_keys(cfg, OmegaConf.structured(TrainConfig))
+    check_declared(cfg)
 
 
 def register_configs() -> None:

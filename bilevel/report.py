@@ -5,7 +5,7 @@ TensorBoard events ``tb/``; ``metrics.json`` is optional. Every given path is ei
 directory or a directory searched at any depth for them (a Hydra multirun sweep).
 
 Runs whose flattened configs are equal except :data:`RUN_KEYS` (the seed and run-specific
-keys) form a *setting*. A setting is labelled by the keys that differ between settings,
+keys: the resume mode, the execution path) form a *setting*. A setting is labelled by the keys that differ between settings,
 ``key=value`` in key order; a key ``P.k`` is left out of labels when ``P.name`` also differs
 and determines it (a Hydra group option is named by ``name``: ``ablation.name=no_init``
 stands for its ``keep``/``drop``).
@@ -31,10 +31,12 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing import event_accumulator
 
+from .config import flatten
+
 CONFIG_FILE = "config.yaml"
 EVENTS_DIR = "tb"
 METRICS_FILE = "metrics.json"
-RUN_KEYS = ("seed", "train.resume")
+RUN_KEYS = ("seed", "train.resume", "execution")
 RUN_DIR_CONTENTS = f"a run directory must contain {CONFIG_FILE} and a {EVENTS_DIR}/ folder of TensorBoard events"
 
 EVAL_ACCURACY = "eval/accuracy"
@@ -118,18 +120,6 @@ def find_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
             raise NoRunsError(f"no run directory in {given}: {RUN_DIR_CONTENTS}")
         found.update(dict.fromkeys(runs))
     return [load_run(p) for p in sorted(found)]
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys → leaf values (lists become tuples, so values compare and hash)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = tuple(value) if isinstance(value, list) else value
-    return out
 
 
 def format_value(value: Any) -> str:

@@ -1,16 +1,27 @@
 """The training app: ``bilevel-train`` / ``python -m bilevel.train`` (Hydra).
 
-Everything is validated before the first step (config keys and types, algorithm name and
-options, ablation terms, data shapes and directories, device). Each run directory holds
-the resolved config, TensorBoard events (``tb/``), ``checkpoint.pt`` (atomic) and
-``metrics.json``. A non-finite meta-loss stops the run with a message; the last good
-checkpoint is kept.
+A run, in order (``docs/reliability.md`` states what is guaranteed):
+
+1. :func:`setup` validates everything before any work — schema keys and declared ranges,
+   algorithm and options, ablation terms, data shapes and directories, device, and a memory
+   estimate of one meta-step — and builds data, model and algorithm.
+2. :func:`train` takes the run directory (:mod:`bilevel.run_dir`: lock, stale temporary files),
+   reads its checkpoint and checks the resume contract (:mod:`bilevel.resume`), settles the
+   execution path (:mod:`bilevel.execution_choice`), and only then writes ``config.yaml``.
+3. Every step is watched for non-finite values (:mod:`bilevel.finite`); a checkpoint (the last
+   two kept, :mod:`bilevel.checkpoint`) holds every random state of the run; SIGINT/SIGTERM
+   finish the step, checkpoint and stop (:mod:`bilevel.signals`).
+4. ``metrics.json`` is written last, only by a run that finished.
+
+The CLI prints the failures of :mod:`bilevel.errors` without a traceback, with their exit
+status (2 for a configuration error, 130/143 for SIGINT/SIGTERM, else 1) and, when a run
+stopped, the command that resumes it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,14 +37,23 @@ from tqdm.auto import tqdm
 from .ablation import Ablation, resolve_ablation
 from .allocator import ensure_allocator
 from .algorithm import BilevelAlgorithm, build_algorithm
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint
-from .config import DEVICES, DTYPES, TrainConfig, register_configs
+from .checkpoint import save_checkpoint
+from .config import DEVICES, register_configs, typed_config, validate
 from .data import TaskBatch, TaskSampler, build_sampler, input_shape
-from .execution import EXECUTIONS, choose_execution
-from .head_policy import before_outer_step, check_policy, initialise_head, zeroed_head
+from .errors import BilevelError, ConfigError, RunInterrupted
+from .execution_choice import ExecutionChoice, cache_key, measure_paths, settle_execution
+from .finite import FiniteGuard, step_tensors
+from .head_policy import before_outer_step, initialise_head, zeroed_head
+from .memory import check_meta_step_memory
 from .models import BilevelModel, build_model
 from .params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
+from .resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
+from .rng import global_rng_state, set_global_rng_state
+from .run_dir import RunDirectory
+from .signals import GracefulStop
 from .tb import RunLogger
+
+TRIAL_SEED_OFFSET = 20_000  # the execution measurement's own sampler: seed + this
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,11 +65,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but torch sees no CUDA device; use device=cpu or device=auto")
     return torch.device(name)
-
-
-def typed_config(cfg: Any) -> DictConfig:
-    """Merge ``cfg`` into the TrainConfig schema: unknown keys / wrong types fail here."""
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
 
 
 @dataclass
@@ -75,32 +90,35 @@ def eval_batches(cfg: DictConfig, split: str, tasks: int, device, dtype) -> list
 
 
 def setup(cfg: Any) -> Run:
-    """Validate the configuration and build the run (data, model, algorithm, ablation)."""
+    """Validate the configuration and build the run (data, model, algorithm, ablation).
+
+    Every refusal is a :class:`~bilevel.errors.ConfigError` raised before any work: the
+    schema's keys and checks, then whatever building data, model and algorithm refuses
+    (their ``ValueError``s say which key to change), then the memory estimate."""
     cfg = typed_config(cfg)
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {cfg.dtype!r}")
-    if cfg.execution not in EXECUTIONS:
-        raise ValueError(f"execution must be one of {EXECUTIONS}, got {cfg.execution!r}")
-    check_policy(cfg.head.policy)
-    for key in ("steps", "meta_batch", "eval_every", "log_every", "checkpoint_every"):
-        if cfg.train[key] < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {cfg.train[key]}")
-    device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
-    torch.manual_seed(cfg.seed)
-    sampler = build_sampler(cfg.data, "train", cfg.train.meta_batch, seed=cfg.seed)
-    evals = eval_batches(cfg, cfg.eval.split, cfg.eval.tasks, device, dtype)
-    model = build_model(cfg.model, input_shape(cfg.data), cfg.data.ways).to(device=device, dtype=dtype)
-    params = model.init_params()
-    initialise_head(params, cfg.head.policy, cfg.head.scale)
-    algorithm = build_algorithm(cfg.algorithm, model)
-    ablation = resolve_ablation(
-        None if cfg.ablation.keep is None else list(cfg.ablation.keep), list(cfg.ablation.drop), algorithm
-    )
-    if cfg.execution not in ("auto",) + tuple(algorithm.executions):
-        raise ValueError(
-            f"execution={cfg.execution} is not available for algorithm {algorithm.name!r} with this "
-            f"configuration; available: {', '.join(algorithm.executions)} (or auto)"
+    validate(cfg)
+    try:
+        device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+        torch.manual_seed(cfg.seed)
+        shape = input_shape(cfg.data)
+        model = build_model(cfg.model, shape, cfg.data.ways)
+        algorithm = build_algorithm(cfg.algorithm, model)
+        check_meta_step_memory(model, shape, cfg, algorithm.config, algorithm.train_steps, device, dtype)
+        model.to(device=device, dtype=dtype)
+        params = model.init_params()
+        initialise_head(params, cfg.head.policy, cfg.head.scale)
+        ablation = resolve_ablation(
+            None if cfg.ablation.keep is None else list(cfg.ablation.keep), list(cfg.ablation.drop), algorithm
         )
+        if cfg.execution not in ("auto",) + tuple(algorithm.executions):
+            raise ConfigError(
+                f"execution={cfg.execution} is not available for algorithm {algorithm.name!r} with this "
+                f"configuration; available: {', '.join(algorithm.executions)} (or auto)"
+            )
+        sampler = build_sampler(cfg.data, "train", cfg.train.meta_batch, seed=cfg.seed)
+        evals = eval_batches(cfg, cfg.eval.split, cfg.eval.tasks, device, dtype)
+    except (ValueError, FileNotFoundError) as err:
+        raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
     return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals)
 
 
@@ -117,51 +135,73 @@ def eval_scalars(prefix: str, accs: torch.Tensor) -> dict[str, float]:
     return values
 
 
-class NonFiniteLoss(FloatingPointError):
-    """The meta-loss became NaN/inf; the message names the last good checkpoint."""
+def settle_path(run: Run, recorded: Optional[str]) -> ExecutionChoice:
+    """The run's execution path (:func:`~bilevel.execution_choice.settle_execution`); a
+    measurement draws its batch from a sampler of its own."""
+    cfg, algorithm = run.cfg, run.algorithm
+
+    def measure() -> dict[str, float]:
+        batch = run.sampler.fork(cfg.seed + TRIAL_SEED_OFFSET).sample().to(run.device, run.dtype)
+        return measure_paths(algorithm, run.params, batch, run.device)
+
+    key = cache_key(run.device, fingerprint(cfg, "auto", run.device))
+    return settle_execution(cfg.execution, algorithm.executions, recorded, key, measure)
+
+
+def run_state(run: Run, optimizer: torch.optim.Optimizer, step: int, execution: str) -> dict[str, Any]:
+    """What a checkpoint holds: everything the rest of the run depends on, random states included."""
+    return {
+        "step": step, "params": run.params, "optimizer": optimizer.state_dict(),
+        "algorithm": run.algorithm.state_dict(), "sampler": run.sampler.state_dict(), "rng": global_rng_state(),
+        "execution": execution, "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "fingerprint": fingerprint(run.cfg, execution, run.device), "time": time.time(),
+    }
+
+
+def restore(run: Run, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load :func:`run_state` into the run (the resume contract has been checked)."""
+    with torch.no_grad():
+        for k, v in state["params"].items():
+            run.params[k].copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    run.algorithm.load_state_dict(state["algorithm"])
+    run.sampler.load_state_dict(state["sampler"])
+    set_global_rng_state(state["rng"])
 
 
 def train(cfg: Any, run_dir: str | Path, show_progress: bool = True) -> dict[str, float]:
     """Run meta-training in ``run_dir``; returns the final metrics."""
     run = setup(cfg)
+    with RunDirectory(run_dir) as directory:
+        return _train(run, directory, show_progress)
+
+
+def _train(run: Run, directory: RunDirectory, show_progress: bool) -> dict[str, float]:
     cfg, params, algorithm = run.cfg, run.params, run.algorithm
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(OmegaConf.to_yaml(cfg), run_dir / "config.yaml")
-    ckpt_path = run_dir / "checkpoint.pt"
     optimizer = algorithm.make_outer_optimizer(list(params.values()), cfg.train.lr)
-    start, last_good = 0, None
-    if cfg.train.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, run.device)
-        for k, v in state["params"].items():
-            params[k].copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
-        algorithm.load_state_dict(state["algorithm"])
-        run.sampler.load_state_dict(state["sampler"])
-        start = last_good = state["step"]
-
-    first = run.sampler.sample().to(run.device, run.dtype)
-    if cfg.execution == "auto" and len(algorithm.executions) > 1:
-        def attempt(mode: str) -> None:
-            algorithm.execution = mode
-            algorithm.meta_grad(params, first)
-        chosen, timings = choose_execution(attempt, algorithm.executions, run.device)
-        algorithm.execution = chosen
-        print(f"execution=auto chose {chosen!r}: " + ", ".join(f"{m} {t * 1e3:.1f} ms" for m, t in timings.items()))
-    elif cfg.execution != "auto":
-        algorithm.execution = cfg.execution
-
-    logger = RunLogger(run_dir)
-    metrics: dict[str, float] = {}
-    bad = torch.zeros((), dtype=torch.bool, device=run.device)
-    policy = cfg.head.policy
+    found = checkpoint_to_resume(directory.path, cfg.train.resume)
+    choice = settle_path(run, found[1]["execution"] if found else None)
+    start, last_good = 0, "none written yet"
+    if found:
+        path, state = found
+        check_resume(path, state["step"], state["fingerprint"], fingerprint(cfg, choice.path, run.device),
+                     cfg.train.resume)
+        restore(run, optimizer, state)
+        start, last_good = state["step"], f"{path} (step {state['step']})"
+        print(f"resuming {path} at step {start}")
+    algorithm.execution = cfg.execution = choice.path
+    print(choice.reason)
+    directory.begin(OmegaConf.to_yaml(cfg), note=choice.reason)
+    logger = RunLogger(directory.path, resume=(start, found[1]["time"]) if found else None)
+    logger.text("run/execution", choice.reason, start)
+    guard = FiniteGuard(run.device, checked_until=start)
 
     def save(step: int) -> None:
-        atomic_save({
-            "step": step, "params": params, "optimizer": optimizer.state_dict(),
-            "algorithm": algorithm.state_dict(), "sampler": run.sampler.state_dict(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }, ckpt_path)
+        nonlocal last_good
+        guard.check(step, last_good)
+        logger.flush()  # the events a resumed attempt keeps are those on disk before the checkpoint
+        path = save_checkpoint(run_state(run, optimizer, step, choice.path), directory.path)
+        last_good = f"{path} (step {step})"
 
     def log_eval(step: int, split_batches: list[TaskBatch], prefix: str) -> dict[str, float]:
         values = eval_scalars(prefix, evaluate(algorithm, params, split_batches, zero_head=False))
@@ -170,65 +210,82 @@ def train(cfg: Any, run_dir: str | Path, show_progress: bool = True) -> dict[str
         return values
 
     try:
-        bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
-                   disable=not show_progress, desc=f"{algorithm.name} train", dynamic_ncols=True)
-        tick, loss_sum, acc_sum, count = time.perf_counter(), 0.0, 0.0, 0
-        batch = first
-        for step in bar:
-            if step > start:
+        with GracefulStop() as stop:
+            bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
+                       disable=not show_progress, desc=f"{algorithm.name} train", dynamic_ncols=True)
+            tick, loss_sum, acc_sum, count = time.perf_counter(), 0.0, 0.0, 0
+            for step in bar:
                 batch = run.sampler.sample().to(run.device, run.dtype)
-            before_outer_step(params, policy)
-            decompose_now = cfg.train.decompose_every > 0 and step % cfg.train.decompose_every == 0
-            result, update = run.ablation.step(algorithm, params, batch, decompose_now)
-            for k, p in params.items():
-                p.grad = update[k]
-            optimizer.step()
-            algorithm.outer_step_done()
-            bad |= ~torch.isfinite(result.loss)
-            loss_sum, acc_sum, count = loss_sum + result.loss.detach(), acc_sum + result.accuracy.detach(), count + 1
+                before_outer_step(params, cfg.head.policy)
+                decompose_now = cfg.train.decompose_every > 0 and step % cfg.train.decompose_every == 0
+                result, update = run.ablation.step(algorithm, params, batch, decompose_now)
+                for k, p in params.items():
+                    p.grad = update[k]
+                optimizer.step()
+                algorithm.outer_step_done()
+                done = step + 1
+                guard.observe(done, step_tensors(result.loss, update, params, optimizer))
+                loss_sum, acc_sum, count = loss_sum + result.loss.detach(), acc_sum + result.accuracy.detach(), count + 1
 
-            if decompose_now:
-                images = cfg.train.image_every > 0 and step % cfg.train.image_every == 0
-                logger.decomposition(result.decomposition, batch, step, images)
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                if bool(bad):
-                    where = f"{ckpt_path} (step {last_good})" if last_good is not None else "none written yet"
-                    raise NonFiniteLoss(
-                        f"non-finite meta-loss between steps {done - count} and {done}; last good checkpoint: "
-                        f"{where}. Lower train.lr or the algorithm's inner_lr, or use dtype=float64."
-                    )
-                elapsed = time.perf_counter() - tick
-                scalars = {
-                    "train/loss": loss_sum / count, "train/accuracy": acc_sum / count,
-                    "head/norm": torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
-                    "params/norm": tree_norm(params), "time/step_seconds": elapsed / count,
-                }
-                scalars.update({k: v for k, v in result.extras.items()})
-                logger.scalars(scalars, done)
-                bar.set_postfix(loss=f"{float(scalars['train/loss']):.3f}", acc=f"{float(scalars['train/accuracy']):.3f}")
-                tick, loss_sum, acc_sum, count = time.perf_counter(), 0.0, 0.0, 0
-            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                values = log_eval(done, run.eval_batches, "eval")
-                bar.write(f"step {done}: eval accuracy {values['eval/accuracy']:.3f} "
-                          f"(test-time zeroing {values['eval_zeroed/accuracy']:.3f})")
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-                if all(bool(torch.isfinite(p).all()) for p in params.values()):
+                if decompose_now:
+                    images = cfg.train.image_every > 0 and step % cfg.train.image_every == 0
+                    logger.decomposition(result.decomposition, batch, step, images)
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    guard.check(done, last_good)
+                    elapsed = time.perf_counter() - tick
+                    scalars = {
+                        "train/loss": loss_sum / count, "train/accuracy": acc_sum / count,
+                        "head/norm": torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
+                        "params/norm": tree_norm(params), "time/step_seconds": elapsed / count,
+                    }
+                    scalars.update({k: v for k, v in result.extras.items()})
+                    logger.scalars(scalars, done)
+                    bar.set_postfix(loss=f"{float(scalars['train/loss']):.3f}", acc=f"{float(scalars['train/accuracy']):.3f}")
+                    tick, loss_sum, acc_sum, count = time.perf_counter(), 0.0, 0.0, 0
+                if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                    guard.check(done, last_good)
+                    values = log_eval(done, run.eval_batches, "eval")
+                    bar.write(f"step {done}: eval accuracy {values['eval/accuracy']:.3f} "
+                              f"(test-time zeroing {values['eval_zeroed/accuracy']:.3f})")
+                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.signum is not None:
                     save(done)
-                    last_good = done
+                if stop.signum is not None:
+                    name = signal.Signals(stop.signum).name
+                    raise RunInterrupted(f"stopped by {name} after step {done}; checkpoint: {last_good}", stop.signum)
         final = eval_batches(cfg, cfg.eval.final_split, cfg.eval.final_tasks, run.device, run.dtype)
         metrics = {k.replace("/", "_"): v for k, v in log_eval(cfg.train.steps, final, "test").items()}
         metrics["steps"] = float(cfg.train.steps)
         logger.hparams(cfg, metrics)
-        atomic_write_text(json.dumps(metrics, indent=2), run_dir / "metrics.json")
+        directory.write_metrics(metrics)
     finally:
         logger.close()
     return metrics
 
 
+def _exit_on(error: BaseException, run_dir: str) -> None:
+    """Print ``error`` without a traceback (the resume command too when the run stopped) and
+    exit with its status; with ``HYDRA_FULL_ERROR=1`` re-raise it, as Hydra does."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise error
+    stopped = isinstance(error, (RunInterrupted, KeyboardInterrupt))
+    if isinstance(error, KeyboardInterrupt):
+        message, status = "interrupted by SIGINT; the run directory keeps its last checkpoint, if any", 130
+    else:
+        message, status = str(error), error.exit_code
+    lines = [message if stopped else f"error: {message}"]
+    if stopped:
+        lines.append("resume with: " + resume_command(HydraConfig.get().overrides.task, run_dir))
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
 @hydra.main(config_path="pkg://configs", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> Optional[float]:
-    metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        metrics = train(cfg, run_dir)
+    except (BilevelError, KeyboardInterrupt) as error:
+        _exit_on(error, run_dir)
     return metrics.get("test_accuracy")
 
 

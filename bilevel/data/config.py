@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
+
+from ..validate import AT_LEAST_1, NON_NEGATIVE, Check, Range
 
 
 @dataclass
@@ -15,6 +17,12 @@ class DataConfig:
     degree rotations as new classes. ``synthetic_*``: synthetic only (classes per split, vector
     dimension, cluster std relative to unit-norm means). ``seed``: data generation seed.
     """
+
+    checks: ClassVar[dict[str, Check]] = {
+        "ways": Range(low=2), "shots": AT_LEAST_1, "queries": AT_LEAST_1, "image_size": AT_LEAST_1,
+        "synthetic_classes": Range(low=2), "synthetic_dim": AT_LEAST_1, "synthetic_noise": NON_NEGATIVE,
+        "seed": NON_NEGATIVE,
+    }
 
     name: str = "glyphs"
     root: Optional[str] = None

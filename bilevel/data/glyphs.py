@@ -6,7 +6,10 @@ box is under 30% of the em size, and exact duplicates of an earlier letter's can
 Alphabets are Unicode scripts read from the character name; scripts with fewer than 10 letters are
 dropped. Each class has 20 drawings: a random covering font plus random affine jitter and stroke
 thickness, white ink on black, resampled from 64-pixel canonical renderings (so sizes above 32 are
-softer), built once per (version, seed, image_size) and cached on disk.
+softer), built once per (version, seed, image_size) and cached on disk as a checked file
+(:func:`bilevel.files.save_checked`: format version and SHA-256). A cache file that does not read
+back is rebuilt, with a warning that names it; builds run under a lock next to the file, so
+concurrent first uses build once and nobody reads a half-written pool.
 
 Splits never divide an alphabet: the evaluation alphabets are the smallest ones, taken in ascending
 size while they hold at most 30% of all classes; ``val`` gets the 1st, 3rd, ... of them and
@@ -15,8 +18,7 @@ size while they hold at most 30% of all classes; ``val`` gets the 1st, 3rd, ... 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import logging
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -27,10 +29,15 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import CorruptFileError
+from ..files import FileLock, load_checked, save_checked
+from ..files import cache_dir as default_cache_dir
 from .dataset import check_split, evaluation_half
 from .glyph_render import font_files, jitter, letter_coverage, random_affines, render_canonical
 
-VERSION = 1
+VERSION = 2  # names the cache file; bumped when the pool or the file changes (2: checked file)
+CACHE_KIND = "glyphs"
+CACHE_FORMAT = 1
 DRAWINGS_PER_CLASS = 20
 MIN_FONTS = 2
 MIN_EXTENT = 0.3  # ink box's longer side / font size; smaller glyphs are dots and ticks
@@ -117,41 +124,51 @@ def build_glyphs(seed: int, image_size: int) -> tuple[torch.Tensor, list[GlyphIn
     return _draw(renders, seed, image_size), infos
 
 
-def default_cache_dir() -> Path:
-    """``$BILEVEL_CACHE`` if set, else ``~/.cache/bilevel``."""
-    return Path(os.environ.get("BILEVEL_CACHE") or Path.home() / ".cache" / "bilevel")
-
-
 def cache_file(cache_dir: Path, seed: int, image_size: int) -> Path:
     """Where the pool for (VERSION, seed, image_size) is cached."""
     return cache_dir / f"glyphs-v{VERSION}-seed{seed}-size{image_size}.pt"
 
 
-@lru_cache(maxsize=4)
-def load_glyphs(cache_dir: Path, seed: int, image_size: int) -> tuple[torch.Tensor, tuple[GlyphInfo, ...]]:
-    """The whole pool from the disk cache, building and caching it (atomically) on first use."""
-    path = cache_file(cache_dir, seed, image_size)
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        infos = tuple(GlyphInfo(chr(c), a) for c, a in zip(state["codepoints"].tolist(), state["alphabets"]))
-        return state["images"], infos
+def _read_cache(path: Path) -> tuple[torch.Tensor, tuple[GlyphInfo, ...]]:
+    state = load_checked(path, CACHE_KIND, CACHE_FORMAT, weights_only=True)
+    infos = tuple(GlyphInfo(chr(c), a) for c, a in zip(state["codepoints"].tolist(), state["alphabets"]))
+    return state["images"], infos
+
+
+def _try_cache(path: Path, warn: bool = True) -> Optional[tuple[torch.Tensor, tuple[GlyphInfo, ...]]]:
+    """The cached pool, or None when there is none or it does not read back (with a warning)."""
+    try:
+        return _read_cache(path)
+    except FileNotFoundError:
+        return None
+    except CorruptFileError as err:
+        if warn:
+            logging.getLogger(__name__).warning("%s; rebuilding the glyph cache (about 11 s of CPU)", err)
+        return None
+
+
+def _build_cache(path: Path, seed: int, image_size: int) -> tuple[torch.Tensor, tuple[GlyphInfo, ...]]:
     images, infos = build_glyphs(seed, image_size)
     state = {
         "images": images,
         "codepoints": torch.tensor([ord(info.character) for info in infos]),
         "alphabets": [info.alphabet for info in infos],
     }
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    save_checked(state, path, CACHE_KIND, CACHE_FORMAT)
     return images, tuple(infos)
+
+
+@lru_cache(maxsize=4)
+def load_glyphs(cache_dir: Path, seed: int, image_size: int) -> tuple[torch.Tensor, tuple[GlyphInfo, ...]]:
+    """The whole pool from the disk cache; built and cached (atomically, under the cache's
+    lock) when it is missing or does not read back."""
+    path = cache_file(cache_dir, seed, image_size)
+    cached = _try_cache(path)
+    if cached is None:
+        with FileLock(path.with_name(path.name + ".lock")):
+            # another process may have built it while we waited for the lock
+            cached = _try_cache(path, warn=False) or _build_cache(path, seed, image_size)
+    return cached
 
 
 def split_alphabets(infos: tuple[GlyphInfo, ...]) -> dict[str, list[str]]:

@@ -92,6 +92,11 @@ class TaskSampler:
         while True:
             yield self.sample()
 
+    def fork(self, seed: int) -> "TaskSampler":
+        """A sampler of the same tasks shape over the same data with its own generator seeded
+        with ``seed``: drawing from it leaves this sampler's sequence untouched."""
+        return TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, seed, self.fixed_labels)
+
     def state_dict(self) -> dict:
         """The generator state; :meth:`load_state_dict` resumes the exact sequence from here."""
         return {"generator": self._generator.get_state()}

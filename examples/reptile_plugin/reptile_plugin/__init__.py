@@ -19,8 +19,10 @@ through the ``bilevel.algorithms`` entry point ``reptile`` (see ``pyproject.toml
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from bilevel.chain import ChainAlgorithm, ChainConfig, ChainSpec
+from bilevel.validate import INNER_LOOP, Check
 
 __all__ = ["Reptile", "ReptileConfig"]
 
@@ -29,6 +31,8 @@ __all__ = ["Reptile", "ReptileConfig"]
 class ReptileConfig(ChainConfig):
     """``inner_steps`` T, ``inner_lr`` α, ``adapt`` (``all``; ``head`` moves only the head and
     gives the encoder its last inner gradient), ``batches`` (default ``pooled``)."""
+
+    checks: ClassVar[dict[str, Check]] = INNER_LOOP
 
     name: str = "reptile"
 

@@ -1,0 +1,452 @@
+"""Fault injection: a run never lies and never loses its record.
+
+Each test replays one fault a reliability tester found (diverging runs, wrong and corrupt
+resumes, kills and signals, shared run directories, corrupt caches, malformed overrides) on
+tiny MLP/synthetic runs. Faults land at known steps through the algorithm's
+``outer_step_done``: in-process as an exception (a crash), in a subprocess
+(``tests/fault_driver.py``) as a real ``kill -9``, SIGINT or SIGTERM. Bit-exactness is
+``torch.equal`` on every parameter against an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shlex
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+import bilevel.algorithm as engine
+import bilevel.data.glyphs as glyphs
+from bilevel.algorithm import get_algorithm, register
+from bilevel.checkpoint import load_checkpoint
+from bilevel.config import register_configs, typed_config
+from bilevel.errors import ConfigError, CorruptFileError, NonFiniteError, ResumeError, RunDirectoryBusy
+from bilevel.files import FileLock, save_checked
+from bilevel.memory import check_meta_step_memory
+from bilevel.models import build_model
+from bilevel.train import train
+from algorithms.maml import MAML
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data=synthetic", "model=mlp", "model.hidden=8", "data.ways=3", "data.queries=2", "data.synthetic_dim=4",
+    "data.synthetic_classes=8", "train.meta_batch=2", "train.steps=8", "train.log_every=1", "train.eval_every=4",
+    "train.checkpoint_every=2", "train.decompose_every=2", "train.image_every=0", "eval.tasks=2",
+    "eval.final_tasks=2", "device=cpu",
+]
+ALGORITHMS = {
+    "maml": ["algorithm=maml"],
+    "imaml": ["algorithm=imaml", "algorithm.inner_steps=2", "algorithm.cg_iters=2", "algorithm.test_steps=1"],
+    "entropy_sgd": ["algorithm=entropy_sgd", "algorithm.inner_steps=2", "algorithm.test_steps=1"],
+    "reptile": ["algorithm=maml"],  # replaced by REPTILE after composition (no config group for a plugin)
+}
+REPTILE = {"name": "reptile", "inner_steps": 2, "inner_lr": 0.1}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch) -> Path:
+    """A fresh cache directory per test (execution measurements, glyphs)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("BILEVEL_CACHE", str(path))
+    return path
+
+
+@pytest.fixture
+def reptile(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "reptile_plugin"))
+    monkeypatch.setattr(engine, "_REGISTRY", dict(engine._REGISTRY))
+    from reptile_plugin import Reptile
+
+    register("reptile")(Reptile)
+
+
+def config(*overrides: str, algorithm: str = "maml"):
+    register_configs()
+    with initialize_config_module("configs", version_base="1.3"):
+        cfg = compose("train", overrides=TINY + ALGORITHMS[algorithm] + list(overrides))
+    if algorithm == "reptile":
+        cfg.algorithm = REPTILE
+    return cfg
+
+
+def params_of(run_dir: Path, name: str = "checkpoint.pt") -> dict:
+    return load_checkpoint(run_dir / name, torch.device("cpu"))["params"]
+
+
+def assert_bit_equal(a: dict, b: dict, why: str = "") -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"parameters differ bit for bit ({why}): {differ}"
+
+
+class Crash(Exception):
+    """An in-process stand-in for a crash at a known step."""
+
+
+@contextmanager
+def crash_after(algorithm: str, step: int) -> Iterator[None]:
+    """Within the block, the ``step``-th outer step raises :class:`Crash` before its checkpoint."""
+    cls = get_algorithm(algorithm)
+    original, count = cls.__dict__.get("outer_step_done"), [0]
+    step_done = cls.outer_step_done
+
+    def outer_step_done(self) -> None:
+        step_done(self)
+        count[0] += 1
+        if count[0] == step:
+            raise Crash(step)
+
+    cls.outer_step_done = outer_step_done
+    try:
+        yield
+    finally:
+        if original is None:
+            del cls.outer_step_done
+        else:
+            cls.outer_step_done = original
+
+
+def run_cli(args: list[str], cwd: Path, cache: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", BILEVEL_ALLOCATOR="default",
+               BILEVEL_CACHE=str(cache))
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cli_overrides(algorithm: str, *extra: str) -> list[str]:
+    return TINY + ALGORITHMS[algorithm] + list(extra)
+
+
+def events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag's (step, value) points, in file order, over all event files."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+# --- 1. non-finite values stop the run ------------------------------------------------------------------
+
+
+def test_diverged_run_with_a_zeroed_head_stops_naming_the_tensor_and_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteError) as err:
+        train(config("train.lr=1e6", "train.checkpoint_every=1", "execution=loop"), tmp_path / "run", show_progress=False)
+    message = str(err.value)
+    assert "parameter head.weight at step 2" in message
+    assert f"last good checkpoint: {tmp_path / 'run' / 'checkpoint.pt'} (step 1)" in message
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["step"] == 1 and all(torch.isfinite(p).all() for p in state["params"].values())
+
+
+class _NaNGradient(MAML):
+    """MAML whose gradient of the first encoder weight is NaN from the 3rd meta-step on."""
+
+    calls = 0
+
+    def meta_grad(self, params, batch, decompose=False):
+        step = super().meta_grad(params, batch, decompose)
+        type(self).calls += 1
+        if type(self).calls >= 3:
+            step.grad["encoder.layers.0.weight"] = step.grad["encoder.layers.0.weight"] * float("nan")
+        return step
+
+
+def test_non_finite_gradient_is_named_before_the_parameters_it_poisons(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "_REGISTRY", dict(engine._REGISTRY))
+    register("nan_grad_maml")(_NaNGradient)
+    _NaNGradient.calls = 0
+    with pytest.raises(NonFiniteError, match=r"the gradient of encoder\.layers\.0\.weight at step 3 \(and \d+ more"):
+        train(config("algorithm.name=nan_grad_maml", "train.log_every=4", "execution=loop"), tmp_path, show_progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 2  # the check before the step-4 checkpoint caught it
+
+
+# --- 2. resume is a contract -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    train(config("execution=loop"), run_dir, show_progress=False)
+    return run_dir
+
+
+@pytest.mark.parametrize("override, key", [
+    ("algorithm=fomaml", "algorithm.order"), ("data.seed=1", "data.seed"), ("train.meta_batch=3", "train.meta_batch"),
+    ("model.hidden=16", "model.hidden"), ("dtype=float64", "dtype"), ("execution=vmap", "execution"),
+])
+def test_resume_with_another_trajectory_is_refused_and_the_record_is_kept(finished_run, override, key):
+    before = {p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file()}
+    with pytest.raises(ResumeError, match=rf"must match: .*{key} \(checkpoint: .*, now: .*\)") as err:
+        train(config("execution=loop", override), finished_run, show_progress=False)
+    print(err.value)
+    assert {p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file()} == before
+
+
+def test_steps_below_the_checkpoint_are_refused_and_upwards_need_force(finished_run):
+    with pytest.raises(ResumeError, match="at step 8, past train.steps=4"):
+        train(config("execution=loop", "train.steps=4", "train.resume=force"), finished_run, show_progress=False)
+    with pytest.raises(ResumeError, match=r"may change with train.resume=force: train.steps \(checkpoint: 8, now: 10\)"):
+        train(config("execution=loop", "train.steps=10"), finished_run, show_progress=False)
+    metrics = train(config("execution=loop", "train.steps=10", "train.resume=force"), finished_run, show_progress=False)
+    assert metrics["steps"] == 10 and load_checkpoint(finished_run / "checkpoint.pt")["step"] == 10
+    assert "steps: 8" in (finished_run / "config.1.yaml").read_text()  # the earlier config is kept
+    assert "steps: 10" in (finished_run / "config.yaml").read_text()
+
+
+def test_resume_true_needs_a_checkpoint_and_false_refuses_one(tmp_path, finished_run):
+    with pytest.raises(ResumeError, match="train.resume=true but .* holds no checkpoint"):
+        train(config("train.resume=true"), tmp_path / "empty", show_progress=False)
+    assert not (tmp_path / "empty" / "config.yaml").exists()
+    with pytest.raises(ResumeError, match="train.resume=false but .* already holds a run"):
+        train(config("execution=loop", "train.resume=false"), finished_run, show_progress=False)
+
+
+# --- 3. exact resume on every path and algorithm -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "imaml", "entropy_sgd", "reptile"])
+@pytest.mark.parametrize("execution", ["loop", "vmap", "auto"])
+def test_crash_at_a_random_step_then_resume_is_bit_exact(tmp_path, request, algorithm, execution):
+    if algorithm == "reptile":
+        request.getfixturevalue("reptile")
+    overrides = (f"execution={execution}",)
+    train(config(*overrides, algorithm=algorithm), tmp_path / "straight", show_progress=False)
+    step = random.Random().randrange(2, 8)
+    with crash_after(algorithm, step), pytest.raises(Crash):
+        train(config(*overrides, algorithm=algorithm), tmp_path / "crashed", show_progress=False)
+    train(config(*overrides, algorithm=algorithm), tmp_path / "crashed", show_progress=False)
+    assert_bit_equal(params_of(tmp_path / "crashed"), params_of(tmp_path / "straight"), f"crash at step {step}")
+
+
+def test_auto_measurement_leaves_the_runs_random_state_alone(tmp_path, capsys):
+    """Entropy-SGD draws noise from its own generator; the timing trial used to consume it."""
+    train(config("execution=auto", algorithm="entropy_sgd"), tmp_path / "auto", show_progress=False)
+    assert "measured now" in capsys.readouterr().out
+    chosen = load_checkpoint(tmp_path / "auto" / "checkpoint.pt")["execution"]
+    train(config(f"execution={chosen}", algorithm="entropy_sgd"), tmp_path / "explicit", show_progress=False)
+    assert_bit_equal(params_of(tmp_path / "auto"), params_of(tmp_path / "explicit"))
+
+
+def test_auto_is_recorded_cached_and_kept_on_resume(tmp_path, cache, capsys):
+    run_dir = tmp_path / "run"
+    with crash_after("maml", 5), pytest.raises(Crash):
+        train(config("execution=auto"), run_dir, show_progress=False)
+    chosen = load_checkpoint(run_dir / "checkpoint.pt")["execution"]
+    assert f"execution: {chosen}" in (run_dir / "config.yaml").read_text()
+    assert "measured now" in capsys.readouterr().out
+    train(config("execution=auto"), tmp_path / "second", show_progress=False)
+    assert f"execution=auto chose {chosen!r}: the fastest in the measurement cached" in capsys.readouterr().out
+    other = "loop" if chosen == "vmap" else "vmap"
+    measurements = json.loads((cache / "execution.json").read_text())
+    for entry in measurements.values():
+        entry["path"] = other  # the cache now says otherwise: a resumed run must keep its path
+    (cache / "execution.json").write_text(json.dumps(measurements))
+    train(config("execution=auto"), run_dir, show_progress=False)
+    assert "the path recorded in the checkpoint being resumed" in capsys.readouterr().out
+    assert load_checkpoint(run_dir / "checkpoint.pt")["execution"] == chosen
+    texts = [e for path in (run_dir / "tb").glob("events.*") for e in LegacyEventFileLoader(str(path)).Load()
+             if any(v.tag.startswith("run/execution") for v in e.summary.value)]
+    assert texts, "the chosen path is in TensorBoard as text"
+
+
+@pytest.mark.parametrize("algorithm, execution", [("maml", "auto"), ("entropy_sgd", "auto"), ("imaml", "vmap")])
+def test_kill_9_at_a_random_step_then_resume_is_bit_exact(tmp_path, cache, algorithm, execution):
+    args = cli_overrides(algorithm, f"execution={execution}", "train.checkpoint_every=1")
+    step = random.Random().randrange(2, 8)
+    killed = run_cli([str(ROOT / "tests" / "fault_driver.py"), algorithm, str(step), "KILL", *args,
+                      f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, cache)
+    assert killed.returncode == -9, killed.stderr
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == step - 1
+    resumed = run_cli(["-m", "bilevel.train", *args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'run'}"],
+                      tmp_path, cache)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {tmp_path / 'run' / 'checkpoint.pt'} at step {step - 1}" in resumed.stdout
+    chosen = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["execution"]
+    train(config(f"execution={chosen}", "train.checkpoint_every=1", algorithm=algorithm), tmp_path / "straight",
+          show_progress=False)
+    assert_bit_equal(params_of(tmp_path / "run"), params_of(tmp_path / "straight"), f"kill -9 after step {step}")
+
+
+# --- 4. one run per directory, and a clean record --------------------------------------------------------
+
+
+def test_second_run_in_a_busy_directory_fails_at_start_naming_the_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    with FileLock(run_dir / "run.lock"):
+        with pytest.raises(RunDirectoryBusy, match=rf"in use by another run \(pid {os.getpid()} on "):
+            train(config(), run_dir, show_progress=False)
+        assert [p.name for p in run_dir.iterdir()] == ["run.lock"]
+    train(config(), run_dir, show_progress=False)  # released: the directory is usable again
+    assert not (run_dir / "run.lock").exists()
+
+
+def test_resume_truncates_tensorboard_to_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    with crash_after("maml", 8), pytest.raises(Crash):  # checkpoint at 6; points up to 7 and decomposition 6 after it
+        train(config("execution=loop", "train.checkpoint_every=3"), run_dir, show_progress=False)
+    first = events(run_dir)
+    train(config("execution=loop", "train.checkpoint_every=3"), run_dir, show_progress=False)
+    train(config("execution=loop", "train.checkpoint_every=3"), tmp_path / "straight", show_progress=False)
+    resumed, straight = events(run_dir), events(tmp_path / "straight")
+    for tag, points in resumed.items():
+        steps = [s for s, _ in points]
+        assert steps == sorted(set(steps)), f"{tag}: steps {steps} repeat or go back"
+    assert [s for s, _ in first["train/loss"]] == list(range(1, 8))
+    assert [s for s, _ in resumed["train/loss"]] == list(range(1, 9))
+    assert resumed["train/loss"][:6] == first["train/loss"][:6]
+    timeless = [tag for tag in straight if not tag.startswith("time/")]
+    assert {t: resumed[t] for t in timeless} == {t: straight[t] for t in timeless}  # as if never interrupted
+
+
+def test_stale_temporary_files_and_metrics_of_an_interrupted_attempt_are_removed(finished_run):
+    (finished_run / ".checkpoint.pt.abc123.tmp").write_bytes(b"partial")
+    with crash_after("maml", 1), pytest.raises(Crash):  # the first step of the resumed attempt
+        train(config("execution=loop", "train.steps=10", "train.resume=force"), finished_run, show_progress=False)
+    assert not list(finished_run.glob(".*.tmp"))
+    assert not (finished_run / "metrics.json").exists()  # it described step 8, the run is now past it
+
+
+# --- 5. files we read are checked --------------------------------------------------------------------------
+
+
+CORRUPTIONS = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: os.urandom(len(data)),
+    "overwritten mid-file": lambda data: data[:2000] + bytes(1000) + data[3000:],
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_corrupt_checkpoint_names_the_file_and_the_intact_previous_one(finished_run, corruption):
+    latest = finished_run / "checkpoint.pt"
+    assert load_checkpoint(finished_run / "checkpoint.prev.pt")["step"] == 6  # the last two are kept
+    latest.write_bytes(CORRUPTIONS[corruption](latest.read_bytes()))
+    with pytest.raises(CorruptFileError) as err:
+        train(config("execution=loop"), finished_run, show_progress=False)
+    message = str(err.value)
+    print(message)
+    assert f"{latest} is not a readable checkpoint file" in message
+    assert f"The previous checkpoint {finished_run / 'checkpoint.prev.pt'} (step 6) is intact" in message
+    assert f"mv {finished_run / 'checkpoint.prev.pt'} {latest}" in message
+
+
+def _tiny_pool(seed: int, image_size: int):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (4, 20, image_size, image_size), dtype=torch.uint8, generator=generator)
+    return images, [glyphs.GlyphInfo(chr(65 + i), "LATIN") for i in range(4)]
+
+
+@pytest.mark.parametrize("corruption", ["overwritten mid-file", "truncated", "headerless (older format)"])
+def test_corrupt_glyph_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog, corruption):
+    builds = []
+    monkeypatch.setattr(glyphs, "build_glyphs", lambda seed, size: builds.append(seed) or _tiny_pool(seed, size))
+    glyphs.load_glyphs.cache_clear()
+    images, _ = glyphs.load_glyphs(tmp_path, 0, 8)
+    path = glyphs.cache_file(tmp_path, 0, 8)
+    data = path.read_bytes()
+    if corruption == "headerless (older format)":
+        torch.save({"images": images}, path)
+    else:
+        path.write_bytes(CORRUPTIONS[corruption](data))
+    glyphs.load_glyphs.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        rebuilt, _ = glyphs.load_glyphs(tmp_path, 0, 8)
+    glyphs.load_glyphs.cache_clear()
+    assert len(builds) == 2 and torch.equal(rebuilt, images)
+    assert f"{path} is not a readable glyphs file" in caplog.text and "rebuilding" in caplog.text
+    assert path.read_bytes() == data and not list(tmp_path.glob("*.lock")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_checked_file_refuses_another_format_version(tmp_path):
+    save_checked({"x": 1}, tmp_path / "f.pt", "checkpoint", 99)
+    with pytest.raises(CorruptFileError, match="format version 99, this code reads version 1"):
+        load_checkpoint(tmp_path / "f.pt")
+
+
+# --- 6. signals ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, status", [("INT", 130), ("TERM", 143)])
+def test_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(tmp_path, cache, name, status):
+    run_dir = tmp_path / "run"
+    args = cli_overrides("entropy_sgd", "execution=loop", "train.checkpoint_every=4")
+    stopped = run_cli([str(ROOT / "tests" / "fault_driver.py"), "entropy_sgd", "3", name, *args,
+                       f"hydra.run.dir={run_dir}"], tmp_path, cache)
+    assert stopped.returncode == status, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert f"stopped by SIG{name} after step 3; checkpoint: {run_dir / 'checkpoint.pt'} (step 3)" in stopped.stderr
+    command = stopped.stderr.split("resume with: ", 1)[1].strip()
+    assert command.startswith("bilevel-train ") and f"train.resume=auto hydra.run.dir={run_dir}" in command
+    if name == "TERM":  # the printed command continues the run, bit for bit
+        resumed = run_cli(["-m", "bilevel.train", *shlex.split(command)[1:]], tmp_path, cache)
+        assert resumed.returncode == 0, resumed.stderr
+        train(config("execution=loop", "train.checkpoint_every=4", algorithm="entropy_sgd"), tmp_path / "straight",
+              show_progress=False)
+        assert_bit_equal(params_of(run_dir), params_of(tmp_path / "straight"), "SIGTERM after step 3")
+
+
+# --- 7. validation before any work ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.hidden=0"], "model.hidden must be >= 1, got 0"),
+    (["model.layers=0"], "model.layers must be >= 1, got 0"),
+    (["algorithm.test_steps=-1"], "algorithm.test_steps must be >= 0, got -1"),
+    (["eval.final_tasks=0"], "eval.final_tasks must be >= 1, got 0"),
+    (["eval.tasks=0"], "eval.tasks must be >= 1, got 0"),
+    (["train.meta_batch=100000000"], "train.meta_batch=100000000 needs an estimated"),
+    (["+train.stesp=3"], "unknown config key train.stesp: did you mean train.steps?"),
+    (["+bogus=1"], "unknown config key bogus: valid keys of the top level: algorithm, model,"),
+    (["+model.depth=3"], "unknown config key model.depth"),
+    (["data.ways=1"], "data.ways must be >= 2, got 1"),
+    (["data.shots=0"], "data.shots must be >= 1, got 0"),
+    (["algorithm.inner_lr=-0.4"], "algorithm.inner_lr must be > 0, got -0.4"),
+    (["algorithm=entropy_sgd", "algorithm.ema=1.5"], "algorithm.ema must be in (0, 1], got 1.5"),
+    (["algorithm=imaml", "algorithm.cg_iters=0"], "algorithm.cg_iters must be >= 1, got 0"),
+    (["train.lr=0"], "train.lr must be > 0, got 0.0"),
+    (["train.checkpoint_every=0"], "train.checkpoint_every must be >= 1, got 0"),
+    (["train.resume=maybe"], "train.resume must be one of auto, true, false, force, got 'maybe'"),
+    (["dtype=float16"], "dtype must be one of float32, float64, got 'float16'"),
+    (["head.policy=zero"], "head.policy must be one of random, scaled, zero_init, zeroing, got 'zero'"),
+])
+def test_bad_values_fail_before_any_work_naming_the_key_and_range(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        train(config(*overrides), tmp_path / "run", show_progress=False)
+    assert message in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("preset", ["maml", "fomaml", "anil", "imaml", "entropy_sgd"])
+def test_memory_estimate_admits_the_default_runs(preset):
+    register_configs()
+    with initialize_config_module("configs", version_base="1.3"):
+        cfg = typed_config(compose("train", overrides=[f"algorithm={preset}"]))
+    model = build_model(cfg.model, (1, 28, 28), cfg.data.ways)
+    algorithm = engine.build_algorithm(cfg.algorithm, model)
+    check_meta_step_memory(model, (1, 28, 28), cfg, algorithm.config, algorithm.train_steps, torch.device("cpu"),
+                           torch.float32)
+
+
+def test_cli_prints_a_config_error_without_traceback_and_exits_2(tmp_path, cache):
+    result = run_cli(["-m", "bilevel.train", *cli_overrides("maml", "model.hidden=0"), f"hydra.run.dir={tmp_path / 'run'}"],
+                     tmp_path, cache)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: model.hidden must be >= 1, got 0"
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
