@@ -306,6 +306,16 @@ class Replicas:
         finally:
             self.collective_seconds += time.perf_counter() - start
 
+    def _join(self) -> None:
+        """``init_process_group`` on the launcher's store (``env://``), under a prefix of its own
+        per restart attempt: torchrun hands a restarted group the store of the failed one, whose
+        keys would point the new processes at the dead ones' addresses."""
+        timeout = timedelta(seconds=self.timeout_s)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(self.backend, store=dist.PrefixStore(f"bilevel/attempt{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout)
+
     @contextmanager
     def running(self, run_dir: Union[str, Path]) -> Iterator[Union[RunDirectory, Quiet]]:
         """The run's span: joins the process group (distributed runs), and yields the run
@@ -319,8 +329,7 @@ class Replicas:
         with ExitStack() as stack:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            self._collective("joining the process group", lambda: dist.init_process_group(
-                self.backend, timeout=timedelta(seconds=self.timeout_s)))
+            self._collective("joining the process group", self._join)
             stack.callback(dist.destroy_process_group)
             if self.writer:
                 directory: Union[RunDirectory, Quiet] = RunDirectory(run_dir)
@@ -363,7 +372,7 @@ class Replicas:
         slots = plan(pack)
         flat = pack.buffer(dtype)
         self._collective(what, lambda: dist.all_reduce(flat))
-        return tree_map(pack.value, slots)
+        return _map(pack.value, slots)
 
     def reduce_step(self, result: MetaStep, update: Params, batch: Any,
                     stop: GracefulStop) -> tuple[MetaStep, Params, Any]:
@@ -378,17 +387,17 @@ class Replicas:
 
         def plan(pack: _Pack) -> dict[str, Any]:
             slots: dict[str, Any] = {
-                "grad": tree_map(pack.mean, result.grad), "update": tree_map(pack.mean, update),
+                "grad": _map(pack.mean, result.grad), "update": _map(pack.mean, update),
                 "loss": pack.mean(result.loss), "accuracy": pack.mean(result.accuracy),
-                "extras": tree_map(pack.mean, result.extras),
+                "extras": _map(pack.mean, result.extras),
                 "signum": pack.maximum(torch.tensor(float(stop.signum or 0), device=result.loss.device)),
             }
             if decomposition is not None:
                 slots["decomposition"] = {
-                    "terms": tree_map(pack.mean, decomposition.terms),
-                    "total": tree_map(pack.mean, decomposition.total),
-                    "encoder_adaptation": tree_map(pack.mean, decomposition.encoder_adaptation),
-                    "extras": tree_map(pack.mean, decomposition.extras),
+                    "terms": _map(pack.mean, decomposition.terms),
+                    "total": _map(pack.mean, decomposition.total),
+                    "encoder_adaptation": _map(pack.mean, decomposition.encoder_adaptation),
+                    "extras": _map(pack.mean, decomposition.extras),
                     "pair_weights": pack.rows(decomposition.pair_weights),
                     "feature_cosines": pack.rows(decomposition.feature_cosines),
                     "same_class": pack.rows(decomposition.same_class),
@@ -443,6 +452,11 @@ class Replicas:
                     "same update to the same state; a plugin that draws randomness for its own tasks only, or keeps "
                     "rank-dependent state, breaks that. The run was stopped; its last checkpoint is intact"
                 )
+
+
+def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``fn`` on every leaf of a pytree of dicts, lists and tuples; None stays None."""
+    return tree_map(lambda leaf: None if leaf is None else fn(leaf), tree)
 
 
 def _leaves(tree: Any, ignore: tuple[str, ...], prefix: str = "") -> Iterator[tuple[str, Any]]:
