@@ -279,7 +279,7 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool) -> di
                     save(done)
                 if signum is not None:
                     name = signal.Signals(signum).name
-                    raise RunInterrupted(f"stopped by {name} after step {done}; checkpoint: {last_good}", stop.signum)
+                    raise RunInterrupted(f"stopped by {name} after step {done}; checkpoint: {last_good}", signum)
         final = eval_batches(cfg, cfg.eval.final_split, cfg.eval.final_tasks, run.device, run.dtype, run.replicas.launch)
         metrics = {k.replace("/", "_"): v for k, v in log_eval(cfg.train.steps, final, "test").items()}
         metrics["steps"] = float(cfg.train.steps)

@@ -11,7 +11,8 @@ Probes, set by environment variables:
 * ``BILEVEL_TEST_FAULT=RANK:STEP:WHAT``, on the first attempt only (``TORCHELASTIC_RESTART_COUNT``
   unset or 0): rank RANK, when it reaches the reduction of step STEP (STEP steps done), writes the
   time to ``DIR/fault_time`` and then kills itself (``KILL``), hangs (``STOP``: SIGSTOP), raises
-  (``RAISE``) or, after the reduction, adds 1e-3 to the first entry of its update (``DIVERGE``).
+  (``RAISE``), sends itself SIGTERM and goes on (``TERM``) or, after the reduction, adds 1e-3 to
+  the first entry of its update (``DIVERGE``).
 
 The same probes record a single-process run in the test's own process (:meth:`Probe.install`).
 Run with ``BILEVEL_ALLOCATOR=default``: a re-exec under another allocator would drop the probes.
@@ -89,6 +90,9 @@ class Probe:
             os.kill(os.getpid(), signal.SIGKILL)
         if what == "STOP":
             os.kill(os.getpid(), signal.SIGSTOP)
+        if what == "TERM":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise RuntimeError(f"injected fault on rank {self.rank}")
 
     def watch_writes(self) -> None:

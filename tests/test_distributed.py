@@ -352,6 +352,20 @@ def test_a_failed_rank_makes_the_others_exit_with_a_message_within_the_timeout(t
     assert run.state()["step"] == 2 and not (run.directory / "metrics.json").exists()
 
 
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_the_run_resumes(tmp_path, runs):
+    overrides = BASE + ALGORITHMS["maml"] + ["train.checkpoint_every=5"]
+    run = processes(tmp_path, 2, overrides, fault="0:3:TERM")  # rank 0 only, before it packs step 3
+    checkpoint = run.directory / "checkpoint.pt"
+    for outcome in run.outcomes:
+        assert outcome.returncode == 143, outcome.stderr
+        assert f"stopped by SIGTERM after step 4; checkpoint: {checkpoint} (step 4)" in outcome.stderr
+    assert run.state()["step"] == 4
+    resumed = processes(tmp_path, 2, overrides)
+    succeeded(resumed)
+    assert f"resuming {checkpoint} at step 4" in resumed.outcomes[0].stdout
+    assert same(resumed.params(), runs("maml", 2).params())
+
+
 def test_diverged_processes_stop_naming_the_first_differing_parameter(tmp_path):
     run = processes(tmp_path, 2, BASE + ALGORITHMS["maml"] + ["dist.check_every=2"], fault="1:2:DIVERGE")
     first = next(iter(run.state()["params"]))
