@@ -218,14 +218,16 @@ class _Slot:
 
 class _Pack:
     """Contributions of one rank to a flat buffer summed across ranks (see the module
-    docstring): :meth:`mean`, :meth:`rows` and :meth:`maximum` return slots; after
-    the :meth:`buffer` has been summed, :meth:`value` reads each slot's reduced tensor. A tensor added twice (the
-    same object) takes one slot."""
+    docstring): :meth:`mean`, :meth:`rows` and :meth:`maximum` return slots; once the
+    :meth:`buffer` has been summed, :meth:`value` reads each slot's reduced tensor. A tensor
+    added twice (the same object, e.g. a decomposition's total that is also the meta-gradient)
+    takes one slot."""
 
     def __init__(self, launch: Launch, first: int, tasks: int, total: int) -> None:
         self.launch, self.first, self.tasks, self.total = launch, first, tasks, total
         self._parts: list[Tensor] = []
         self._slots: dict[int, _Slot] = {}
+        self._sources: list[Tensor] = []  # kept alive, so that their ids, the slots' keys, stay theirs
         self._size = 0
         self._flat: Optional[Tensor] = None
 
@@ -234,6 +236,7 @@ class _Pack:
         if slot is None:
             slot = _Slot(self._size, contribution.shape, tensor.dtype, read)
             self._slots[id(tensor)] = slot
+            self._sources.append(tensor)
             self._parts.append(contribution.reshape(-1))
             self._size += contribution.numel()
         return slot
@@ -247,7 +250,7 @@ class _Pack:
         if tensor.shape[0] != self.tasks:
             raise ValueError(f"a per-task tensor of shape {tuple(tensor.shape)} does not have this rank's "
                              f"{self.tasks} tasks on its first axis")
-        block = tensor.new_zeros((self.total, *tensor.shape[1:]), dtype=torch.float64)
+        block = tensor.new_zeros((self.total, *tensor.shape[1:]), dtype=torch.float64)  # holds masks and labels
         block[self.first: self.first + self.tasks] = tensor.detach()
         return self._add(tensor, block, lambda summed: summed)
 
