@@ -417,7 +417,30 @@ def test_only_rank_0_writes_to_the_run_directory(runs):
     assert any(w.startswith(str(two.directory)) for w in two.records[0]["writes"])  # the probe does see writes
 
 
+def test_execution_auto_is_settled_by_rank_0_for_every_process(tmp_path):
+    run = processes(tmp_path, 2, BASE + ALGORITHMS["maml"] + ["execution=auto", "train.steps=2"])
+    succeeded(run)
+    chosen = run.state()["execution"]
+    assert f"execution=auto chose {chosen!r}: the fastest, measured now" in run.outcomes[0].stdout
+    assert run.outcomes[1].stdout == ""  # the other process is silent, and measured nothing
+    cache = tmp_path / "cache" / "execution.json"
+    assert cache.exists() and not [w for w in run.records[1]["writes"] if w.startswith(str(tmp_path / "cache"))]
+
+
 # --- set-up errors ------------------------------------------------------------------------------------------
+
+
+def test_a_refused_start_ends_every_process_with_rank_0s_message(tmp_path):
+    from bilevel.files import FileLock
+
+    with FileLock(tmp_path / "run" / "run.lock"):
+        run = processes(tmp_path, 2, BASE + ALGORITHMS["maml"])
+    for outcome in run.outcomes:
+        assert outcome.returncode == 1
+        assert f"error: run directory {tmp_path / 'run'} is in use by another run (pid {os.getpid()}" in outcome.stderr
+    resumed = processes(tmp_path, 2, BASE + ALGORITHMS["maml"] + ["train.resume=true"])
+    for outcome in resumed.outcomes:
+        assert outcome.returncode == 2 and "train.resume=true but" in outcome.stderr
 
 
 TWO = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
