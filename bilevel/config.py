@@ -106,7 +106,9 @@ class DistConfig:
     ``check_every``, the cadence of the check that every process holds the same state (0: never).
     None of them is part of the resume contract, nor is the number of processes."""
 
-    checks: ClassVar[dict[str, Check]] = {"backend": OneOf(BACKENDS), "timeout_s": POSITIVE, "check_every": NON_NEGATIVE}
+    checks: ClassVar[dict[str, Check]] = {
+        "backend": OneOf(BACKENDS), "timeout_s": POSITIVE, "check_every": NON_NEGATIVE,
+    }
 
     backend: str = "auto"
     timeout_s: float = 60.0

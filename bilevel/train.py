@@ -229,8 +229,11 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool) -> di
         last_good = f"{path} (step {step})"
 
     def log_eval(step: int, split_batches: list[TaskBatch], prefix: str) -> dict[str, float]:
-        values = eval_scalars(prefix, evaluate(algorithm, params, split_batches, False, run.replicas))
-        values.update(eval_scalars(prefix + "_zeroed", evaluate(algorithm, params, split_batches, True, run.replicas)))
+        def accuracies(zero_head: bool) -> torch.Tensor:
+            return evaluate(algorithm, params, split_batches, zero_head=zero_head, replicas=run.replicas)
+
+        values = eval_scalars(prefix, accuracies(zero_head=False))
+        values.update(eval_scalars(prefix + "_zeroed", accuracies(zero_head=True)))
         logger.scalars(values, step)
         return values
 

@@ -307,9 +307,10 @@ def test_reduced_decomposition_passes_the_identity_check_and_equals_the_single_p
 
 
 def test_uneven_split_gives_the_single_process_meta_gradient(runs):
-    one, two = runs("maml", 1, "train.meta_batch=5", "train.steps=2"), runs("maml", 2, "train.meta_batch=5", "train.steps=2")
-    assert [first for first, _ in two.records[0]["tasks"]] == [0, 0] and [c.shape[0] for _, c in two.records[0]["tasks"]] == [3, 3]
-    assert [first for first, _ in two.records[1]["tasks"]] == [3, 3] and [c.shape[0] for _, c in two.records[1]["tasks"]] == [2, 2]
+    five = ("train.meta_batch=5", "train.steps=2")
+    one, two = runs("maml", 1, *five), runs("maml", 2, *five)
+    for record, first, tasks in zip(two.records, (0, 3), (3, 2)):  # 3 + 2 tasks
+        assert [(f, c.shape[0]) for f, c in record["tasks"]] == [(first, tasks)] * 2
     first_one, first_two = one.records[0]["steps"][0], two.records[0]["steps"][0]  # same parameters, same batch
     assert rel(first_two["grad"], first_one["grad"]) <= 1e-13
     assert first_two["loss"] == pytest.approx(first_one["loss"], rel=1e-13)
