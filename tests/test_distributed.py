@@ -306,6 +306,15 @@ def test_reduced_decomposition_passes_the_identity_check_and_equals_the_single_p
     assert decomposed == 4  # steps 0, 3, 6, 9
 
 
+def test_an_ablated_run_follows_the_reduced_kept_terms(runs):
+    """Decomposition steps follow the kept terms of the reduced decomposition, the other steps the
+    algorithm's ablated meta-gradient, reduced."""
+    one, two = runs("maml", 1, "ablation=contrastive_only"), runs("maml", 2, "ablation=contrastive_only")
+    assert rel(two.params(), one.params()) <= 1e-12
+    for s1, s2 in zip(one.records[0]["steps"], two.records[0]["steps"]):
+        assert rel(s2["update"], s1["update"]) <= 1e-11
+
+
 def test_uneven_split_gives_the_single_process_meta_gradient(runs):
     five = ("train.meta_batch=5", "train.steps=2")
     one, two = runs("maml", 1, *five), runs("maml", 2, *five)
