@@ -9,8 +9,9 @@ drawing its share of every meta-batch, then ``Ablation.step`` + ``Replicas.reduc
 one thread, gloo); with ``--device cuda``, ``1x1`` … ``Nx1``, one GPU per process (NCCL). Each
 configuration is one launch (``torchrun`` for several processes) that runs every cell: one warm-up
 step, then ``--repeats`` timed steps. Reported: the median seconds per step on rank 0, tasks/s
-(meta-batch / seconds) and the share of the step spent inside the collective (wall time in
-``all_reduce``, which includes waiting for the slower process).
+(meta-batch / seconds), the share of the step spent inside the collective (wall time in
+``all_reduce``, which includes waiting for the slower process) and the collective's own cost (one
+``all_reduce`` of the step's buffer right after a barrier).
 
 **Agreement** (``--agreement``). 20-step runs of ``bilevel-train`` (MAML SO on the loop path,
 iMAML, Entropy-SGD on MLP/synthetic; MAML on conv4/glyphs) on 1, 2 and 4 processes, float64 and
@@ -104,6 +105,23 @@ def compose(overrides: list[str]) -> Any:
         return hydra_compose("train", overrides=overrides)
 
 
+def bare_all_reduce(run: Any, repeats: int = 5) -> float:
+    """Median seconds of one ``all_reduce`` of a plain step's buffer (gradient, loss, accuracy and
+    the stop slot per process) right after a barrier: the collective's own cost, without waiting."""
+    import torch
+    import torch.distributed as dist
+
+    size = sum(p.numel() for p in run.params.values()) + 2 + run.replicas.launch.world
+    flat = torch.zeros(size, dtype=run.dtype, device=run.device)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(flat)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def worker(args: argparse.Namespace) -> None:
     """One process of a timing launch: every cell of the grid, in one process group."""
     import torch
@@ -147,6 +165,7 @@ def worker(args: argparse.Namespace) -> None:
             rows.append({"meta_batch": m, "order": order, "seconds": seconds, "collective_seconds": collective,
                          "median_s": step, "tasks_per_s": m / step,
                          "collective_share": statistics.median(c / s for c, s in zip(collective, seconds)),
+                         "all_reduce_s": bare_all_reduce(run) if run.replicas.launch.distributed else 0.0,
                          "tasks_here": batch.num_tasks})
     if first.replicas.launch.writer:
         Path(args.worker).write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads()}))
@@ -174,7 +193,7 @@ def timing(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
         results += [{"config": config, "processes": processes, "threads": measured["threads"], **row}
                     for row in measured["rows"]]
     print(f"\n{'order':>5} {'T':>3} " + "".join(f"{c + ' s/step':>14} {'tasks/s':>8} {'coll.':>6}" for c in args.configs)
-          + (f" {'speed-up':>9}" if len(args.configs) > 1 else ""))
+          + (f" {'speed-up':>9}" if len(args.configs) > 1 else "") + f" {'all_reduce':>11}")
     for order in args.order:
         for m in args.meta_batch:
             cells = [next(r for r in results if r["config"] == c and r["order"] == order and r["meta_batch"] == m)
@@ -183,7 +202,7 @@ def timing(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
                 f"{r['median_s']:>14.3f} {r['tasks_per_s']:>8.1f} {100 * r['collective_share']:>5.1f}%" for r in cells)
             if len(cells) > 1:
                 line += f" {cells[0]['median_s'] / cells[-1]['median_s']:>9.2f}"
-            print(line)
+            print(line + f" {1e3 * cells[-1]['all_reduce_s']:>8.2f} ms")
     return results
 
 
