@@ -4,7 +4,8 @@ The public API: models and parameters, the head primitives that record the trace
 (eq. 1 of THEORY.md), the inner solvers (SGD/momentum/proximal, Langevin chains, proximal
 solves with implicit differentiation), the algorithm base class and registry, the
 decomposition, ablation, and execution helpers, the declarative config checks plugins use
-(``Range``, ``OneOf``, ...) and the actionable errors with their exit statuses. ``bilevel.data``
+(``Range``, ``OneOf``, ...), the actionable errors with their exit statuses, and the pieces of
+a run over many processes (``Launch``, ``Replicas``, ``detect_launch``, ``task_share``). ``bilevel.data``
 holds the data sets and the task sampler; ``bilevel.train`` the Hydra training app;
 ``bilevel.report`` the run report.
 """
@@ -21,10 +22,12 @@ from .algorithm import (
 from .cg import CGResult, conjugate_gradient
 from .chain import ChainAlgorithm, ChainConfig, ChainSpec, decompose_chain, run_chain
 from .decompose import TERMS, Decomposition, Nodes, term_cotangents
+from .distributed import Launch, Replicas, detect_launch, task_share
 from .errors import (
     BilevelError,
     ConfigError,
     CorruptFileError,
+    DistributedError,
     NonFiniteError,
     ResumeError,
     RunDirectoryBusy,
@@ -55,12 +58,13 @@ __all__ = [
     "Ablation", "resolve_ablation", "AlgorithmConfig", "BilevelAlgorithm", "MetaStep",
     "available_algorithms", "build_algorithm", "get_algorithm", "register", "CGResult",
     "conjugate_gradient", "ChainAlgorithm", "ChainConfig", "ChainSpec", "decompose_chain", "run_chain",
-    "TERMS", "Decomposition", "Nodes", "term_cotangents", "choose_execution", "map_meta_steps", "map_tasks", "reduce_tasks",
+    "TERMS", "Decomposition", "Nodes", "term_cotangents", "Launch", "Replicas", "detect_launch", "task_share",
+    "choose_execution", "map_meta_steps", "map_tasks", "reduce_tasks",
     "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_displacement", "head_shrink", "head_write", "init_head",
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
-    "BilevelError", "ConfigError", "CorruptFileError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
+    "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
     "RunInterrupted", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
     "check_declared",
 ]

@@ -68,6 +68,7 @@ from .decompose import (
     reconstruction_error,
     term_cotangents,
 )
+from .data.batch import task_position
 from .execution import map_meta_steps, map_tasks
 from .head import HeadState, head_add_noise, head_displacement, head_shrink, head_write, init_head, readout
 from .inner import ADAPTED_SETS, sgd_steps
@@ -310,7 +311,9 @@ class ChainAlgorithm(BilevelAlgorithm):
     """Base for algorithms whose outer direction is a chain's ``prox_mean`` direction.
 
     Subclasses implement :meth:`spec` (the chain of the current outer step) and, for noisy
-    chains, :meth:`noise` (draws from their own generator). The meta-gradient is the mean of
+    chains, :meth:`noise` (draws from their own generator, for every task of the meta-batch even
+    when ``batch`` is one process's share of it, so the generator's state and each task's draws
+    do not depend on the sharing). The meta-gradient is the mean of
     ``d`` over the tasks; ``loss``/``accuracy`` are the mean chain-step loss and accuracy on
     ``B``. Evaluation: mean query accuracy after ``0 … steps`` plain SGD steps of size
     ``inner_lr`` on the support over the adapted set. Pair weights are those of the last step
@@ -346,8 +349,10 @@ class ChainAlgorithm(BilevelAlgorithm):
     def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
         spec = self.spec()
         params = tree_detach(params)
-        noise = self.noise(params, spec, batch.support_y.shape[0])
+        first, total = task_position(batch)  # a share of a meta-batch: draw for all of it, keep the share's rows
+        noise = self.noise(params, spec, total)
         keys = sorted(noise) if noise else []
+        share = slice(first, first + batch.support_y.shape[0])
         terms = self.terms
 
         def task(p, xs, ys, xq, yq, *draws, decompose: bool):
@@ -362,7 +367,7 @@ class ChainAlgorithm(BilevelAlgorithm):
 
         per_task = map_meta_steps(
             lambda d: partial(task, decompose=d), self.execution, params, batch.support_x, batch.support_y,
-            batch.query_x, batch.query_y, *(noise[k] for k in keys), decompose=decompose,
+            batch.query_x, batch.query_y, *(noise[k][share] for k in keys), decompose=decompose,
         )
         grad = {k: v.mean(0) for k, v in per_task["grad"].items()}
         decomposition = None

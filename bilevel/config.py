@@ -25,6 +25,7 @@ from .validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_de
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 RESUME_MODES = ("auto", "true", "false", "force")
+BACKENDS = ("auto", "gloo", "nccl")
 
 
 @dataclass
@@ -96,6 +97,25 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    """Runs over many processes (``torchrun``; ``docs/distributed.md``), ignored without a
+    launcher: ``backend`` auto|gloo|nccl (auto: NCCL on CUDA, gloo on the CPU); ``timeout_s``, the
+    longest a process waits for the others in a collective (a process that dies is noticed at
+    once; this bounds a hung one, and must exceed the longest gap between two collectives:
+    a training step, an evaluation, rank 0's checkpoint or ``execution=auto`` measurement);
+    ``check_every``, the cadence of the check that every process holds the same state (0: never).
+    None of them is part of the resume contract, nor is the number of processes."""
+
+    checks: ClassVar[dict[str, Check]] = {
+        "backend": OneOf(BACKENDS), "timeout_s": POSITIVE, "check_every": NON_NEGATIVE,
+    }
+
+    backend: str = "auto"
+    timeout_s: float = 60.0
+    check_every: int = 10
+
+
+@dataclass
 class TrainConfig:
     """A training run. ``device`` auto|cpu|cuda; ``execution`` auto|vmap|loop|shared.
     The model's checks are declared here, as :class:`ModelConfig` lives with the models."""
@@ -113,6 +133,7 @@ class TrainConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"

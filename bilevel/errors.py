@@ -46,3 +46,13 @@ class RunInterrupted(BilevelError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+class DistributedError(BilevelError):
+    """The processes of a distributed run lost each other (one died, raised or did not answer
+    within ``dist.timeout_s``) or diverged; on the other ranks, also rank 0's refusal to start
+    the run, with its message and ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -71,9 +71,12 @@ def _size(n: float) -> str:
 
 
 def check_meta_step_memory(model: BilevelModel, input_shape: tuple[int, ...], cfg: Any, algorithm_config: Any,
-                           inner_steps: int, device: torch.device, dtype: torch.dtype) -> None:
+                           inner_steps: int, device: torch.device, dtype: torch.dtype,
+                           tasks: Optional[int] = None) -> None:
     """Refuse (:class:`ConfigError` naming ``train.meta_batch``) a meta-step whose estimate (see
-    the module docstring) exceeds the memory available on ``device``."""
+    the module docstring) exceeds the memory available on ``device``. ``tasks``: the tasks held
+    in that memory at once (a distributed run's shares, :func:`bilevel.distributed.tasks_in_memory`);
+    default ``train.meta_batch``."""
     available = available_bytes(device)
     if available is None:
         return
@@ -82,12 +85,15 @@ def check_meta_step_memory(model: BilevelModel, input_shape: tuple[int, ...], cf
     samples = cfg.data.ways * (cfg.data.shots + cfg.data.queries)
     element = torch.empty((), dtype=dtype).element_size()
     per_task = element * activations_per_sample(model, input_shape) * samples * passes * 2 * order
-    need = per_task * cfg.train.meta_batch
+    meta_batch = cfg.train.meta_batch
+    tasks = meta_batch if tasks is None else tasks
+    need = per_task * tasks
     if need > available:
-        fits = max(available // per_task, 0)
+        fits = max(available // per_task, 0) * meta_batch // tasks
+        held = "" if tasks == meta_batch else f"; {tasks} tasks in this device's memory at once"
         raise ConfigError(
-            f"train.meta_batch={cfg.train.meta_batch} needs an estimated {_size(need)} for one meta-step "
-            f"({_size(per_task)} per task of {samples} samples), but {_size(available)} is available on "
+            f"train.meta_batch={meta_batch} needs an estimated {_size(need)} for one meta-step "
+            f"({_size(per_task)} per task of {samples} samples{held}), but {_size(available)} is available on "
             f"{device.type}; train.meta_batch must be <= {fits} here (or lower data.shots/queries, the "
             f"inner steps or the model size)"
         )

@@ -3,8 +3,10 @@
 A checkpoint stores the *fingerprint* of its run: the flattened resolved config with the
 resolved execution path and device type in place of ``execution``/``device``, and the code
 version (``code.bilevel``, ``code.torch``). A run continues a checkpoint only when every
-*trajectory* key matches — everything but :data:`FORCEABLE` (and ``train.resume`` itself) —
-so that the continued run is the run that was started, bit for bit. :data:`FORCEABLE` keys
+*trajectory* key matches — everything but :data:`FORCEABLE` and :data:`NOT_COMPARED`
+(``train.resume`` itself, and ``dist.*``) — so that the continued run is the run that was
+started, bit for bit (on the same number of processes; on another number, up to the summation
+order of the cross-process reduction: ``docs/distributed.md``). :data:`FORCEABLE` keys
 (``train.steps``, the logging, evaluation and checkpoint cadence) do not change the
 parameters' trajectory and may differ with ``train.resume=force``; ``train.steps`` may never
 fall below the checkpoint's step.
@@ -27,7 +29,10 @@ FORCEABLE = ("train.steps", "train.eval_every", "train.log_every", "train.image_
 """Keys that may change with ``train.resume=force`` (exact keys, or prefixes ending in '.').
 ``train.decompose_every`` is not among them: with an ablation, decomposition steps take the
 encoder's update from the decomposition, so that cadence is part of the trajectory."""
-NOT_COMPARED = ("train.resume",)
+NOT_COMPARED = ("train.resume", "dist.")
+"""Keys that are not part of the run: how it is resumed and how its processes talk. The number
+of processes is not in the fingerprint either: a run may resume on another world size
+(``docs/distributed.md``)."""
 RESOLVED = ("execution", "device")
 """Config keys replaced in the fingerprint by what they resolved to."""
 
@@ -43,16 +48,20 @@ def code_version() -> dict[str, str]:
 
 def fingerprint(cfg: DictConfig, execution: str, device: torch.device) -> dict[str, Any]:
     """The flattened record of everything that determines the run (see the module docstring)."""
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    for key in NOT_COMPARED + RESOLVED:
-        flat.pop(key, None)
+    flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
+            if not _matches(k, NOT_COMPARED + RESOLVED)}
     flat.update({"execution": execution, "device": device.type})
     flat.update({f"code.{k}": v for k, v in code_version().items()})
     return flat
 
 
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    """``key`` is one of ``patterns`` (exact keys, or prefixes ending in '.')."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
 def is_forceable(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in FORCEABLE)
+    return _matches(key, FORCEABLE)
 
 
 def check_resume(path: Path, step: int, saved: dict[str, Any], current: dict[str, Any], mode: str) -> None:

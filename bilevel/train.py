@@ -13,6 +13,9 @@ A run, in order (``docs/reliability.md`` states what is guaranteed):
    finish the step, checkpoint and stop (:mod:`bilevel.signals`).
 4. ``metrics.json`` is written last, only by a run that finished.
 
+Under ``torchrun`` the run spans its processes (:mod:`bilevel.distributed`): each draws its share
+of every meta-batch, one collective per step reduces the meta-step, and rank 0 alone writes.
+
 The CLI prints the failures of :mod:`bilevel.errors` without a traceback, with their exit
 status (2 for a configuration error, 130/143 for SIGINT/SIGTERM, else 1) and, when a run
 stopped, the command that resumes it.
@@ -37,9 +40,13 @@ from tqdm.auto import tqdm
 from .ablation import Ablation, resolve_ablation
 from .allocator import ensure_allocator
 from .algorithm import BilevelAlgorithm, build_algorithm
-from .checkpoint import save_checkpoint
+from .checkpoint import LATEST, save_checkpoint
 from .config import DEVICES, register_configs, typed_config, validate
 from .data import TaskBatch, TaskSampler, build_sampler, input_shape
+from .distributed import (
+    Launch, Quiet, Replicas, check_command_line, check_launch, detect_launch, rank_device, resolve_backend,
+    tasks_in_memory,
+)
 from .errors import BilevelError, ConfigError, RunInterrupted
 from .execution_choice import ExecutionChoice, cache_key, measure_paths, settle_execution
 from .finite import FiniteGuard, step_tensors
@@ -80,12 +87,14 @@ class Run:
     ablation: Ablation
     sampler: TaskSampler
     eval_batches: list[TaskBatch]
+    replicas: Replicas
 
 
-def eval_batches(cfg: DictConfig, split: str, tasks: int, device, dtype) -> list[TaskBatch]:
-    """A fixed set of ``tasks`` evaluation tasks (same seed every time), in meta-batches."""
+def eval_batches(cfg: DictConfig, split: str, tasks: int, device, dtype, launch: Launch = Launch()) -> list[TaskBatch]:
+    """A fixed set of ``tasks`` evaluation tasks (same seed every time), in meta-batches (of this
+    process's share, for a run over many)."""
     size = min(cfg.train.meta_batch * 4, tasks)
-    sampler = build_sampler(cfg.data, split, size, seed=cfg.seed + 10_000)
+    sampler = launch.share(build_sampler(cfg.data, split, size, seed=cfg.seed + 10_000))
     return [sampler.sample().to(device, dtype) for _ in range(math.ceil(tasks / size))]
 
 
@@ -97,13 +106,19 @@ def setup(cfg: Any) -> Run:
     (their ``ValueError``s say which key to change), then the memory estimate."""
     cfg = typed_config(cfg)
     validate(cfg)
+    launch = detect_launch()
     try:
         device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+        check_launch(launch, cfg, device)
+        device = rank_device(launch, device)
+        replicas = Replicas(launch, device, resolve_backend(cfg.dist.backend, device), cfg.dist.timeout_s,
+                            cfg.dist.check_every)
         torch.manual_seed(cfg.seed)
         shape = input_shape(cfg.data)
         model = build_model(cfg.model, shape, cfg.data.ways)
         algorithm = build_algorithm(cfg.algorithm, model)
-        check_meta_step_memory(model, shape, cfg, algorithm.config, algorithm.train_steps, device, dtype)
+        check_meta_step_memory(model, shape, cfg, algorithm.config, algorithm.train_steps, device, dtype,
+                               tasks_in_memory(launch, cfg.train.meta_batch, device))
         model.to(device=device, dtype=dtype)
         params = model.init_params()
         initialise_head(params, cfg.head.policy, cfg.head.scale)
@@ -115,18 +130,20 @@ def setup(cfg: Any) -> Run:
                 f"execution={cfg.execution} is not available for algorithm {algorithm.name!r} with this "
                 f"configuration; available: {', '.join(algorithm.executions)} (or auto)"
             )
-        sampler = build_sampler(cfg.data, "train", cfg.train.meta_batch, seed=cfg.seed)
-        evals = eval_batches(cfg, cfg.eval.split, cfg.eval.tasks, device, dtype)
+        sampler = launch.share(build_sampler(cfg.data, "train", cfg.train.meta_batch, seed=cfg.seed))
+        evals = eval_batches(cfg, cfg.eval.split, cfg.eval.tasks, device, dtype, launch)
     except (ValueError, FileNotFoundError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
-    return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals)
+    return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals, replicas)
 
 
-def evaluate(algorithm: BilevelAlgorithm, params: Params, batches: list[TaskBatch], zero_head: bool) -> torch.Tensor:
-    """Mean query accuracy after 0 … test_steps inner steps over the fixed task set."""
+def evaluate(algorithm: BilevelAlgorithm, params: Params, batches: list[TaskBatch], zero_head: bool,
+             replicas: Replicas) -> torch.Tensor:
+    """Mean query accuracy after 0 … test_steps inner steps over the fixed task set (over all
+    processes' shares: every batch of the set is shared out alike)."""
     p = zeroed_head(params) if zero_head else params
     accs = [algorithm.evaluate(p, b, algorithm.eval_steps) for b in batches]
-    return torch.stack(accs).mean(0)
+    return replicas.mean_over_tasks(torch.stack(accs).mean(0), batches[0])
 
 
 def eval_scalars(prefix: str, accs: torch.Tensor) -> dict[str, float]:
@@ -144,7 +161,7 @@ def settle_path(run: Run, recorded: Optional[str]) -> ExecutionChoice:
         batch = run.sampler.fork(cfg.seed + TRIAL_SEED_OFFSET).sample().to(run.device, run.dtype)
         return measure_paths(algorithm, run.params, batch, run.device)
 
-    key = cache_key(run.device, fingerprint(cfg, "auto", run.device))
+    key = cache_key(run.device, {**fingerprint(cfg, "auto", run.device), "processes": run.replicas.launch.world})
     return settle_execution(cfg.execution, algorithm.executions, recorded, key, measure)
 
 
@@ -172,27 +189,34 @@ def restore(run: Run, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -
 def train(cfg: Any, run_dir: str | Path, show_progress: bool = True) -> dict[str, float]:
     """Run meta-training in ``run_dir``; returns the final metrics."""
     run = setup(cfg)
-    with RunDirectory(run_dir) as directory:
-        return _train(run, directory, show_progress)
+    with run.replicas.running(run_dir) as directory:
+        return _train(run, directory, show_progress and run.replicas.writer)
 
 
-def _train(run: Run, directory: RunDirectory, show_progress: bool) -> dict[str, float]:
+def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool) -> dict[str, float]:
     cfg, params, algorithm = run.cfg, run.params, run.algorithm
     optimizer = algorithm.make_outer_optimizer(list(params.values()), cfg.train.lr)
-    found = checkpoint_to_resume(directory.path, cfg.train.resume)
-    choice = settle_path(run, found[1]["execution"] if found else None)
+
+    def begin() -> tuple[Optional[tuple[Path, dict[str, Any]]], ExecutionChoice]:
+        found = checkpoint_to_resume(directory.path, cfg.train.resume)
+        choice = settle_path(run, found[1]["execution"] if found else None)
+        if found:
+            check_resume(found[0], found[1]["step"], found[1]["fingerprint"], fingerprint(cfg, choice.path, run.device),
+                         cfg.train.resume)
+        return found, choice
+
+    found, choice = run.replicas.first(begin)  # rank 0 reads, measures and checks; every process continues alike
     start, last_good = 0, "none written yet"
     if found:
         path, state = found
-        check_resume(path, state["step"], state["fingerprint"], fingerprint(cfg, choice.path, run.device),
-                     cfg.train.resume)
         restore(run, optimizer, state)
         start, last_good = state["step"], f"{path} (step {state['step']})"
         print(f"resuming {path} at step {start}")
     algorithm.execution = cfg.execution = choice.path
     print(choice.reason)
     directory.begin(OmegaConf.to_yaml(cfg), note=choice.reason)
-    logger = RunLogger(directory.path, resume=(start, found[1]["time"]) if found else None)
+    logger = RunLogger(directory.path, resume=(start, found[1]["time"]) if found else None) if run.replicas.writer \
+        else Quiet(directory.path)
     logger.text("run/execution", choice.reason, start)
     guard = FiniteGuard(run.device, checked_until=start)
 
@@ -200,12 +224,16 @@ def _train(run: Run, directory: RunDirectory, show_progress: bool) -> dict[str, 
         nonlocal last_good
         guard.check(step, last_good)
         logger.flush()  # the events a resumed attempt keeps are those on disk before the checkpoint
-        path = save_checkpoint(run_state(run, optimizer, step, choice.path), directory.path)
+        path = save_checkpoint(run_state(run, optimizer, step, choice.path), directory.path) if run.replicas.writer \
+            else directory.path / LATEST
         last_good = f"{path} (step {step})"
 
     def log_eval(step: int, split_batches: list[TaskBatch], prefix: str) -> dict[str, float]:
-        values = eval_scalars(prefix, evaluate(algorithm, params, split_batches, zero_head=False))
-        values.update(eval_scalars(prefix + "_zeroed", evaluate(algorithm, params, split_batches, zero_head=True)))
+        def accuracies(zero_head: bool) -> torch.Tensor:
+            return evaluate(algorithm, params, split_batches, zero_head=zero_head, replicas=run.replicas)
+
+        values = eval_scalars(prefix, accuracies(zero_head=False))
+        values.update(eval_scalars(prefix + "_zeroed", accuracies(zero_head=True)))
         logger.scalars(values, step)
         return values
 
@@ -219,17 +247,19 @@ def _train(run: Run, directory: RunDirectory, show_progress: bool) -> dict[str, 
                 before_outer_step(params, cfg.head.policy)
                 decompose_now = cfg.train.decompose_every > 0 and step % cfg.train.decompose_every == 0
                 result, update = run.ablation.step(algorithm, params, batch, decompose_now)
+                result, update, labels = run.replicas.reduce_step(result, update, batch, stop)  # the whole meta-batch's
                 for k, p in params.items():
                     p.grad = update[k]
                 optimizer.step()
                 algorithm.outer_step_done()
                 done = step + 1
                 guard.observe(done, step_tensors(result.loss, update, params, optimizer))
+                run.replicas.check_replicas(done, lambda: run_state(run, optimizer, done, choice.path), ignore=("time",))
                 loss_sum, acc_sum, count = loss_sum + result.loss.detach(), acc_sum + result.accuracy.detach(), count + 1
 
                 if decompose_now:
                     images = cfg.train.image_every > 0 and step % cfg.train.image_every == 0
-                    logger.decomposition(result.decomposition, batch, step, images)
+                    logger.decomposition(result.decomposition, labels, step, images)
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                     guard.check(done, last_good)
                     elapsed = time.perf_counter() - tick
@@ -247,12 +277,13 @@ def _train(run: Run, directory: RunDirectory, show_progress: bool) -> dict[str, 
                     values = log_eval(done, run.eval_batches, "eval")
                     bar.write(f"step {done}: eval accuracy {values['eval/accuracy']:.3f} "
                               f"(test-time zeroing {values['eval_zeroed/accuracy']:.3f})")
-                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.signum is not None:
+                signum = run.replicas.stop_signal(stop)
+                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or signum is not None:
                     save(done)
-                if stop.signum is not None:
-                    name = signal.Signals(stop.signum).name
-                    raise RunInterrupted(f"stopped by {name} after step {done}; checkpoint: {last_good}", stop.signum)
-        final = eval_batches(cfg, cfg.eval.final_split, cfg.eval.final_tasks, run.device, run.dtype)
+                if signum is not None:
+                    name = signal.Signals(signum).name
+                    raise RunInterrupted(f"stopped by {name} after step {done}; checkpoint: {last_good}", signum)
+        final = eval_batches(cfg, cfg.eval.final_split, cfg.eval.final_tasks, run.device, run.dtype, run.replicas.launch)
         metrics = {k.replace("/", "_"): v for k, v in log_eval(cfg.train.steps, final, "test").items()}
         metrics["steps"] = float(cfg.train.steps)
         logger.hparams(cfg, metrics)
@@ -293,6 +324,10 @@ def main() -> None:
     """Console entry point ``bilevel-train``. Runs under the page-retaining allocator
     (:mod:`bilevel.allocator`) unless ``BILEVEL_ALLOCATOR=default``."""
     ensure_allocator(os.environ.get("BILEVEL_ALLOCATOR", "retain"), ["-m", "bilevel.train"] + sys.argv[1:])
+    try:
+        check_command_line(sys.argv[1:])
+    except ConfigError as error:
+        _exit_on(error, "")
     register_configs()
     _hydra_main()
 

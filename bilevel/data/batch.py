@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -14,6 +14,11 @@ class TaskBatch:
     ``support_x``/``query_x`` are float ``[T, n, *image_shape]``; ``support_y``/``query_y`` are
     int64 ``[T, n]`` labels in ``0..ways-1``, ordered class by class; ``classes[t, j]`` is the
     dataset class index that got label ``j`` in task ``t``.
+
+    A batch may be one process's share of a meta-batch: tasks ``first_task … first_task + T − 1``
+    of a meta-batch of ``meta_tasks`` tasks (None: the batch is the whole meta-batch). An
+    algorithm that draws per-task randomness draws it for the whole meta-batch and takes the
+    share's rows (:func:`task_position`), so the draws do not depend on how tasks are shared out.
     """
 
     support_x: torch.Tensor
@@ -21,6 +26,8 @@ class TaskBatch:
     query_x: torch.Tensor
     query_y: torch.Tensor
     classes: torch.Tensor
+    first_task: int = 0
+    meta_tasks: Optional[int] = None
 
     @property
     def num_tasks(self) -> int:
@@ -44,10 +51,13 @@ class TaskBatch:
             query_x=self.query_x.to(device=device, dtype=dtype),
             query_y=self.query_y.to(device=device),
             classes=self.classes.to(device=device),
+            first_task=self.first_task,
+            meta_tasks=self.meta_tasks,
         )
 
     def task(self, i: int) -> "TaskBatch":
-        """The ``i``-th task (negative ``i`` counts from the end) as a batch of one task."""
+        """The ``i``-th task (negative ``i`` counts from the end) as a batch of one task (a whole
+        meta-batch of its own)."""
         if not -self.num_tasks <= i < self.num_tasks:
             raise IndexError(f"task index {i} is out of range for a batch of {self.num_tasks} tasks")
         i %= self.num_tasks
@@ -59,3 +69,10 @@ class TaskBatch:
             query_y=self.query_y[pick],
             classes=self.classes[pick],
         )
+
+
+def task_position(batch: Any) -> tuple[int, int]:
+    """``(first task, tasks in the meta-batch)`` of ``batch``: a :class:`TaskBatch` share says
+    where it lies; any other batch (duck-typed, e.g. in tests) is a whole meta-batch."""
+    tasks = batch.support_y.shape[0]
+    return getattr(batch, "first_task", 0), getattr(batch, "meta_tasks", None) or tasks

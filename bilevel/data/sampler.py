@@ -1,12 +1,22 @@
 """Draws N-way K-shot meta-batches from a :class:`ClassDataset`."""
 from __future__ import annotations
 
-from typing import Iterator
+import hashlib
+from typing import Iterator, Optional
 
 import torch
 
 from .batch import TaskBatch
 from .dataset import ClassDataset
+
+
+def task_seed(seed: int, step: int, task: int) -> int:
+    """The seed of task ``task`` of meta-batch ``step``: a 64-bit hash of ``(seed, step, task)``.
+
+    Every task has its own generator, so a task is the same whichever process draws it and
+    whatever else is drawn: the meta-batch does not depend on how it is shared out."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{task}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 class TaskSampler:
@@ -17,7 +27,12 @@ class TaskSampler:
     class by class (label 0's samples first). Labels are a fresh uniform permutation per task.
     With ``fixed_labels`` a class always gets label ``class % ways`` and each task picks one class
     per residue, so the class-to-label map is the same for the whole run (Kao et al., 2022).
-    All randomness comes from a private ``torch.Generator`` seeded with ``seed``.
+
+    Task ``i`` of meta-batch ``t`` is drawn from a private ``torch.Generator`` seeded with
+    :func:`task_seed` ``(seed, t, i)``: a pure function of those three numbers. So the sampler's
+    whole state is ``t``, the number of meta-batches drawn, and a process that draws only the
+    tasks ``tasks`` of every meta-batch (its share, :meth:`share`) gets exactly those tasks of
+    the meta-batches a single process draws, in the same order.
     """
 
     def __init__(
@@ -29,6 +44,7 @@ class TaskSampler:
         meta_batch: int,
         seed: int,
         fixed_labels: bool = False,
+        tasks: Optional[range] = None,
     ) -> None:
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("meta_batch", meta_batch)):
             if value < 1:
@@ -49,62 +65,90 @@ class TaskSampler:
                 f"{dataset.samples_per_class} samples available per class; lower shots or queries so "
                 f"that shots + queries <= {dataset.samples_per_class}"
             )
+        tasks = range(meta_batch) if tasks is None else tasks
+        if tasks.step != 1 or not 0 <= tasks.start <= tasks.stop <= meta_batch:
+            raise ValueError(f"tasks must be a contiguous range within range({meta_batch}), got {tasks}")
         self.dataset = dataset
         self.ways = ways
         self.shots = shots
         self.queries = queries
         self.meta_batch = meta_batch
+        self.seed = seed
         self.fixed_labels = fixed_labels
-        self._generator = torch.Generator().manual_seed(seed)
-        labels = torch.arange(ways)
-        self._support_y = labels.repeat_interleave(shots).expand(meta_batch, -1)
-        self._query_y = labels.repeat_interleave(queries).expand(meta_batch, -1)
+        self.tasks = tasks
+        self.step = 0
 
-    def _draw_classes(self) -> torch.Tensor:
-        """[T, ways] int64: column j holds the class that gets label j."""
-        n, t, g = self.dataset.num_classes, self.meta_batch, self._generator
+    def _draw_task(self, step: int, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task ``task`` of meta-batch ``step``: classes ``[ways]`` (entry j gets label j) and
+        per class the indices of its ``shots + queries`` samples ``[ways, shots + queries]``."""
+        g = torch.Generator().manual_seed(task_seed(self.seed, step, task))
+        n, w = self.dataset.num_classes, self.ways
         if self.fixed_labels:
-            residues = torch.arange(self.ways)
-            per_residue = (n - residues + self.ways - 1) // self.ways  # classes r, r + ways, ... < n
-            pick = (torch.rand(t, self.ways, generator=g) * per_residue).long()
-            return residues + self.ways * torch.minimum(pick, per_residue - 1)
-        # A uniformly random ordered subset: the first `ways` entries of a random permutation.
-        return torch.rand(t, n, generator=g).argsort(dim=1)[:, : self.ways]
+            residues = torch.arange(w)
+            per_residue = (n - residues + w - 1) // w  # classes r, r + ways, ... < n
+            pick = (torch.rand(w, generator=g) * per_residue).long()
+            classes = residues + w * torch.minimum(pick, per_residue - 1)
+        else:  # a uniformly random ordered subset: the first `ways` entries of a random permutation
+            classes = torch.rand(n, generator=g).argsort()[:w]
+        draws = torch.rand(w, self.dataset.samples_per_class, generator=g)
+        return classes, draws.argsort(dim=1)[:, : self.shots + self.queries]
 
-    def sample(self) -> TaskBatch:
-        """The next meta-batch of the deterministic sequence."""
-        t, w, k, q = self.meta_batch, self.ways, self.shots, self.queries
-        classes = self._draw_classes()
-        draws = torch.rand(t, w, self.dataset.samples_per_class, generator=self._generator)
-        indices = draws.argsort(dim=2)[:, :, : k + q]
+    def draw(self, step: int, tasks: range) -> TaskBatch:
+        """Tasks ``tasks`` of meta-batch ``step`` (a pure function of the seed, ``step`` and ``tasks``)."""
+        t, w, k, q = len(tasks), self.ways, self.shots, self.queries
+        drawn = [self._draw_task(step, i) for i in tasks]
+        classes = torch.stack([c for c, _ in drawn]) if drawn else torch.empty(0, w, dtype=torch.int64)
+        indices = torch.stack([i for _, i in drawn]) if drawn else torch.empty(0, w, k + q, dtype=torch.int64)
         images = self.dataset.gather(classes.unsqueeze(2).expand(-1, -1, k + q).reshape(-1), indices.reshape(-1))
         images = images.view(t, w, k + q, *images.shape[1:])
+        labels = torch.arange(w)
         return TaskBatch(
             support_x=images[:, :, :k].reshape(t, w * k, *images.shape[3:]),
-            support_y=self._support_y.clone(),
+            support_y=labels.repeat_interleave(k).repeat(t, 1),
             query_x=images[:, :, k:].reshape(t, w * q, *images.shape[3:]),
-            query_y=self._query_y.clone(),
+            query_y=labels.repeat_interleave(q).repeat(t, 1),
             classes=classes,
+            first_task=tasks.start,
+            meta_tasks=self.meta_batch,
         )
+
+    def sample(self) -> TaskBatch:
+        """This sampler's tasks of the next meta-batch of the deterministic sequence."""
+        batch = self.draw(self.step, self.tasks)
+        self.step += 1
+        return batch
 
     def __iter__(self) -> Iterator[TaskBatch]:
         """Infinite iterator over :meth:`sample`."""
         while True:
             yield self.sample()
 
+    def share(self, tasks: range) -> "TaskSampler":
+        """A sampler at the same position that draws only the tasks ``tasks`` of every meta-batch
+        (one process's share: :func:`bilevel.distributed.task_share`)."""
+        shared = TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, self.seed,
+                             self.fixed_labels, tasks)
+        shared.step = self.step
+        return shared
+
     def fork(self, seed: int) -> "TaskSampler":
-        """A sampler of the same tasks shape over the same data with its own generator seeded
-        with ``seed``: drawing from it leaves this sampler's sequence untouched."""
-        return TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, seed, self.fixed_labels)
+        """A sampler of the same tasks shape and share over the same data with its own seed
+        ``seed``, at the start of its sequence: drawing from it leaves this sampler's sequence
+        untouched."""
+        return TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, seed,
+                           self.fixed_labels, self.tasks)
 
     def state_dict(self) -> dict:
-        """The generator state; :meth:`load_state_dict` resumes the exact sequence from here."""
-        return {"generator": self._generator.get_state()}
+        """The position in the sequence (meta-batches drawn), the same for every share;
+        :meth:`load_state_dict` resumes the exact sequence from here."""
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume the sequence saved by :meth:`state_dict`."""
-        if "generator" not in state:
+        if "step" not in state:
             raise ValueError(
-                f"sampler state has keys {sorted(state)}, expected 'generator'; pass the dict from TaskSampler.state_dict()"
+                f"sampler state has keys {sorted(state)}, expected 'step'; pass the dict from "
+                "TaskSampler.state_dict() (a checkpoint of a version before per-task seeds holds "
+                "'generator': its task sequence cannot be continued; start a new run)"
             )
-        self._generator.set_state(state["generator"])
+        self.step = int(state["step"])
