@@ -97,7 +97,8 @@ class BilevelAlgorithm(ABC):
 
     @abstractmethod
     def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
-        """Mean query accuracy after ``0 … steps`` inner steps: a tensor of ``steps + 1``."""
+        """Query accuracy of every task after ``0 … steps`` inner steps: ``[tasks, steps + 1]``
+        (the trainer averages over tasks and reports confidence intervals from the spread)."""
 
     def make_outer_optimizer(self, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
         """The outer optimiser (Adam by default; a plugin whose outer step is defined by the
