@@ -151,10 +151,9 @@ def get_algorithm(name: str) -> type[BilevelAlgorithm]:
     """The algorithm class registered under ``name``; a clear error when there is none."""
     _load_plugins()
     if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown algorithm {name!r}; registered: {', '.join(sorted(_REGISTRY))}. "
-            f"External plugins register through the {ENTRY_POINT_GROUP!r} entry-point group."
-        )
+        from .catalog import unknown_algorithm_message  # the catalog lists presets too
+
+        raise ConfigError(unknown_algorithm_message(name, "algorithm.name"))
     return _REGISTRY[name]
 
 
