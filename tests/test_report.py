@@ -44,8 +44,8 @@ def write_run(path: Path, policy: str, seed: int, resume: bool = False) -> None:
         writer.add_scalar("eval/accuracy", acc, step)
         writer.add_scalar("features/cos_same_class", same * (i + 1) / len(STEPS), step)
         writer.add_scalar("features/cos_diff_class", diff * (i + 1) / len(STEPS), step)
-        writer.add_scalar("decomp/contrastive/share", 0.7, step)
-        writer.add_scalar("decomp/init/share", 0.3, step)
+        writer.add_scalar("terms/contrastive/share", 0.7, step)
+        writer.add_scalar("terms/init/share", 0.3, step)
     writer.close()
 
 
