@@ -1,4 +1,4 @@
-"""iMAML (Rajeswaran et al., 2019) as a composition of engine pieces (THEORY §5).
+"""iMAML (Rajeswaran et al., 2019) as a composition of engine pieces (docs/theory.md §5).
 
 Inner problem: ``φ* = argmin_φ L_S(φ) + (λ/2)‖φ − φ_0‖²`` over the adapted set, solved by
 ``inner_steps`` gradient-descent steps of size ``inner_lr``

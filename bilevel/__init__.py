@@ -1,7 +1,7 @@
 """bilevel: min-min bi-level learning with exact contrastive / interference decomposition.
 
 The public API: models and parameters, the head primitives that record the trace
-(eq. 1 of THEORY.md), the inner solvers (SGD/momentum/proximal, Langevin chains, proximal
+(eq. (1) of docs/theory.md), the inner solvers (SGD/momentum/proximal, Langevin chains, proximal
 solves with implicit differentiation), the algorithm base class and registry, the
 decomposition, ablation, and execution helpers, the declarative config checks plugins use
 (``Range``, ``OneOf``, ...) and the actionable errors with their exit statuses. ``bilevel.data``

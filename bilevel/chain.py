@@ -1,4 +1,4 @@
-"""SGD / Langevin chains on one task and their first-order decomposition (THEORY §2, §6).
+"""SGD / Langevin chains on one task and their first-order decomposition (docs/theory.md §2, §6).
 
 **The chain.** On the parameters ``x = (θ, W, b)`` restricted to the adapted set
 (``"all"``, or ``"head"``: the encoder stays at ``θ``), for ``ℓ = 1 … L`` on the task's

@@ -30,7 +30,7 @@ RESUME_MODES = ("auto", "true", "false", "force")
 
 @dataclass
 class HeadConfig:
-    """Head policy (THEORY §4): ``random`` (Kaiming init), ``scaled`` (init × ``scale``),
+    """Head policy (docs/theory.md §4): ``random`` (Kaiming init), ``scaled`` (init × ``scale``),
     ``zero_init`` (zero once), ``zeroing`` (W = b = 0 before every outer step)."""
 
     checks: ClassVar[dict[str, Check]] = {"policy": OneOf(HEAD_POLICIES), "scale": NON_NEGATIVE}
@@ -41,7 +41,7 @@ class HeadConfig:
 
 @dataclass
 class AblationConfig:
-    """Which decomposition terms form the encoder's meta-gradient (THEORY §3).
+    """Which decomposition terms form the encoder's meta-gradient (docs/theory.md §3).
 
     ``keep`` (a list) keeps only those terms; ``drop`` removes terms. ``none`` with both
     empty is the plain algorithm's update path, unchanged. The head always receives its

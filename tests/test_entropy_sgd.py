@@ -1,4 +1,4 @@
-"""Entropy-SGD plugin and the chain's decomposition (THEORY §6), in float64 on tiny problems.
+"""Entropy-SGD plugin and the chain's decomposition (docs/theory.md §6), in float64 on tiny problems.
 
 References are independent of ``bilevel.chain``: a literal Algorithm 1 (``x'``, ``μ`` kept as
 parameters, gradients by ``torch.autograd`` through ``functional_call`` of the whole model

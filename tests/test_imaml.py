@@ -1,4 +1,4 @@
-"""iMAML: CG, the implicit meta-gradient and its exact decomposition (THEORY §5), in float64.
+"""iMAML: CG, the implicit meta-gradient and its exact decomposition (docs/theory.md §5), in float64.
 
 References are independent of the code under test: plain autograd through a long unrolled
 proximal gradient descent written with ``functional_call`` on the whole model

@@ -1,4 +1,4 @@
-"""MAML meta-gradients (THEORY §4) against independent computations, in float64.
+"""MAML meta-gradients (docs/theory.md §4) against independent computations, in float64.
 
 * Second order: the engine's meta-gradient equals the plain-autograd oracle (< 1e-10) and
   central finite differences of the mean query loss after the unrolled inner loop.
