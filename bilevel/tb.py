@@ -132,9 +132,10 @@ class RunLogger:
             self.writer.add_figure("features/class_cosine", fig, step)
             plt.close("all")
 
-    def hparams(self, values: Mapping[str, Any], swept: Sequence[str], metric_tags: Sequence[str]) -> None:
-        """The HPARAMS entry (:func:`bilevel.tb_hparams.hparam_summaries`), its trial named as the run."""
-        for summary in hparam_summaries(values, swept, metric_tags, self.name):
+    def hparams(self, values: Mapping[str, Any], swept: Sequence[str], metric_tags: Sequence[str],
+                trial: str) -> None:
+        """The HPARAMS entry (:func:`bilevel.tb_hparams.hparam_summaries`) of trial ``trial``."""
+        for summary in hparam_summaries(values, swept, metric_tags, trial):
             self.writer._get_file_writer().add_summary(summary)
 
     def flush(self) -> None:

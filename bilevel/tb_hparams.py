@@ -1,11 +1,12 @@
 """The HPARAMS entry of a run: its hyperparameters, swept keys first, and the metrics that matter.
 
 TensorBoard's HPARAMS table shows the hyperparameters of the experiment summary sorted with
-those marked ``differs`` first, and ticks the first few; PyTorch's ``add_hparams`` marks none,
-so the table opened on the first keys in alphabetical order. Here the keys the run's command
-line set (Hydra's task overrides; in a sweep, the swept keys) are marked ``differs`` and come
-first, the metrics are the final test accuracies, and the session's group — the HPARAMS
-"trial id" — is the run's name.
+those marked ``differs`` first, then by name, and ticks the first five; PyTorch's
+``add_hparams`` marks none, so the table opened on the first keys of the whole config in
+alphabetical order. Here the entry holds the swept keys (:mod:`bilevel.naming`), marked
+``differs`` so that they come first and are ticked, then the few keys that tell runs apart
+(:data:`HPARAM_KEYS`; the whole config is in the run's ``config.yaml``); the metrics are the
+final accuracies; the session's group — the HPARAMS "trial id" — is short: the swept values.
 """
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
 HParam = bool | float | int | str
+HPARAM_KEYS = (
+    "algorithm", "algorithm.order", "algorithm.adapt", "algorithm.inner_steps", "algorithm.test_steps",
+    "head.policy", "ablation", "data", "data.shots", "train.steps", "seed",
+)
+"""The keys every HPARAMS entry holds besides the swept ones (``algorithm``, ``ablation``,
+``data``: the config-group options)."""
 
 
 def hparam_value(value: Any) -> HParam:
@@ -35,12 +42,6 @@ def _data_type(value: HParam) -> int:
     return api_pb2.DATA_TYPE_STRING
 
 
-def swept_keys(overrides: Sequence[str]) -> list[str]:
-    """The keys of Hydra override strings (``+key=v``, ``~key``, ``group=option``), in order."""
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
-    return list(dict.fromkeys(k for k in keys if not k.startswith("hydra.")))
-
-
 def _summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
     return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data),
                                         tensor=metadata.NULL_TENSOR)])
@@ -48,10 +49,10 @@ def _summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
 
 def hparam_summaries(values: Mapping[str, Any], swept: Sequence[str], metric_tags: Sequence[str],
                      group: str) -> list[Summary]:
-    """Experiment, session-start and session-end summaries: ``values`` with the ``swept`` keys
-    first (marked as differing), then the rest by name; ``metric_tags`` are scalar tags of the
-    run; ``group`` names the session."""
-    shown = {k: hparam_value(v) for k, v in values.items()}
+    """Experiment, session-start and session-end summaries of ``values`` (flattened config and
+    group options) restricted to the ``swept`` keys, first and marked as differing, and
+    :data:`HPARAM_KEYS`; ``metric_tags`` are scalar tags of the run; ``group`` names the session."""
+    shown = {k: hparam_value(values[k]) for k in [*swept, *HPARAM_KEYS] if k in values}
     order = [k for k in swept if k in shown] + sorted(k for k in shown if k not in swept)
     now = time.time()
     experiment = api_pb2.Experiment(

@@ -48,6 +48,7 @@ from .finite import FiniteGuard, step_tensors
 from .head_policy import before_outer_step, initialise_head
 from .memory import check_meta_step_memory
 from .models import BilevelModel, build_model
+from .naming import Naming, hydra_naming
 from .params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
 from .progress import phase_bar, training_bar
 from .resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
@@ -57,7 +58,6 @@ from .signals import GracefulStop
 from .structural import idle_ablation_warning, structural_zeros
 from .summary import evaluation_line, run_summary, run_title
 from .tb import RunLogger
-from .tb_hparams import swept_keys
 
 TRIAL_SEED_OFFSET = 20_000  # the execution measurement's own sampler: seed + this
 log = logging.getLogger(__name__)
@@ -175,16 +175,6 @@ def restore(run: Run, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -
         run.eval_tasks.batches = state["eval_batches"]
 
 
-@dataclass(frozen=True)
-class Naming:
-    """How a run names itself: ``name`` (its TensorBoard run and HPARAMS trial), the keys its
-    command line set (``swept``, first in HPARAMS) and the config-group options it chose."""
-
-    name: str
-    swept: tuple[str, ...] = ()
-    choices: tuple[tuple[str, str], ...] = ()
-
-
 def train(cfg: Any, run_dir: str | Path, show_progress: bool = True, naming: Optional[Naming] = None) -> dict[str, float]:
     """Run meta-training in ``run_dir``; returns the final metrics (``metrics.json``)."""
     run = setup(cfg)
@@ -282,7 +272,7 @@ def _train(run: Run, directory: RunDirectory, show_progress: bool, naming: Namin
         final = evaluate_on(run.test_tasks, cfg.train.steps, "test", f"final test ({cfg.eval.final_split})")
         metrics = final_metrics(final, cfg.train.steps, time.perf_counter() - began)
         logger.hparams({**dict(naming.choices), **flatten(OmegaConf.to_container(cfg, resolve=True))}, naming.swept,
-                       HPARAM_METRICS)
+                       HPARAM_METRICS, naming.trial_id)
         directory.write_metrics(metrics)
         log.info(run_summary(what, cfg.train.steps, final, cfg.eval.final_split, cfg.data.ways,
                              time.perf_counter() - began, eval_seconds, directory.path.resolve(),
@@ -335,21 +325,11 @@ def _exit_on(error: BaseException, run_dir: str) -> None:
     sys.exit(status)
 
 
-def naming() -> Naming:
-    """The Hydra job's :class:`Naming`: its override directory name (else its algorithm option),
-    the keys its command line set and its config-group choices."""
-    hydra_cfg = HydraConfig.get()
-    choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
-    name = hydra_cfg.job.override_dirname or str(choices.get("algorithm", "run"))
-    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith("train.resume=")]
-    return Naming(name, tuple(swept_keys(overrides)), tuple(sorted(choices.items())))
-
-
 @hydra.main(config_path="pkg://configs", config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> Optional[float]:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        metrics = train(cfg, run_dir, naming=naming())
+        metrics = train(cfg, run_dir, naming=hydra_naming())
     except (BilevelError, KeyboardInterrupt) as error:
         _exit_on(error, run_dir)
     return metrics.get("test_accuracy")

@@ -18,7 +18,9 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from bilevel.evaluation import ci95
 from bilevel.tb import event_files
-from bilevel.train import HPARAM_METRICS, Naming, train
+from bilevel.tb_hparams import HPARAM_KEYS
+from bilevel.naming import Naming
+from bilevel.train import HPARAM_METRICS, train
 from test_train import config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,7 @@ def test_cli_prints_a_summary_and_keeps_what_it_printed_in_train_log(tmp_path):
     log = (run_dir / "train.log").read_text()
     assert all(line in log for line in out.splitlines() if line.strip()), "train.log holds what the console showed"
     (name,) = [p.name for p in (run_dir / "tb").iterdir()]  # the run is named after its command line
-    assert name.startswith("algorithm.inner_steps=2,data=synthetic,device=cpu,eval.batch=3") and len(name) <= 80
+    assert name.startswith("data=synthetic,model=mlp,model.hidden=8,algorithm.inner_steps=2") and len(name) <= 80
 
 
 def test_metrics_hold_every_test_step_with_its_confidence_interval(tmp_path):
@@ -107,21 +109,30 @@ def test_tensorboard_has_the_layout_descriptions_and_logs_zero_terms_once(tmp_pa
 
 
 def test_hparams_register_the_swept_keys_first_and_the_final_accuracies(tmp_path):
-    naming = Naming("head.policy=random,seed=1", swept=("head.policy", "seed"), choices=(("algorithm", "maml"),))
+    naming = Naming("head.policy=random,seed=1", swept=("head.policy", "seed"), trial="random,1",
+                    choices=(("ablation", "none"), ("algorithm", "maml"), ("data", "synthetic")))
     train(config("head.policy=random", "seed=1"), tmp_path, show_progress=False, naming=naming)
     assert [p.name for p in (tmp_path / "tb").iterdir()] == ["head.policy=random,seed=1"]
     experiment = values(tmp_path, hparams_metadata.EXPERIMENT_TAG)[0][1]
     parsed = hparams_metadata.parse_experiment_plugin_data(experiment.metadata.plugin_data.content)
     infos = list(parsed.hparam_infos)
     assert [(i.name, i.differs) for i in infos[:2]] == [("head.policy", True), ("seed", True)]
-    assert not any(i.differs for i in infos[2:]) and "algorithm" in [i.name for i in infos]
+    assert not any(i.differs for i in infos[2:])
+    assert [i.name for i in infos[2:]] == sorted(set(HPARAM_KEYS) - {"head.policy", "seed"})
     assert [m.name.tag for m in parsed.metric_infos] == list(HPARAM_METRICS)
     start = values(tmp_path, hparams_metadata.SESSION_START_INFO_TAG)[0][1]
     info = hparams_metadata.parse_session_start_info_plugin_data(start.metadata.plugin_data.content)
-    assert info.group_name == "head.policy=random,seed=1" and info.hparams["head.policy"].string_value == "random"
+    assert info.group_name == "random,1" and info.hparams["head.policy"].string_value == "random"
 
 
 def test_an_ablation_of_only_zero_terms_warns(tmp_path, caplog):
     train(config("algorithm=anil", "algorithm.inner_steps=1", "head.policy=zeroing", "ablation=contrastive_only"),
           tmp_path, show_progress=False)
     assert "ablation=contrastive_only removes only init, coefficient" in caplog.text
+
+
+def test_the_swept_keys_come_from_the_command_line_and_the_sweeper():
+    from bilevel.naming import sweep_keys
+
+    argv = ["-m", "head.policy=random,zeroing", "train.steps=5", "algorithm=fomaml,maml"]
+    assert sweep_keys(argv, {"seed": "0,1", "data.shots": "1"}) == ["head.policy", "algorithm", "seed"]
