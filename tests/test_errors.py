@@ -67,12 +67,17 @@ def plugin_path(tmp_path_factory) -> str:
     return os.pathsep.join([str(ROOT), str(site), str(ROOT / "examples" / "reptile_plugin")])
 
 
-def bilevel_train(args: list[str], cwd: Path, pythonpath: str) -> subprocess.CompletedProcess:
+def cli_env(pythonpath: str, cache: Path) -> dict[str, str]:
+    """The environment of a ``bilevel-train`` subprocess: one thread, no re-exec, its own cache."""
     env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1", BILEVEL_ALLOCATOR="default",
-               BILEVEL_CACHE=str(cwd / "cache"))
+               BILEVEL_CACHE=str(cache))
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "bilevel.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return env
+
+
+def bilevel_train(args: list[str], cwd: Path, pythonpath: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bilevel.train", *args], cwd=cwd, env=cli_env(pythonpath, cwd / "cache"),
+                          capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +87,9 @@ def refused(tmp_path_factory, plugin_path) -> dict[str, dict]:
     for i, name in enumerate(CASES):
         cwd = tmp_path_factory.mktemp(f"case{i}")
         cases.append({"args": FAST + CASES[name][0], "cwd": str(cwd)})
-    env = dict(os.environ, PYTHONPATH=plugin_path, OMP_NUM_THREADS="1", BILEVEL_ALLOCATOR="default",
-               BILEVEL_CACHE=str(tmp_path_factory.mktemp("cache")))
-    env.pop("HYDRA_FULL_ERROR", None)
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_driver.py")], input=json.dumps(cases), env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_driver.py")], input=json.dumps(cases),
+                          env=cli_env(plugin_path, tmp_path_factory.mktemp("cache")), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     return {name: {**r, "cwd": Path(c["cwd"])} for name, c, r in zip(CASES, cases, json.loads(done.stdout))}
 

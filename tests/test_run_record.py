@@ -5,7 +5,6 @@ final step, HPARAMS with the swept keys first)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from bilevel.tb import event_files
 from bilevel.tb_hparams import HPARAM_KEYS
 from bilevel.naming import Naming
 from bilevel.train import HPARAM_METRICS, train
+from test_errors import cli_env
 from test_train import config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +36,7 @@ def values(run_dir: Path, tag: str) -> list:
 
 
 def test_cli_prints_a_summary_and_keeps_what_it_printed_in_train_log(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", BILEVEL_ALLOCATOR="default",
-               BILEVEL_CACHE=str(tmp_path / "cache"))
+    env = cli_env(str(ROOT), tmp_path / "cache")
     args = ["data=synthetic", "model=mlp", "model.hidden=8", "algorithm.inner_steps=2", "train.steps=4",
             "train.eval_every=2", "eval.tasks=6", "eval.batch=3", "eval.final_tasks=9", "device=cpu"]
     done = subprocess.run([sys.executable, "-m", "bilevel.train", *args], cwd=tmp_path, env=env,
