@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from hydra.core.hydra_config import HydraConfig
@@ -30,12 +31,14 @@ NOT_NAMING = ("train.resume",)
 class Naming:
     """A run's ``name`` (its TensorBoard run), the keys to show first in HPARAMS (``swept``:
     marked as differing), the config-group options it chose (HPARAMS values) and its HPARAMS
-    ``trial`` id (the values of the name's keys: short enough for the table's column)."""
+    ``trial`` id (the values of the name's keys: short enough for the table's column); a sweep's
+    jobs also know the ``sweep_dir`` that holds them all."""
 
     name: str
     swept: tuple[str, ...] = ()
     choices: tuple[tuple[str, str], ...] = ()
     trial: str = ""
+    sweep_dir: str = ""
 
     @property
     def trial_id(self) -> str:
@@ -59,13 +62,15 @@ def hydra_naming() -> Naming:
     hydra_cfg = HydraConfig.get()
     choices = {k: str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/") and v is not None}
     task = [o for o in hydra_cfg.overrides.task if _key(o) not in NOT_NAMING]
+    sweep_dir = ""
     if hydra_cfg.mode == RunMode.MULTIRUN:
         swept = sweep_keys(sys.argv[1:], dict(hydra_cfg.sweeper.get("params") or {}))
         named = [o.lstrip("+~") for o in task if _key(o) in swept] or [o.lstrip("+~") for o in task]
+        sweep_dir = str(Path(hydra_cfg.sweep.dir).resolve())
     else:
         swept = [_key(o) for o in task]
         named = [o.lstrip("+~") for o in task]
     fallback = choices.get("algorithm", "run")
     name = ",".join(named) or fallback
     trial = ",".join(o.split("=", 1)[-1] for o in named) or fallback
-    return Naming(name, tuple(dict.fromkeys(swept)), tuple(sorted(choices.items())), trial)
+    return Naming(name, tuple(dict.fromkeys(swept)), tuple(sorted(choices.items())), trial, sweep_dir)

@@ -85,8 +85,9 @@ def run_title(cfg: DictConfig, algorithm: BilevelAlgorithm) -> str:
 
 
 def run_summary(what: str, steps: int, evaluation: Evaluation, split: str, ways: int, wall_s: float,
-                eval_s: float, run_dir: Path, log_file: Optional[Path], events_dir: Path) -> str:
-    """The whole summary (see the module docstring)."""
+                eval_s: float, run_dir: Path, log_file: Optional[Path], events_dir: Path, sweep_dir: str = "") -> str:
+    """The whole summary (see the module docstring); a sweep's job also names the sweep's
+    TensorBoard command."""
     lines = [
         f"finished {what}: {steps} steps in {duration(wall_s)} "
         f"(training {duration(wall_s - eval_s)}, evaluation {duration(eval_s)})",
@@ -97,4 +98,6 @@ def run_summary(what: str, steps: int, evaluation: Evaluation, split: str, ways:
     if log_file is not None:
         lines.append(f"log file:      {log_file}")
     lines.append(f"TensorBoard:   tensorboard --logdir {events_dir}")
+    if sweep_dir:
+        lines.append(f"the sweep:     tensorboard --logdir {sweep_dir}; bilevel-report {sweep_dir}")
     return "\n".join(lines)

@@ -276,7 +276,7 @@ def _train(run: Run, directory: RunDirectory, show_progress: bool, naming: Namin
         directory.write_metrics(metrics)
         log.info(run_summary(what, cfg.train.steps, final, cfg.eval.final_split, cfg.data.ways,
                              time.perf_counter() - began, eval_seconds, directory.path.resolve(),
-                             log_file(directory.path), Path(logger.writer.log_dir).resolve().parent))
+                             log_file(directory.path), Path(logger.writer.log_dir).resolve().parent, naming.sweep_dir))
     finally:
         logger.close()
     return metrics
