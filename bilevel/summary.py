@@ -84,12 +84,13 @@ def run_title(cfg: DictConfig, algorithm: BilevelAlgorithm) -> str:
             f"({inner_steps(algorithm.train_steps)}, {algorithm.eval_steps} at test)")
 
 
-def run_summary(what: str, steps: int, evaluation: Evaluation, split: str, ways: int, wall_s: float,
+def run_summary(what: str, start: int, steps: int, evaluation: Evaluation, split: str, ways: int, wall_s: float,
                 eval_s: float, run_dir: Path, log_file: Optional[Path], events_dir: Path, sweep_dir: str = "") -> str:
-    """The whole summary (see the module docstring); a sweep's job also names the sweep's
-    TensorBoard command."""
+    """The whole summary (see the module docstring): times are this attempt's (a resumed run
+    started at step ``start``); a sweep's job also names the sweep's commands."""
+    done = f"{steps} steps" if start == 0 else f"{steps} steps ({steps - start} in this attempt, resumed at {start})"
     lines = [
-        f"finished {what}: {steps} steps in {duration(wall_s)} "
+        f"finished {what}: {done} in {duration(wall_s)} "
         f"(training {duration(wall_s - eval_s)}, evaluation {duration(eval_s)})",
         headline(evaluation, split, ways),
         *accuracy_table(evaluation),

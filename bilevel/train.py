@@ -10,12 +10,17 @@ A run, in order (``docs/reliability.md`` states what is guaranteed):
    execution path (:mod:`bilevel.execution_choice`), and only then writes ``config.yaml``.
 3. Every step is watched for non-finite values (:mod:`bilevel.finite`); a checkpoint (the last
    two kept, :mod:`bilevel.checkpoint`) holds every random state of the run; SIGINT/SIGTERM
-   finish the step, checkpoint and stop (:mod:`bilevel.signals`).
-4. ``metrics.json`` is written last, only by a run that finished.
+   finish the step, checkpoint and stop (:mod:`bilevel.signals`). Evaluations
+   (:mod:`bilevel.evaluation`: a fixed task prefix within a time budget, accuracy after every
+   test step with 95 % CIs) run every ``train.eval_every`` steps and once at the end, each with
+   its own progress bar (:mod:`bilevel.progress`); TensorBoard: :mod:`bilevel.tb`.
+4. ``metrics.json`` is written last, only by a run that finished, which then prints its summary
+   (:mod:`bilevel.summary`). What the console shows goes to ``train.log`` too (:mod:`bilevel.console`).
 
-The CLI prints the failures of :mod:`bilevel.errors` without a traceback, with their exit
-status (2 for a configuration error, 130/143 for SIGINT/SIGTERM, else 1) and, when a run
-stopped, the command that resumes it.
+The CLI prints the failures of :mod:`bilevel.errors`, and Hydra's refusals of a command line
+(:mod:`bilevel.cli_errors`), without a traceback, with their exit status (2 for a
+configuration error, 130/143 for SIGINT/SIGTERM, else 1) and, when a run stopped, the command
+that resumes it; a refused start leaves no run directory behind.
 """
 from __future__ import annotations
 
@@ -274,7 +279,7 @@ def _train(run: Run, directory: RunDirectory, show_progress: bool, naming: Namin
         logger.hparams({**dict(naming.choices), **flatten(OmegaConf.to_container(cfg, resolve=True))}, naming.swept,
                        HPARAM_METRICS, naming.trial_id)
         directory.write_metrics(metrics)
-        log.info(run_summary(what, cfg.train.steps, final, cfg.eval.final_split, cfg.data.ways,
+        log.info(run_summary(what, start, cfg.train.steps, final, cfg.eval.final_split, cfg.data.ways,
                              time.perf_counter() - began, eval_seconds, directory.path.resolve(),
                              log_file(directory.path), Path(logger.writer.log_dir).resolve().parent, naming.sweep_dir))
     finally:
