@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt
 from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from .decompose import Decomposition
@@ -116,7 +117,7 @@ class RunLogger:
                 continue
             entry = summary.value.add(tag=tag, simple_value=float(value))
             if tag not in self._described:
-                entry.metadata.summary_description = self._description(tag)
+                entry.metadata.CopyFrom(scalar_metadata.create_summary_metadata(tag, self._description(tag)))
                 self._described.add(tag)
         if summary.value:
             self.writer._get_file_writer().add_summary(summary, step)
