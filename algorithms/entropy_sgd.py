@@ -1,4 +1,4 @@
-"""Entropy-SGD (Chaudhari et al., ICLR 2017, Algorithm 1) in the few-shot setting (THEORY §6).
+"""Entropy-SGD (Chaudhari et al., ICLR 2017, Algorithm 1) in the few-shot setting (docs/theory.md §6).
 
 Per task, an SGLD chain on the task's batch ``B`` (support, query, or both pooled:
 ``batches``) over the adapted set, coupled to the current parameters ``x`` with strength

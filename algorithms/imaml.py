@@ -1,4 +1,4 @@
-"""iMAML (Rajeswaran et al., 2019) as a composition of engine pieces (THEORY §5).
+"""iMAML (Rajeswaran et al., 2019) as a composition of engine pieces (docs/theory.md §5).
 
 Inner problem: ``φ* = argmin_φ L_S(φ) + (λ/2)‖φ − φ_0‖²`` over the adapted set, solved by
 ``inner_steps`` gradient-descent steps of size ``inner_lr``
@@ -229,14 +229,14 @@ class IMAML(BilevelAlgorithm):
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
-        """Query accuracy after ``0 … steps`` steps of the proximal solver. Head-only: the
-        head state continues step by step (its trace keeps the anchor ``W_0``); full network:
-        each count restarts from the meta-parameters (the solver anchors the encoder at its
-        starting point), ``steps (steps + 1)/2`` inner steps in all."""
+        """Query accuracy of every task after ``0 … steps`` steps of the proximal solver
+        (``[tasks, steps + 1]``). Head-only: the head state continues step by step (its trace
+        keeps the anchor ``W_0``); full network: each count restarts from the meta-parameters
+        (the solver anchors the encoder at its starting point), ``steps (steps + 1)/2`` inner
+        steps in all."""
         fn = lambda p, xs, ys, xq, yq: self._evaluate_task(p, xs, ys, xq, yq, steps)  # noqa: E731
-        accs = map_tasks(fn, self.execution, tree_detach(params), batch.support_x, batch.support_y,
+        return map_tasks(fn, self.execution, tree_detach(params), batch.support_x, batch.support_y,
                          batch.query_x, batch.query_y)
-        return accs.mean(0)
 
     def _evaluate_task(self, params: Params, xs, ys, xq, yq, steps: int) -> Tensor:
         cfg = self.config

@@ -1,4 +1,4 @@
-"""MAML (Finn et al., 2017) as a composition of engine pieces (THEORY §4).
+"""MAML (Finn et al., 2017) as a composition of engine pieces (docs/theory.md §4).
 
 Inner loop: ``inner_steps`` SGD steps of size ``inner_lr`` on the support cross-entropy
 over the adapted set (``all``, or ``head`` = ANIL). Hypergradient: backprop through the

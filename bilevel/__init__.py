@@ -1,11 +1,13 @@
 """bilevel: min-min bi-level learning with exact contrastive / interference decomposition.
 
 The public API: models and parameters, the head primitives that record the trace
-(eq. 1 of THEORY.md), the inner solvers (SGD/momentum/proximal, Langevin chains, proximal
+(eq. (1) of docs/theory.md), the inner solvers (SGD/momentum/proximal, Langevin chains, proximal
 solves with implicit differentiation), the algorithm base class and registry, the
-decomposition, ablation, and execution helpers, the declarative config checks plugins use
-(``Range``, ``OneOf``, ...), the actionable errors with their exit statuses, and the pieces of
-a run over many processes (``Launch``, ``Replicas``, ``detect_launch``, ``task_share``). ``bilevel.data``
+decomposition, ablation, and execution helpers, the terms that vanish by construction, the
+evaluation protocol (fixed task prefix, time budget, 95 % CIs), the one list of algorithms, the
+declarative config checks plugins use (``Range``, ``OneOf``, ...), the actionable errors with
+their exit statuses, and the pieces of a run over many processes (``Launch``, ``Replicas``,
+``detect_launch``, ``task_share``). ``bilevel.data``
 holds the data sets and the task sampler; ``bilevel.train`` the Hydra training app;
 ``bilevel.report`` the run report.
 """
@@ -19,6 +21,7 @@ from .algorithm import (
     get_algorithm,
     register,
 )
+from .catalog import algorithm_choices
 from .cg import CGResult, conjugate_gradient
 from .chain import ChainAlgorithm, ChainConfig, ChainSpec, decompose_chain, run_chain
 from .decompose import TERMS, Decomposition, Nodes, term_cotangents
@@ -33,6 +36,7 @@ from .errors import (
     RunDirectoryBusy,
     RunInterrupted,
 )
+from .evaluation import Evaluation, TaskSet, ci95, headline_step
 from .execution import choose_execution, map_meta_steps, map_tasks, reduce_tasks
 from .head import (
     HeadState,
@@ -51,6 +55,7 @@ from .inner import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
 from .models import BilevelModel, ModelConfig, build_model
 from .pooling import max_pool2x2
 from .params import Params
+from .structural import structural_zeros
 from .unrolled import UnrolledAlgorithm, UnrolledConfig
 from .validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared
 
@@ -66,5 +71,5 @@ __all__ = [
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
     "RunInterrupted", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
-    "check_declared",
+    "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "ci95", "headline_step", "structural_zeros",
 ]

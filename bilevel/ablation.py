@@ -1,7 +1,7 @@
-"""Ablation: train on a subset of the decomposition terms (THEORY §3).
+"""Ablation: train on a subset of the decomposition terms (docs/theory.md §3).
 
 The encoder's update is the sum of the kept terms; the head always receives its exact
-meta-gradient (THEORY §3.4 — the head policy, not the ablation, controls it). With
+meta-gradient (docs/theory.md §3.4 — the head policy, not the ablation, controls it). With
 nothing kept out, the trainer uses the algorithm's plain meta-gradient, unchanged.
 """
 from __future__ import annotations

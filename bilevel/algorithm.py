@@ -97,7 +97,8 @@ class BilevelAlgorithm(ABC):
 
     @abstractmethod
     def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
-        """Mean query accuracy after ``0 … steps`` inner steps: a tensor of ``steps + 1``."""
+        """Query accuracy of every task after ``0 … steps`` inner steps: ``[tasks, steps + 1]``
+        (the trainer averages over tasks and reports confidence intervals from the spread)."""
 
     def make_outer_optimizer(self, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
         """The outer optimiser (Adam by default; a plugin whose outer step is defined by the
@@ -150,10 +151,9 @@ def get_algorithm(name: str) -> type[BilevelAlgorithm]:
     """The algorithm class registered under ``name``; a clear error when there is none."""
     _load_plugins()
     if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown algorithm {name!r}; registered: {', '.join(sorted(_REGISTRY))}. "
-            f"External plugins register through the {ENTRY_POINT_GROUP!r} entry-point group."
-        )
+        from .catalog import unknown_algorithm_message  # the catalog lists presets too
+
+        raise ConfigError(unknown_algorithm_message(name, "algorithm.name"))
     return _REGISTRY[name]
 
 

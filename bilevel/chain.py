@@ -1,4 +1,4 @@
-"""SGD / Langevin chains on one task and their first-order decomposition (THEORY §2, §6).
+"""SGD / Langevin chains on one task and their first-order decomposition (docs/theory.md §2, §6).
 
 **The chain.** On the parameters ``x = (θ, W, b)`` restricted to the adapted set
 (``"all"``, or ``"head"``: the encoder stays at ``θ``), for ``ℓ = 1 … L`` on the task's
@@ -403,8 +403,8 @@ class ChainAlgorithm(BilevelAlgorithm):
 def finetune_accuracies(
     model: BilevelModel, params: Params, batch: Any, steps: int, lr: float, adapt: str, execution: str
 ) -> Tensor:
-    """Mean query accuracy after ``0 … steps`` plain SGD steps of size ``lr`` on the support
-    cross-entropy over the adapted set (a tensor of ``steps + 1``)."""
+    """Query accuracy of every task after ``0 … steps`` plain SGD steps of size ``lr`` on the
+    support cross-entropy over the adapted set: ``[tasks, steps + 1]``."""
 
     def task(p, xs, ys, xq, yq):
         accs = []
@@ -418,4 +418,4 @@ def finetune_accuracies(
         return torch.stack(accs)
 
     return map_tasks(task, execution, tree_detach(params), batch.support_x, batch.support_y,
-                     batch.query_x, batch.query_y).mean(0)
+                     batch.query_x, batch.query_y)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from .catalog import register_plugin_presets
 from .data import DataConfig
 from .data.dataset import SPLITS
 from .execution import EXECUTIONS
@@ -30,7 +31,7 @@ BACKENDS = ("auto", "gloo", "nccl")
 
 @dataclass
 class HeadConfig:
-    """Head policy (THEORY §4): ``random`` (Kaiming init), ``scaled`` (init × ``scale``),
+    """Head policy (docs/theory.md §4): ``random`` (Kaiming init), ``scaled`` (init × ``scale``),
     ``zero_init`` (zero once), ``zeroing`` (W = b = 0 before every outer step)."""
 
     checks: ClassVar[dict[str, Check]] = {"policy": OneOf(HEAD_POLICIES), "scale": NON_NEGATIVE}
@@ -41,7 +42,7 @@ class HeadConfig:
 
 @dataclass
 class AblationConfig:
-    """Which decomposition terms form the encoder's meta-gradient (THEORY §3).
+    """Which decomposition terms form the encoder's meta-gradient (docs/theory.md §3).
 
     ``keep`` (a list) keeps only those terms; ``drop`` removes terms. ``none`` with both
     empty is the plain algorithm's update path, unchanged. The head always receives its
@@ -83,17 +84,27 @@ class TrainLoopConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation: ``tasks`` tasks (a fixed set, same every time) of the ``split``;
-    accuracy after every test-time inner step, with and without test-time zeroing."""
+    """Held-out evaluation (:mod:`bilevel.evaluation`): every ``train.eval_every`` steps on up to
+    ``tasks`` tasks of ``split``, and once at the end on up to ``final_tasks`` tasks of
+    ``final_split``, in batches of ``batch`` tasks drawn from a fixed sequence. ``budget_s`` /
+    ``final_budget_s`` cap each evaluation's time (0: no cap) by the measured time of a batch;
+    the task count used is reported. Accuracy after every test-time inner step, with and
+    without test-time zeroing, with 95 % confidence intervals over the tasks; the headline is
+    the accuracy after ``headline_step`` inner steps (None: the number training uses)."""
 
     checks: ClassVar[dict[str, Check]] = {
         "tasks": AT_LEAST_1, "final_tasks": AT_LEAST_1, "split": OneOf(SPLITS), "final_split": OneOf(SPLITS),
+        "batch": AT_LEAST_1, "budget_s": NON_NEGATIVE, "final_budget_s": NON_NEGATIVE, "headline_step": NON_NEGATIVE,
     }
 
     tasks: int = 100
     split: str = "val"
+    final_tasks: int = 400
     final_split: str = "test"
-    final_tasks: int = 200
+    batch: int = 20
+    budget_s: float = 10.0
+    final_budget_s: float = 30.0
+    headline_step: Optional[int] = None
 
 
 @dataclass
@@ -167,5 +178,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 def register_configs() -> None:
-    """Register the schema ``base_train`` (idempotent)."""
+    """Register the schema ``base_train`` and a preset for every plugin that has no preset file
+    (:func:`bilevel.catalog.register_plugin_presets`; idempotent)."""
     ConfigStore.instance().store(name="base_train", node=TrainConfig)
+    register_plugin_presets()

@@ -1,4 +1,4 @@
-"""Exact split of the meta-gradient into contrastive and interference terms (THEORY §3).
+"""Exact split of the meta-gradient into contrastive and interference terms (docs/theory.md §3).
 
 With ``g_q = ∂L_Q/∂z_q`` and the head written as eq. (1), the meta-gradient is the
 vector-Jacobian product of the *nodes* ``(φ_q, Φ_τ, A_τ)`` with the cotangents
@@ -12,7 +12,7 @@ group of these cotangents, which is the gradient of its surrogate with everythin
 stop-gradiented:
 
     contrastive   Σ sg(C_τ[s,q]) k_τ(s,q)
-    init          Σ_q sg(g_q)ᵀ (W_0 φ_q + b_0)         (encoder part: THEORY's sg(W_0) form;
+    init          Σ_q sg(g_q)ᵀ (W_0 φ_q + b_0)         (encoder part: docs/theory.md §3's sg(W_0) form;
                                                         head part: the direct readout gradient)
     coefficient   Σ sg(g_q)ᵀ A_τ,s sg(k_τ(s,q))
     noise         Σ_q sg(g_q)ᵀ sg(ξ_W) φ_q             (``solver_residual`` for iMAML's R)
@@ -136,7 +136,7 @@ class Decomposition:
     the cosine of the query feature used in the readout and the support feature of the
     first inner step. ``encoder_adaptation`` (full-network inner loops only) is the part of
     the feature terms that flows through the Jacobian of the encoder's inner updates
-    beyond the identity (THEORY §3.3) — a diagnostic that overlaps the terms, not a term.
+    beyond the identity (docs/theory.md §3.3) — a diagnostic that overlaps the terms, not a term.
     """
 
     terms: dict[str, Params]

@@ -428,12 +428,16 @@ class Replicas:
         stops the run after the next step)."""
         return self._agreed_signum if self.launch.distributed else stop.signum
 
-    def mean_over_tasks(self, value: Tensor, batch: Any) -> Tensor:
-        """A mean over the tasks of this rank's share ``batch`` → the mean over the whole
-        meta-batch (evaluation; every batch of an evaluation set has the same share sizes)."""
+    def rows_over_tasks(self, rows: Tensor, batch: Any, seconds: float) -> tuple[Tensor, float]:
+        """Per-task rows ``[n_r, ...]`` of this rank's share ``batch`` → the rows of the whole batch
+        ``[T, ...]``, and the largest of the ranks' ``seconds`` (so a time budget settles the same
+        task count everywhere); one ``all_reduce`` (evaluation)."""
         if not self.launch.distributed:
-            return value
-        return self._reduced(batch, lambda pack: pack.mean(value), value.dtype, "the reduction of an evaluation")
+            return rows, seconds
+        took = torch.tensor(float(seconds), dtype=torch.float64, device=rows.device)
+        gathered, slowest = self._reduced(batch, lambda pack: (pack.rows(rows), pack.maximum(took)), torch.float64,
+                                          "the gathering of an evaluation")
+        return gathered, float(slowest)
 
     # ------------------------------------------------------------------------------ replica check
     def check_replicas(self, step: int, state: Callable[[], Mapping[str, Any]], ignore: tuple[str, ...] = ()) -> None:

@@ -90,33 +90,41 @@ def _read_cache(path: Path) -> dict[str, Any]:
         return {}
 
 
+PATHS_IN_WORDS = {
+    "loop": "one task after the other",
+    "vmap": "all tasks of a meta-batch at once (vmap)",
+    "shared": "all tasks through one shared encoder pass",
+}
+
+
 def _timings(timings: dict[str, float]) -> str:
     return ", ".join(f"{m} {t * 1e3:.1f} ms" for m, t in sorted(timings.items(), key=lambda kv: kv[1]))
 
 
 def settle_execution(requested: str, available: Sequence[str], recorded: Optional[str], key: str,
                      measure: Callable[[], dict[str, float]]) -> ExecutionChoice:
-    """The run's path and why (see the module docstring); ``measure`` runs only on a cache miss."""
-    if requested != "auto":
-        return ExecutionChoice(requested, f"execution={requested}, as set in the config")
+    """The run's path and why, in plain words (see the module docstring); ``measure`` runs only
+    on a cache miss."""
 
     def chose(path: str, why: str) -> ExecutionChoice:
-        return ExecutionChoice(path, f"execution=auto chose {path!r}: {why}")
+        return ExecutionChoice(path, f"tasks run {PATHS_IN_WORDS.get(path, path)} (execution={path}): {why}")
 
+    if requested != "auto":
+        return chose(requested, "as set in the config")
     if recorded is not None:
-        return chose(recorded, "the path recorded in the checkpoint being resumed (a run never changes path)")
+        return chose(recorded, "as in the checkpoint being resumed (a run never changes how it runs its tasks)")
     if len(available) == 1:
-        return chose(available[0], "the only path the algorithm offers with this configuration")
+        return chose(available[0], "the only way this algorithm offers with this configuration")
     path = cache_dir() / CACHE_FILE
     entry = _read_cache(path).get(key)
     if entry is not None and entry["path"] in available:
-        return chose(entry["path"], f"the fastest in the measurement cached for this machine and configuration "
-                                    f"({_timings(entry['seconds'])} per meta-step; {path})")
+        return chose(entry["path"], f"the faster way on this machine for this configuration, as measured once "
+                                    f"before ({_timings(entry['seconds'])} per step; to measure again, delete {path})")
     timings = measure()
     fastest = min(timings, key=timings.__getitem__)
     with FileLock(path.with_name(path.name + ".lock")):
         cache = _read_cache(path)
         cache[key] = {"path": fastest, "seconds": timings}
         atomic_write_text(json.dumps(cache, indent=1, sort_keys=True), path)
-    return chose(fastest, f"the fastest, measured now on a batch of its own without touching the run's random "
-                          f"state ({_timings(timings)} per meta-step); cached in {path}")
+    return chose(fastest, f"the faster way on this machine for this configuration, measured now on a batch of "
+                          f"its own ({_timings(timings)} per step) and kept for later runs in {path}")

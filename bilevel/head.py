@@ -1,4 +1,4 @@
-"""The linear head as a record of what the support samples wrote into it (THEORY §2).
+"""The linear head as a record of what the support samples wrote into it (docs/theory.md §2).
 
 Every inner update of the head is expressed through features and coefficient rows, so
 the adapted head is, exactly,

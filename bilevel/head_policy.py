@@ -1,4 +1,4 @@
-"""Head policies (THEORY §4), orthogonal to the algorithm.
+"""Head policies (docs/theory.md §4), orthogonal to the algorithm.
 
 ``random``: the Kaiming init of ``nn.Linear``; ``scaled``: that init × ``scale``;
 ``zero_init``: W = b = 0 once; ``zeroing`` (the zeroing trick): W = b = 0 before every

@@ -1,4 +1,4 @@
-"""Proximal inner problems and their implicit hypergradients (THEORY §5).
+"""Proximal inner problems and their implicit hypergradients (docs/theory.md §5).
 
 Inner problem over the adapted variables ``φ`` (``adapt="head"``: ``(W, b)``;
 ``adapt="all"``: every parameter), anchored at ``φ_0`` (the meta-parameters' copy of

@@ -1,6 +1,6 @@
 """Cross-entropy on logits and its closed-form logits gradient.
 
-``L = (1/n) Σ_i CE(z_i, y_i)`` and ``∂L/∂Z = (softmax(Z) − onehot(Y)) / n`` (THEORY §1:
+``L = (1/n) Σ_i CE(z_i, y_i)`` and ``∂L/∂Z = (softmax(Z) − onehot(Y)) / n`` (docs/theory.md §1:
 ``G_S`` and ``g_q``). The closed form is differentiable, so it serves second-order inner
 loops too, and it works with any number of leading batch dimensions.
 """

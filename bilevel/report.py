@@ -13,7 +13,11 @@ stands for its ``keep``/``drop``).
 Statistics over the seeds of a setting are the mean and the sample standard deviation
 (``ddof = 1``; none for a single seed). "Final" is a run's value at its last logged step;
 "best" is its maximum over steps. Curves are averaged over the steps that every run of the
-setting logged.
+setting logged. Test accuracies come from ``metrics.json``: the headline (after ``k`` inner
+steps, the step count training used) and the accuracy after every test step, so settings
+that test after different step counts are compared step by step, not headline to headline.
+Runs shorter than their ``train.decompose_every`` are named in a warning (their
+decomposition is a point or two, not a curve).
 """
 from __future__ import annotations
 
@@ -32,16 +36,17 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing import event_accumulator
 
 from .config import flatten
+from .tb import EVENTS_DIR, event_files
 
 CONFIG_FILE = "config.yaml"
-EVENTS_DIR = "tb"
 METRICS_FILE = "metrics.json"
 RUN_KEYS = ("seed", "train.resume", "execution")
 RUN_DIR_CONTENTS = f"a run directory must contain {CONFIG_FILE} and a {EVENTS_DIR}/ folder of TensorBoard events"
 
 EVAL_ACCURACY = "eval/accuracy"
 COS_SAME, COS_DIFF = "features/cos_same_class", "features/cos_diff_class"
-SHARE_PREFIX, SHARE_SUFFIX = "decomp/", "/share"
+SHARE_PREFIX, SHARE_SUFFIX = "terms/", "/share"
+HEADLINE_STEP = "test_headline_step"
 
 Curve = tuple[np.ndarray, np.ndarray]
 
@@ -80,15 +85,19 @@ def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / EVENTS_DIR).is_dir()
 
 
-def load_scalars(events_dir: Path) -> dict[str, Curve]:
-    """Every scalar of the event files in ``events_dir`` (all events kept), deduplicated by step."""
-    acc = event_accumulator.EventAccumulator(
-        str(events_dir), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 1}
-    )
-    acc.Reload()
+def load_scalars(run_dir: Path) -> dict[str, Curve]:
+    """Every scalar of the run's event files (any depth under ``tb/``), one value per step (the
+    last written)."""
+    by_tag: dict[str, dict[int, float]] = {}
+    for folder in sorted({p.parent for p in event_files(run_dir)}):
+        acc = event_accumulator.EventAccumulator(
+            str(folder), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 1}
+        )
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            by_tag.setdefault(tag, {}).update({event.step: event.value for event in acc.Scalars(tag)})
     out: dict[str, Curve] = {}
-    for tag in acc.Tags()["scalars"]:
-        by_step = {event.step: event.value for event in acc.Scalars(tag)}
+    for tag, by_step in by_tag.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
         out[tag] = steps, np.array([by_step[s] for s in steps], dtype=np.float64)
     return out
@@ -102,7 +111,7 @@ def load_run(path: str | Path) -> RunRecord:
     config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=False)
     metrics_path = path / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return RunRecord(path, config, load_scalars(path / EVENTS_DIR), {k: float(v) for k, v in metrics.items()})
+    return RunRecord(path, config, load_scalars(path), {k: float(v) for k, v in metrics.items()})
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
@@ -208,7 +217,9 @@ class Summary:
     steps: list[int]
     final_eval_accuracy: Optional[Stat]
     best_eval_accuracy: Optional[Stat]
+    headline_steps: list[int]
     test_accuracy: Optional[Stat]
+    test_accuracy_per_step: list[Optional[Stat]]
     test_zeroed_accuracy: Optional[Stat]
     cos_same_class: Optional[Stat]
     cos_diff_class: Optional[Stat]
@@ -225,11 +236,24 @@ def summarise(group: Group) -> Summary:
         steps=[r.last_step for r in runs],
         final_eval_accuracy=Stat.of(r.final(EVAL_ACCURACY) for r in runs),
         best_eval_accuracy=Stat.of(r.best(EVAL_ACCURACY) for r in runs),
+        headline_steps=sorted({int(r.metrics[HEADLINE_STEP]) for r in runs if HEADLINE_STEP in r.metrics}),
         test_accuracy=Stat.of(r.metrics.get("test_accuracy") for r in runs),
+        test_accuracy_per_step=[Stat.of(r.metrics.get(f"test_accuracy_step_{k}") for r in runs)
+                                for k in range(_test_steps(runs))],
         test_zeroed_accuracy=Stat.of(r.metrics.get("test_zeroed_accuracy") for r in runs),
         cos_same_class=Stat.of(r.final(COS_SAME) for r in runs),
         cos_diff_class=Stat.of(r.final(COS_DIFF) for r in runs),
     )
+
+
+def _test_steps(runs: Sequence[RunRecord]) -> int:
+    """How many test steps (0, 1, ...) the runs' ``metrics.json`` report accuracies for."""
+    return max((int(k.rsplit("_", 1)[1]) + 1 for r in runs for k in r.metrics
+                if k.startswith("test_accuracy_step_")), default=0)
+
+
+def _per_step(stats: list[Optional[Stat]]) -> str:
+    return " / ".join("—" if st is None else f"{st.mean:.3f}" for st in stats) or "—"
 
 
 COLUMNS = (
@@ -238,7 +262,9 @@ COLUMNS = (
     ("steps", lambda s: _span(s.steps)),
     ("final eval acc", lambda s: _cell(s.final_eval_accuracy)),
     ("best eval acc", lambda s: _cell(s.best_eval_accuracy)),
-    ("test acc", lambda s: _cell(s.test_accuracy)),
+    ("test acc after k steps", lambda s: _cell(s.test_accuracy)),
+    ("k", lambda s: _span(s.headline_steps) if s.headline_steps else "—"),
+    ("test acc per step 0 / 1 / ...", lambda s: _per_step(s.test_accuracy_per_step)),
     ("test acc (zeroed head)", lambda s: _cell(s.test_zeroed_accuracy)),
     ("cos same class", lambda s: _cell(s.cos_same_class, sd=False)),
     ("cos diff class", lambda s: _cell(s.cos_diff_class, sd=False)),
@@ -384,6 +410,24 @@ def report_json(summaries: Sequence[Summary]) -> str:
     return json.dumps([asdict(s) for s in summaries], indent=2)
 
 
+def short_run_warning(runs: Sequence[RunRecord]) -> Optional[str]:
+    """A warning naming the runs shorter than their ``train.decompose_every``: their decomposition
+    curves are a point or two (step 0, and the last step of a run without ablation), not curves."""
+    def cadence(run: RunRecord) -> tuple[int, int]:
+        train = run.config.get("train", {})
+        return int(train.get("decompose_every", 0)), int(train.get("steps", 0))
+
+    short = [r for r in runs if cadence(r)[1] < cadence(r)[0]]
+    if not short:
+        return None
+    every = sorted({cadence(r)[0] for r in short})
+    return (f"warning: {len(short)} of {len(runs)} runs are shorter than train.decompose_every "
+            f"({', '.join(map(str, every))}): their decomposition was logged at step 0 (and at the last step "
+            f"without an ablation) only, so its figures show points, not curves. Rerun with "
+            f"train.decompose_every=N below train.steps to see the terms evolve. Runs: "
+            + ", ".join(str(r.path) for r in short))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``bilevel-report``."""
     parser = argparse.ArgumentParser(
@@ -407,6 +451,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         runs = find_runs(args.paths)
     except NoRunsError as error:
         parser.error(str(error))
+    warning = short_run_warning(runs)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     groups = group_runs(runs)
     summaries = [summarise(g) for g in groups]
     table = markdown_table(summaries)

@@ -25,6 +25,7 @@ from .files import FileLock, atomic_write_text, temp_files
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
 LOCK = "run.lock"
+LOG = "train.log"
 
 
 def _without_comments(text: str) -> list[str]:
@@ -73,3 +74,27 @@ class RunDirectory:
     def write_metrics(self, metrics: dict[str, float]) -> None:
         """Write ``metrics.json`` (atomically): the last act of a finished run."""
         atomic_write_text(json.dumps(metrics, indent=2), self.path / METRICS)
+
+
+def discard_unstarted(path: str | Path, within: str | Path) -> bool:
+    """Remove the directory of a run that was refused before it started: only when it holds
+    nothing but a lock (which this process can take: no live run holds it) and a log, then its
+    parents that are left empty, up to but excluding ``within`` (only inside ``within``).
+    Returns whether ``path`` was removed."""
+    path, within = Path(path).resolve(), Path(within).resolve()
+    if not path.is_dir() or any(p.name not in (LOCK, LOG) for p in path.iterdir()):
+        return False
+    lock = FileLock(path / LOCK)
+    if not lock.acquire(blocking=False):
+        return False
+    try:
+        for name in (LOCK, LOG):
+            (path / name).unlink(missing_ok=True)
+    finally:
+        lock.release()
+    path.rmdir()
+    parent = path.parent
+    while parent != within and within in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+    return True

@@ -10,19 +10,25 @@ A run, in order (``docs/reliability.md`` states what is guaranteed):
    execution path (:mod:`bilevel.execution_choice`), and only then writes ``config.yaml``.
 3. Every step is watched for non-finite values (:mod:`bilevel.finite`); a checkpoint (the last
    two kept, :mod:`bilevel.checkpoint`) holds every random state of the run; SIGINT/SIGTERM
-   finish the step, checkpoint and stop (:mod:`bilevel.signals`).
-4. ``metrics.json`` is written last, only by a run that finished.
+   finish the step, checkpoint and stop (:mod:`bilevel.signals`). Evaluations
+   (:mod:`bilevel.evaluation`: a fixed task prefix within a time budget, accuracy after every
+   test step with 95 % CIs) run every ``train.eval_every`` steps and once at the end, each with
+   its own progress bar (:mod:`bilevel.progress`); TensorBoard: :mod:`bilevel.tb`.
+4. ``metrics.json`` is written last, only by a run that finished, which then prints its summary
+   (:mod:`bilevel.summary`). What the console shows goes to ``train.log`` too (:mod:`bilevel.console`).
 
 Under ``torchrun`` the run spans its processes (:mod:`bilevel.distributed`): each draws its share
-of every meta-batch, one collective per step reduces the meta-step, and rank 0 alone writes.
+of every meta-batch and of every evaluation batch, one collective per step reduces the
+meta-step, and rank 0 alone writes (the run directory, TensorBoard, ``train.log``).
 
-The CLI prints the failures of :mod:`bilevel.errors` without a traceback, with their exit
-status (2 for a configuration error, 130/143 for SIGINT/SIGTERM, else 1) and, when a run
-stopped, the command that resumes it.
+The CLI prints the failures of :mod:`bilevel.errors`, and Hydra's refusals of a command line
+(:mod:`bilevel.cli_errors`), without a traceback, with their exit status (2 for a
+configuration error, 130/143 for SIGINT/SIGTERM, else 1) and, when a run stopped, the command
+that resumes it; a refused start leaves no run directory behind.
 """
 from __future__ import annotations
 
-import math
+import logging
 import os
 import signal
 import sys
@@ -35,32 +41,38 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from .ablation import Ablation, resolve_ablation
 from .allocator import ensure_allocator
 from .algorithm import BilevelAlgorithm, build_algorithm
 from .checkpoint import LATEST, save_checkpoint
-from .config import DEVICES, register_configs, typed_config, validate
-from .data import TaskBatch, TaskSampler, build_sampler, input_shape
+from .cli_errors import explain, override_words
+from .console import log_file, log_started, silence_run_log
+from .config import DEVICES, flatten, register_configs, typed_config, validate
+from .data import TaskSampler, build_sampler, input_shape
 from .distributed import (
-    Launch, Quiet, Replicas, check_command_line, check_launch, detect_launch, rank_device, resolve_backend,
-    tasks_in_memory,
+    Quiet, Replicas, check_command_line, check_launch, detect_launch, rank_device, resolve_backend, tasks_in_memory,
 )
 from .errors import BilevelError, ConfigError, RunInterrupted
+from .evaluation import Evaluation, TaskSet, ci95, evaluate, headline_step
 from .execution_choice import ExecutionChoice, cache_key, measure_paths, settle_execution
 from .finite import FiniteGuard, step_tensors
-from .head_policy import before_outer_step, initialise_head, zeroed_head
+from .head_policy import before_outer_step, initialise_head
 from .memory import check_meta_step_memory
 from .models import BilevelModel, build_model
+from .naming import Naming, hydra_naming
 from .params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
+from .progress import phase_bar, training_bar
 from .resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
 from .rng import global_rng_state, set_global_rng_state
-from .run_dir import RunDirectory
+from .run_dir import RunDirectory, discard_unstarted
 from .signals import GracefulStop
+from .structural import idle_ablation_warning, structural_zeros
+from .summary import evaluation_line, run_summary, run_title
 from .tb import RunLogger
 
 TRIAL_SEED_OFFSET = 20_000  # the execution measurement's own sampler: seed + this
+log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,7 +88,8 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Run:
-    """Everything a training run needs, built and validated before any training."""
+    """Everything a training run needs, built and validated before any training; ``warnings``
+    are said once the run starts."""
 
     cfg: DictConfig
     device: torch.device
@@ -86,16 +99,18 @@ class Run:
     algorithm: BilevelAlgorithm
     ablation: Ablation
     sampler: TaskSampler
-    eval_batches: list[TaskBatch]
+    eval_tasks: TaskSet
+    test_tasks: TaskSet
+    headline: int
+    structural: dict[str, str]
+    warnings: list[str]
     replicas: Replicas
 
 
-def eval_batches(cfg: DictConfig, split: str, tasks: int, device, dtype, launch: Launch = Launch()) -> list[TaskBatch]:
-    """A fixed set of ``tasks`` evaluation tasks (same seed every time), in meta-batches (of this
-    process's share, for a run over many)."""
-    size = min(cfg.train.meta_batch * 4, tasks)
-    sampler = launch.share(build_sampler(cfg.data, split, size, seed=cfg.seed + 10_000))
-    return [sampler.sample().to(device, dtype) for _ in range(math.ceil(tasks / size))]
+def task_set(cfg: DictConfig, split: str, tasks: int, budget_s: float, device, dtype, share) -> TaskSet:
+    """The fixed evaluation tasks of ``split`` (:class:`~bilevel.evaluation.TaskSet`), each batch
+    drawn as this process's ``share`` of it."""
+    return TaskSet(cfg.data, split, tasks, cfg.eval.batch, budget_s, cfg.seed, device, dtype, share)
 
 
 def setup(cfg: Any) -> Run:
@@ -131,25 +146,16 @@ def setup(cfg: Any) -> Run:
                 f"configuration; available: {', '.join(algorithm.executions)} (or auto)"
             )
         sampler = launch.share(build_sampler(cfg.data, "train", cfg.train.meta_batch, seed=cfg.seed))
-        evals = eval_batches(cfg, cfg.eval.split, cfg.eval.tasks, device, dtype, launch)
+        evals = task_set(cfg, cfg.eval.split, cfg.eval.tasks, cfg.eval.budget_s, device, dtype, launch.share)
+        tests = task_set(cfg, cfg.eval.final_split, cfg.eval.final_tasks, cfg.eval.final_budget_s, device, dtype,
+                         launch.share)
+        headline = headline_step(algorithm, cfg.eval.headline_step)
     except (ValueError, FileNotFoundError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
-    return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals, replicas)
-
-
-def evaluate(algorithm: BilevelAlgorithm, params: Params, batches: list[TaskBatch], zero_head: bool,
-             replicas: Replicas) -> torch.Tensor:
-    """Mean query accuracy after 0 … test_steps inner steps over the fixed task set (over all
-    processes' shares: every batch of the set is shared out alike)."""
-    p = zeroed_head(params) if zero_head else params
-    accs = [algorithm.evaluate(p, b, algorithm.eval_steps) for b in batches]
-    return replicas.mean_over_tasks(torch.stack(accs).mean(0), batches[0])
-
-
-def eval_scalars(prefix: str, accs: torch.Tensor) -> dict[str, float]:
-    values = {f"{prefix}/accuracy": float(accs[-1])}
-    values.update({f"{prefix}/accuracy_step_{i}": float(a) for i, a in enumerate(accs)})
-    return values
+    zeros = structural_zeros(algorithm, cfg.head.policy)
+    warnings = [w for w in [idle_ablation_warning(ablation, algorithm, zeros, cfg.ablation.name)] if w]
+    return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals, tests, headline, zeros,
+               warnings, replicas)
 
 
 def settle_path(run: Run, recorded: Optional[str]) -> ExecutionChoice:
@@ -166,12 +172,14 @@ def settle_path(run: Run, recorded: Optional[str]) -> ExecutionChoice:
 
 
 def run_state(run: Run, optimizer: torch.optim.Optimizer, step: int, execution: str) -> dict[str, Any]:
-    """What a checkpoint holds: everything the rest of the run depends on, random states included."""
+    """What a checkpoint holds: everything the rest of the run depends on, random states
+    included, and the settled number of evaluation batches (so curves keep their tasks)."""
     return {
         "step": step, "params": run.params, "optimizer": optimizer.state_dict(),
         "algorithm": run.algorithm.state_dict(), "sampler": run.sampler.state_dict(), "rng": global_rng_state(),
         "execution": execution, "config": OmegaConf.to_container(run.cfg, resolve=True),
         "fingerprint": fingerprint(run.cfg, execution, run.device), "time": time.time(),
+        "eval_batches": run.eval_tasks.batches,
     }
 
 
@@ -184,17 +192,22 @@ def restore(run: Run, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -
     run.algorithm.load_state_dict(state["algorithm"])
     run.sampler.load_state_dict(state["sampler"])
     set_global_rng_state(state["rng"])
+    if state.get("eval_batches") is not None and run.cfg.eval == state["config"]["eval"]:
+        run.eval_tasks.batches = state["eval_batches"]
 
 
-def train(cfg: Any, run_dir: str | Path, show_progress: bool = True) -> dict[str, float]:
-    """Run meta-training in ``run_dir``; returns the final metrics."""
+def train(cfg: Any, run_dir: str | Path, show_progress: bool = True, naming: Optional[Naming] = None) -> dict[str, float]:
+    """Run meta-training in ``run_dir``; returns the final metrics (``metrics.json``)."""
     run = setup(cfg)
+    if not run.replicas.writer:
+        silence_run_log(Path(run_dir))
     with run.replicas.running(run_dir) as directory:
-        return _train(run, directory, show_progress and run.replicas.writer)
+        return _train(run, directory, show_progress and run.replicas.writer, naming or Naming(run.algorithm.name))
 
 
-def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool) -> dict[str, float]:
+def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, naming: Naming) -> dict[str, float]:
     cfg, params, algorithm = run.cfg, run.params, run.algorithm
+    began = time.perf_counter()
     optimizer = algorithm.make_outer_optimizer(list(params.values()), cfg.train.lr)
 
     def begin() -> tuple[Optional[tuple[Path, dict[str, Any]]], ExecutionChoice]:
@@ -211,14 +224,20 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool) -> di
         path, state = found
         restore(run, optimizer, state)
         start, last_good = state["step"], f"{path} (step {state['step']})"
-        print(f"resuming {path} at step {start}")
     algorithm.execution = cfg.execution = choice.path
-    print(choice.reason)
     directory.begin(OmegaConf.to_yaml(cfg), note=choice.reason)
-    logger = RunLogger(directory.path, resume=(start, found[1]["time"]) if found else None) if run.replicas.writer \
-        else Quiet(directory.path)
+    what = run_title(cfg, algorithm)
+    log.info(f"training {what} for {cfg.train.steps} outer steps in {directory.path.resolve()}")
+    if found:
+        log.info(f"resuming {found[0]} at step {start}")
+    log.info(choice.reason)
+    for warning in run.warnings:
+        log.warning("warning: " + warning)
+    logger = RunLogger(directory.path, naming.name, resume=(start, found[1]["time"]) if found else None,
+                       structural=run.structural) if run.replicas.writer else Quiet(directory.path)
     logger.text("run/execution", choice.reason, start)
     guard = FiniteGuard(run.device, checked_until=start)
+    eval_seconds = 0.0
 
     def save(step: int) -> None:
         nonlocal last_good
@@ -228,45 +247,43 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool) -> di
             else directory.path / LATEST
         last_good = f"{path} (step {step})"
 
-    def log_eval(step: int, split_batches: list[TaskBatch], prefix: str) -> dict[str, float]:
-        def accuracies(zero_head: bool) -> torch.Tensor:
-            return evaluate(algorithm, params, split_batches, zero_head=zero_head, replicas=run.replicas)
-
-        values = eval_scalars(prefix, accuracies(zero_head=False))
-        values.update(eval_scalars(prefix + "_zeroed", accuracies(zero_head=True)))
-        logger.scalars(values, step)
-        return values
+    def evaluate_on(tasks: TaskSet, step: int, prefix: str, label: str) -> Evaluation:
+        nonlocal eval_seconds
+        with phase_bar(label, show_progress) as progress:
+            result = evaluate(algorithm, params, tasks, run.headline, progress, run.replicas.rows_over_tasks)
+        eval_seconds += result.seconds
+        logger.scalars(result.scalars(prefix), step)
+        return result
 
     try:
-        with GracefulStop() as stop:
-            bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
-                       disable=not show_progress, desc=f"{algorithm.name} train", dynamic_ncols=True)
+        with GracefulStop() as stop, training_bar(start, cfg.train.steps, f"{algorithm.name} train", show_progress) as bar:
             tick, loss_sum, acc_sum, count = time.perf_counter(), 0.0, 0.0, 0
-            for step in bar:
+            for step in range(start, cfg.train.steps):
                 batch = run.sampler.sample().to(run.device, run.dtype)
                 before_outer_step(params, cfg.head.policy)
-                decompose_now = cfg.train.decompose_every > 0 and step % cfg.train.decompose_every == 0
+                done = step + 1
+                every = cfg.train.decompose_every
+                decompose_now = every > 0 and (step % every == 0 or (done == cfg.train.steps and run.ablation.plain))
                 result, update = run.ablation.step(algorithm, params, batch, decompose_now)
                 result, update, labels = run.replicas.reduce_step(result, update, batch, stop)  # the whole meta-batch's
                 for k, p in params.items():
                     p.grad = update[k]
                 optimizer.step()
                 algorithm.outer_step_done()
-                done = step + 1
                 guard.observe(done, step_tensors(result.loss, update, params, optimizer))
                 run.replicas.check_replicas(done, lambda: run_state(run, optimizer, done, choice.path), ignore=("time",))
                 loss_sum, acc_sum, count = loss_sum + result.loss.detach(), acc_sum + result.accuracy.detach(), count + 1
 
                 if decompose_now:
-                    images = cfg.train.image_every > 0 and step % cfg.train.image_every == 0
+                    images = cfg.train.image_every > 0 and (step % cfg.train.image_every == 0 or done == cfg.train.steps)
                     logger.decomposition(result.decomposition, labels, step, images)
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                     guard.check(done, last_good)
                     elapsed = time.perf_counter() - tick
                     scalars = {
                         "train/loss": loss_sum / count, "train/accuracy": acc_sum / count,
-                        "head/norm": torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
-                        "params/norm": tree_norm(params), "time/step_seconds": elapsed / count,
+                        "train/head_norm": torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
+                        "train/params_norm": tree_norm(params), "train/step_seconds": elapsed / count,
                     }
                     scalars.update({k: v for k, v in result.extras.items()})
                     logger.scalars(scalars, done)
@@ -274,29 +291,55 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool) -> di
                     tick, loss_sum, acc_sum, count = time.perf_counter(), 0.0, 0.0, 0
                 if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                     guard.check(done, last_good)
-                    values = log_eval(done, run.eval_batches, "eval")
-                    bar.write(f"step {done}: eval accuracy {values['eval/accuracy']:.3f} "
-                              f"(test-time zeroing {values['eval_zeroed/accuracy']:.3f})")
+                    result_eval = evaluate_on(run.eval_tasks, done, "eval", f"evaluation at step {done}")
+                    bar.unpause()  # the evaluation's time is not training time: the ETA stays put
+                    log.info(f"step {done}: {evaluation_line(result_eval, cfg.eval.split)}")
+                    tick = time.perf_counter()
                 signum = run.replicas.stop_signal(stop)
                 if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or signum is not None:
                     save(done)
                 if signum is not None:
                     name = signal.Signals(signum).name
                     raise RunInterrupted(f"stopped by {name} after step {done}; checkpoint: {last_good}", signum)
-        final = eval_batches(cfg, cfg.eval.final_split, cfg.eval.final_tasks, run.device, run.dtype, run.replicas.launch)
-        metrics = {k.replace("/", "_"): v for k, v in log_eval(cfg.train.steps, final, "test").items()}
-        metrics["steps"] = float(cfg.train.steps)
-        logger.hparams(cfg, metrics)
+                bar.update(1)
+        final = evaluate_on(run.test_tasks, cfg.train.steps, "test", f"final test ({cfg.eval.final_split})")
+        metrics = final_metrics(final, cfg.train.steps, time.perf_counter() - began)
+        logger.hparams({**dict(naming.choices), **flatten(OmegaConf.to_container(cfg, resolve=True))}, naming.swept,
+                       HPARAM_METRICS, naming.trial_id)
         directory.write_metrics(metrics)
+        log.info(run_summary(what, start, cfg.train.steps, final, cfg.eval.final_split, cfg.data.ways,
+                             time.perf_counter() - began, eval_seconds, directory.path.resolve(),
+                             log_file(directory.path), Path(logger.writer.log_dir).resolve().parent, naming.sweep_dir))
     finally:
         logger.close()
     return metrics
 
 
+HPARAM_METRICS = ("test/accuracy", "test_zeroed/accuracy", "eval/accuracy")
+"""The HPARAMS metrics: the headline final test accuracy (head as trained and zeroed) and
+the last evaluation's."""
+
+
+def final_metrics(final: Evaluation, steps: int, wall_s: float) -> dict[str, float]:
+    """``metrics.json``: the final test's scalars (``test_accuracy`` is the headline,
+    ``test_accuracy_step_k`` and ``test_ci95_step_k`` per test step, the same for
+    ``test_zeroed_*``), ``test_tasks``, ``test_headline_step``, ``steps`` and ``wall_seconds``."""
+    metrics = {k.replace("/", "_"): v for k, v in final.scalars("test").items()}
+    metrics.update(test_headline_step=float(final.headline), steps=float(steps), wall_seconds=round(wall_s, 1))
+    return metrics
+
+
+_TRACEBACKS = {"shown": os.environ.get("HYDRA_FULL_ERROR") == "1"}
+"""Whether the user asked for tracebacks (``HYDRA_FULL_ERROR=1``), read before :func:`main`
+sets the variable for Hydra."""
+
+
 def _exit_on(error: BaseException, run_dir: str) -> None:
-    """Print ``error`` without a traceback (the resume command too when the run stopped) and
-    exit with its status; with ``HYDRA_FULL_ERROR=1`` re-raise it, as Hydra does."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    """Say ``error`` without a traceback (the resume command too when the run stopped) and exit
+    with its status; with ``HYDRA_FULL_ERROR=1`` re-raise it. A run that had started says it
+    through its log (console and ``train.log``); a refused start prints it and leaves no run
+    directory behind (:func:`~bilevel.run_dir.discard_unstarted`)."""
+    if _TRACEBACKS["shown"]:
         raise error
     stopped = isinstance(error, (RunInterrupted, KeyboardInterrupt))
     if isinstance(error, KeyboardInterrupt):
@@ -306,7 +349,12 @@ def _exit_on(error: BaseException, run_dir: str) -> None:
     lines = [message if stopped else f"error: {message}"]
     if stopped:
         lines.append("resume with: " + resume_command(HydraConfig.get().overrides.task, run_dir))
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    if log_started(Path(run_dir)):
+        log.error("\n".join(lines))
+    else:
+        print("\n".join(lines), file=sys.stderr, flush=True)
+    if status == ConfigError.exit_code:
+        discard_unstarted(run_dir, os.getcwd())
     sys.exit(status)
 
 
@@ -314,7 +362,7 @@ def _exit_on(error: BaseException, run_dir: str) -> None:
 def _hydra_main(cfg: DictConfig) -> Optional[float]:
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        metrics = train(cfg, run_dir)
+        metrics = train(cfg, run_dir, naming=hydra_naming())
     except (BilevelError, KeyboardInterrupt) as error:
         _exit_on(error, run_dir)
     return metrics.get("test_accuracy")
@@ -322,14 +370,25 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
 
 def main() -> None:
     """Console entry point ``bilevel-train``. Runs under the page-retaining allocator
-    (:mod:`bilevel.allocator`) unless ``BILEVEL_ALLOCATOR=default``."""
+    (:mod:`bilevel.allocator`) unless ``BILEVEL_ALLOCATOR=default``. Hydra's refusals of the
+    command line (:mod:`bilevel.cli_errors`) are printed as one paragraph, exit status 2."""
     ensure_allocator(os.environ.get("BILEVEL_ALLOCATOR", "retain"), ["-m", "bilevel.train"] + sys.argv[1:])
+    _TRACEBACKS["shown"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its failures to us instead of printing them
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as error:
-        _exit_on(error, "")
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(error.exit_code)
     register_configs()
-    _hydra_main()
+    try:
+        _hydra_main()
+    except Exception as error:  # noqa: BLE001  (explained or re-raised)
+        explained = None if _TRACEBACKS["shown"] else explain(error, override_words(sys.argv[1:]))
+        if explained is None:
+            raise
+        print(f"error: {explained}", file=sys.stderr, flush=True)
+        sys.exit(explained.exit_code)
 
 
 if __name__ == "__main__":

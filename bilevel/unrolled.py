@@ -286,8 +286,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             return self._evaluate_shared(params, batch, steps)
         mode = "loop" if self.execution == "shared" else self.execution
         fn = lambda p, xs, ys, xq, yq: self._evaluate_task(p, xs, ys, xq, yq, steps)  # noqa: E731
-        accs = map_tasks(fn, mode, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-        return accs.mean(0)
+        return map_tasks(fn, mode, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 
     def _evaluate_task(self, params, xs, ys, xq, yq, steps: int) -> Tensor:
         """Step by step from the previous adapted state; with momentum (whose velocity a
@@ -316,12 +315,12 @@ class UnrolledAlgorithm(BilevelAlgorithm):
                 params[HEAD_WEIGHT].expand(tasks, *params[HEAD_WEIGHT].shape),
                 params[HEAD_BIAS].expand(tasks, *params[HEAD_BIAS].shape),
             )
-            accs = [accuracy(readout(phi_q, head.weight, head.bias), batch.query_y).mean()]
+            accs = [accuracy(readout(phi_q, head.weight, head.bias), batch.query_y)]
             start = head
             for t in range(1, steps + 1):
                 restart = self.config.inner_momentum != 0
                 head = self.inner_loop(params, None, batch.support_y, support_features=phi_s,
                                        head=start if restart else head, steps=t if restart else 1, first_order=True).head
-                accs.append(accuracy(readout(phi_q, head.weight, head.bias), batch.query_y).mean())
-        return torch.stack(accs)
+                accs.append(accuracy(readout(phi_q, head.weight, head.bias), batch.query_y))
+        return torch.stack(accs, dim=-1)
 

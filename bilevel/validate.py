@@ -112,18 +112,28 @@ def check_declared(config: Any, prefix: str = "") -> None:
         check_declared(getattr(config, f.name), f"{prefix}{f.name}.")
 
 
+def closest(word: str, choices: Sequence[str]) -> str:
+    """`` did you mean X?`` for the closest of ``choices`` to a misspelt ``word`` ('' if none is close)."""
+    match = difflib.get_close_matches(word, list(choices), n=1)
+    return f" did you mean {match[0]}?" if match else ""
+
+
+def unknown_key_error(key: str, candidates: Sequence[str], siblings: Sequence[str], where: str) -> ConfigError:
+    """``unknown config key train.stesp: did you mean train.steps? valid keys of train: ...``:
+    the closest of ``candidates`` (full dotted keys) and the valid keys ``siblings`` of ``where``."""
+    return ConfigError(
+        f"unknown config key {key}:{closest(key, candidates)} valid keys of {where}: {', '.join(siblings)}"
+    )
+
+
 def reject_unknown_keys(config: DictConfig, schema: DictConfig, prefix: str = "") -> None:
     """Every key of ``config`` must exist in ``schema`` (recursing where the schema node is a
     dataclass); nodes typed ``Any`` in the schema (e.g. ``algorithm``) are left to their owner."""
     for key in config:
         if key not in schema:
             valid = [str(k) for k in schema]
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"did you mean {prefix}{close[0]}? " if close else ""
-            where = prefix.rstrip(".") or "the top level"
-            raise ConfigError(
-                f"unknown config key {prefix}{key}: {hint}valid keys of {where}: {', '.join(valid)}"
-            )
+            raise unknown_key_error(f"{prefix}{key}", [prefix + v for v in valid], valid,
+                                    prefix.rstrip(".") or "the top level")
         child, child_schema = config[key], schema[key]
         if isinstance(child, DictConfig) and _dataclass_type(child_schema) is not None:
             reject_unknown_keys(child, child_schema, f"{prefix}{key}.")

@@ -1,9 +1,9 @@
-"""The exact decomposition of the MAML meta-gradient (THEORY §2, §3, §3.1–§3.3).
+"""The exact decomposition of the MAML meta-gradient (docs/theory.md §2, §3, §3.1–§3.3).
 
 The oracle here is built from plain autograd and shares nothing with the engine but the
 model: it runs the inner loop with ``functional_call`` + ``F.cross_entropy``, takes the
 coefficients ``A_t = −α ∂L_S/∂Z_S`` and ``g_q = ∂L_Q/∂z_q`` by ``torch.autograd.grad``, and
-differentiates each term's surrogate (THEORY §3 table)
+differentiates each term's surrogate (docs/theory.md §3 table)
 
     contrastive   Σ_t Σ_{s,q} sg(C_t[s,q]) (⟨Φ_t[s], φ_q⟩ + 1),   C_t[s,q] = g_q · A_t[s]
     init          Σ_q sg(g_q)ᵀ (W_0 φ_q + b_0)
@@ -187,7 +187,7 @@ def _features(problem, i):
 
 
 def test_one_step_zero_head_second_order_is_the_supervised_contrastive_loss(make_problem, rel_err):
-    """THEORY §3.1: A_s = (α/n_s)(e_{y_s} − 1/N), so SO-MAML's encoder gradient is the θ-gradient
+    """docs/theory.md §3.1: A_s = (α/n_s)(e_{y_s} − 1/N), so SO-MAML's encoder gradient is the θ-gradient
     of −(α/(n_s n_q)) Σ (1[y_s=y_q] − sg(p_q[y_s])) (⟨φ_s, φ_q⟩ + 1); init and coefficient are 0."""
     p = make_problem("conv4", head="zero", shots=2)
     b = p.batch
@@ -216,7 +216,7 @@ def test_one_step_zero_head_second_order_is_the_supervised_contrastive_loss(make
 
 
 def test_one_step_random_head_pair_weights(make_problem):
-    """THEORY §3.1: C[s,q] = −(α/(n_s n_q))(1[y_s=y_q] − p_q[y_s] − p⁰_s[y_q] + p_q·p⁰_s)."""
+    """docs/theory.md §3.1: C[s,q] = −(α/(n_s n_q))(1[y_s=y_q] − p_q[y_s] − p⁰_s[y_q] + p_q·p⁰_s)."""
     p = make_problem("mlp", shots=2)
     b = p.batch
     n_s, n_q = b.support_y.shape[1], b.query_y.shape[1]
@@ -237,7 +237,7 @@ def test_one_step_random_head_pair_weights(make_problem):
 
 @pytest.mark.parametrize("head", ["random", "zero"])
 def test_first_order_contrastive_is_one_sided(make_problem, rel_err, head):
-    """THEORY §3.2: under FO the contrastive term is the gradient of the query-side surrogate
+    """docs/theory.md §3.2: under FO the contrastive term is the gradient of the query-side surrogate
     Σ sg(C) (⟨sg(φ_s), φ_q⟩ + 1); it differs from the two-sided SO term; coefficient is 0."""
     p = make_problem("mlp", head=head)
     b = p.batch

@@ -44,8 +44,8 @@ def write_run(path: Path, policy: str, seed: int, resume: bool = False) -> None:
         writer.add_scalar("eval/accuracy", acc, step)
         writer.add_scalar("features/cos_same_class", same * (i + 1) / len(STEPS), step)
         writer.add_scalar("features/cos_diff_class", diff * (i + 1) / len(STEPS), step)
-        writer.add_scalar("decomp/contrastive/share", 0.7, step)
-        writer.add_scalar("decomp/init/share", 0.3, step)
+        writer.add_scalar("terms/contrastive/share", 0.7, step)
+        writer.add_scalar("terms/init/share", 0.3, step)
     writer.close()
 
 
@@ -166,3 +166,29 @@ def test_empty_directory_is_a_clear_error(tmp_path: Path, capsys: pytest.Capture
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "no run directory" in err and "config.yaml" in err and "tb/" in err
+
+
+def test_per_step_test_accuracy_and_the_headline_step_are_columns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "run", "zeroing", 0)
+    metrics = {"test_accuracy": 0.5, "test_headline_step": 2, "test_accuracy_step_0": 0.2,
+               "test_accuracy_step_1": 0.45, "test_accuracy_step_2": 0.5, "test_accuracy_step_3": 0.48}
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics))
+    main([str(tmp_path / "run"), "--out", str(tmp_path / "figures")])
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = dict(zip(header, (c.strip() for c in lines[2].strip("|").split("|"))))
+    assert row["test acc after k steps"] == "0.500" and row["k"] == "2"
+    assert row["test acc per step 0 / 1 / ..."] == "0.200 / 0.450 / 0.500 / 0.480"
+
+
+def test_runs_shorter_than_the_decomposition_cadence_are_named_in_a_warning(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    write_run(tmp_path / "short", "zeroing", 0)
+    cfg = config("zeroing", 0)
+    cfg["train"].update(steps=20, decompose_every=25)
+    (tmp_path / "short" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    write_run(tmp_path / "long", "random", 0)
+    main([str(tmp_path), "--out", str(tmp_path / "figures")])
+    err = capsys.readouterr().err
+    assert "warning: 1 of 2 runs are shorter than train.decompose_every (25)" in err
+    assert str((tmp_path / "short").resolve()) in err and str((tmp_path / "long").resolve()) not in err

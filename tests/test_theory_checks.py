@@ -1,4 +1,4 @@
-"""The theory-check runner and the MAML claims (THEORY §7, claims 1–7).
+"""The theory-check runner and the MAML claims (docs/theory.md §7, claims 1–7).
 
 The claims pass on the engine as it is; a deliberately broken term (the contrastive
 cotangent scaled by 1.01) makes the identity claim fail and the runner exit non-zero; a

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from bilevel.algorithm import register
 from bilevel.checkpoint import load_checkpoint
 from bilevel.config import register_configs
 from bilevel.errors import NonFiniteError
+from bilevel.tb import event_files
 from bilevel.train import setup, train
 from algorithms.maml import MAML
 
@@ -42,7 +44,7 @@ def test_default_config_is_the_documented_default_run():
 def test_run_directory_holds_config_events_checkpoint_and_metrics(tmp_path):
     metrics = train(config(), tmp_path, show_progress=False)
     assert (tmp_path / "config.yaml").exists()
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert event_files(tmp_path)
     state = load_checkpoint(tmp_path / "checkpoint.pt", torch.device("cpu"))
     assert state["step"] == 6
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -163,6 +165,7 @@ def test_resume_continues_the_same_run(tmp_path):
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
-def test_execution_auto_picks_an_available_path(tmp_path, capsys):
+def test_execution_auto_picks_an_available_path(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     train(config("execution=auto", "algorithm=anil", "train.steps=2"), tmp_path, show_progress=False)
-    assert "execution=auto chose" in capsys.readouterr().out
+    assert "tasks run " in caplog.text and "(execution=" in caplog.text

@@ -84,7 +84,7 @@ def print_table(rows: list[Row], out: TextIO) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="bilevel-check", description="Verify the claims of THEORY §7 numerically (float64, CPU).",
+        prog="bilevel-check", description="Verify the claims of docs/theory.md §7 numerically (float64, CPU).",
         epilog="exit status: 0 every claim passes; 1 a claim fails or a check raises (a FAIL row "
                "carrying the error); 2 no check matches --only",
     )

@@ -1,4 +1,4 @@
-"""The Entropy-SGD claims of THEORY §7 (2 and 9), measured on small float64 problems.
+"""The Entropy-SGD claims of docs/theory.md §7 (2 and 9), measured on small float64 problems.
 
 References are independent of ``bilevel.chain``: the direction of the plain algorithm
 (``meta_grad`` without decomposition, same noise) for the identity, and ``torch.autograd``

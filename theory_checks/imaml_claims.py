@@ -1,4 +1,4 @@
-"""The iMAML claims of THEORY §7 (2: head-only identity; 8: solver and CG convergence).
+"""The iMAML claims of docs/theory.md §7 (2: head-only identity; 8: solver and CG convergence).
 
 The reference is independent of the engine: the inner solution by plain autograd proximal
 gradient descent on the whole model (``functional_call``, ``F.cross_entropy``), a dense

@@ -1,4 +1,4 @@
-"""The MAML claims of THEORY §7 (1–7), measured on small float64 problems.
+"""The MAML claims of docs/theory.md §7 (1–7), measured on small float64 problems.
 
 Every reference below is computed *independently* of the engine's decomposition: plain
 ``torch.autograd`` through an unrolled MAML written with ``functional_call`` on the whole

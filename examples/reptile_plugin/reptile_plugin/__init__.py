@@ -13,7 +13,7 @@ the mean of the inner gradients along the trajectory, averaged over the tasks (t
 Composition: Reptile is ``bilevel.chain`` with no coupling (γ = 0), no noise (ε = 0) and
 ``μ`` the last iterate (EMA weight ``a = 1``), scaled by ``s = 1/(α T)``. Everything else,
 the vmap/loop paths, evaluation and the decomposition into ``init`` + one-sided
-``contrastive`` (THEORY §6), comes from :class:`bilevel.chain.ChainAlgorithm`. Registered
+``contrastive`` (docs/theory.md §6), comes from :class:`bilevel.chain.ChainAlgorithm`. Registered
 through the ``bilevel.algorithms`` entry point ``reptile`` (see ``pyproject.toml``).
 """
 from __future__ import annotations
