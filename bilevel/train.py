@@ -307,9 +307,11 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
         logger.hparams({**dict(naming.choices), **flatten(OmegaConf.to_container(cfg, resolve=True))}, naming.swept,
                        HPARAM_METRICS, naming.trial_id)
         directory.write_metrics(metrics)
-        log.info(run_summary(what, start, cfg.train.steps, final, cfg.eval.final_split, cfg.data.ways,
-                             time.perf_counter() - began, eval_seconds, directory.path.resolve(),
-                             log_file(directory.path), Path(logger.writer.log_dir).resolve().parent, naming.sweep_dir))
+        if run.replicas.writer:
+            log.info(run_summary(what, start, cfg.train.steps, final, cfg.eval.final_split, cfg.data.ways,
+                                 time.perf_counter() - began, eval_seconds, directory.path.resolve(),
+                                 log_file(directory.path), Path(logger.writer.log_dir).resolve().parent,
+                                 naming.sweep_dir))
     finally:
         logger.close()
     return metrics
