@@ -355,7 +355,7 @@ def _exit_on(error: BaseException, run_dir: str) -> None:
         log.error("\n".join(lines))
     else:
         print("\n".join(lines), file=sys.stderr, flush=True)
-    if status == ConfigError.exit_code:
+    if status == ConfigError.exit_code and detect_launch().writer:  # one process removes it, or they race
         discard_unstarted(run_dir, os.getcwd())
     sys.exit(status)
 
