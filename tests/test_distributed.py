@@ -280,6 +280,15 @@ def test_one_and_two_processes_draw_the_same_tasks_and_reach_the_same_parameters
     assert close(b["optimizer"], a["optimizer"])
 
 
+def test_four_processes_draw_the_same_tasks_and_reach_the_same_parameters(runs):
+    one, four = runs("entropy_sgd", 1), runs("entropy_sgd", 4)  # one task per process
+    for (_, classes), *parts in zip(one.records[0]["tasks"], *(r["tasks"] for r in four.records)):
+        assert [first for first, _ in parts] == [0, 1, 2, 3]
+        assert torch.equal(torch.cat([c for _, c in parts]), classes)
+    assert rel(four.params(), one.params()) <= 1e-12
+    assert same(four.state()["algorithm"], one.state()["algorithm"])
+
+
 @pytest.mark.parametrize("algorithm", ["maml", "imaml", "entropy_sgd"])
 def test_reduced_decomposition_passes_the_identity_check_and_equals_the_single_process_one(runs, algorithm):
     one, two = runs(algorithm, 1), runs(algorithm, 2)
