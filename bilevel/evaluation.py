@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .algorithm import BilevelAlgorithm
-from .data import TaskBatch, TaskSampler, build_sampler
+from .data import DataConfig, TaskBatch, TaskSampler, build_sampler
 from .errors import ConfigError
 from .head_policy import zeroed_head
 from .params import Params
@@ -90,7 +90,7 @@ class Evaluation:
 class TaskSet:
     """The fixed evaluation tasks of one split and their settled count (module docstring)."""
 
-    def __init__(self, data_cfg, split: str, max_tasks: int, batch: int, budget_s: float, seed: int,
+    def __init__(self, data_cfg: DataConfig, split: str, max_tasks: int, batch: int, budget_s: float, seed: int,
                  device: torch.device, dtype: torch.dtype,
                  share: Callable[[TaskSampler], TaskSampler] = lambda sampler: sampler) -> None:
         size = min(batch, max_tasks)
