@@ -2,7 +2,7 @@
 
 With glibc's default malloc, large activation buffers are served by ``mmap``, unmapped when
 freed and faulted back in on the next step: a large share of a CPU meta-step's time goes to
-page faults (see ARCHITECTURE.md, "known traps"; numbers in docs/performance.md).
+page faults (docs/performance.md, "Allocator": the measured faults and times).
 ``retain`` never serves allocations with ``mmap`` and never trims the heap, so the pages
 stay mapped between steps. glibc reads its tunables once at start-up, so switching means
 re-executing the process with the new environment.
