@@ -100,6 +100,12 @@ class BilevelAlgorithm(ABC):
         """Query accuracy of every task after ``0 … steps`` inner steps: ``[tasks, steps + 1]``
         (the trainer averages over tasks and reports confidence intervals from the spread)."""
 
+    def meta_parameters(self, params: Params) -> Params:
+        """The outer problem's variables: the network's ``params`` plus whatever the algorithm
+        learns itself (Meta-SGD's inner learning rates, ...), as one dict. The trainer optimises,
+        checkpoints and shares out exactly this dict. Default: the network's parameters alone."""
+        return params
+
     def make_outer_optimizer(self, params: list[Tensor], lr: float) -> torch.optim.Optimizer:
         """The outer optimiser (Adam by default; a plugin whose outer step is defined by the
         algorithm, e.g. Entropy-SGD's ``x ← x − η d``, returns SGD with its own step)."""

@@ -137,6 +137,7 @@ def setup(cfg: Any) -> Run:
         model.to(device=device, dtype=dtype)
         params = model.init_params()
         initialise_head(params, cfg.head.policy, cfg.head.scale)
+        params = algorithm.meta_parameters(params)
         ablation = resolve_ablation(
             None if cfg.ablation.keep is None else list(cfg.ablation.keep), list(cfg.ablation.drop), algorithm
         )

@@ -263,7 +263,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
                 leaf[k] = leaf.get(k, 0) + v
         full = {k: v.index_select(0, idx).sum(0) for k, v in term_grads.items()}
         return {
-            k: torch.zeros_like(v) if is_head(k) else v - leaf[k[len(ENCODER_PREFIX):]]
+            k: v - leaf[k[len(ENCODER_PREFIX):]] if k.startswith(ENCODER_PREFIX) else torch.zeros_like(v)
             for k, v in full.items()
         }
 
@@ -297,7 +297,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
                 restart = self.config.inner_momentum != 0
                 inner = self.inner_loop(start if restart else params, xs, ys, steps=t if restart else 1,
                                         first_order=True)
-                params = {**{ENCODER_PREFIX + k: v.detach() for k, v in inner.encoder.items()},
+                params = {**params, **{ENCODER_PREFIX + k: v.detach() for k, v in inner.encoder.items()},
                           HEAD_WEIGHT: inner.head.weight.detach(), HEAD_BIAS: inner.head.bias.detach()}
             phi_q = self.model.encode(encoder_part(params), xq)
             accs.append(accuracy(readout(phi_q, params[HEAD_WEIGHT], params[HEAD_BIAS]), yq))
