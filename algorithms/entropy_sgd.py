@@ -30,7 +30,6 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from bilevel.algorithm import register
 from bilevel.chain import ChainAlgorithm, ChainConfig, ChainSpec, draw_noise
 from bilevel.models import BilevelModel
 from bilevel.params import HEAD_WEIGHT, Params
@@ -56,17 +55,16 @@ class EntropySGDConfig(ChainConfig):
     seed: int = 0
 
 
-@register("entropy_sgd")
 class EntropySGD(ChainAlgorithm):
     """Entropy-SGD: the chain's ``prox_mean`` direction with ``s = γ_t``."""
 
     Config = EntropySGDConfig
 
-    def __init__(self, model: BilevelModel, config: Any) -> None:
+    def __init__(self, model: BilevelModel, config: Any, execution: Optional[str] = None) -> None:
         self.outer_steps = 0
         self._generator: Optional[torch.Generator] = None
         self._generator_state: Optional[Tensor] = None
-        super().__init__(model, config)
+        super().__init__(model, config, execution)
 
     @property
     def gamma(self) -> float:

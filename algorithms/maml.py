@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bilevel.algorithm import register
 from bilevel.unrolled import UnrolledAlgorithm, UnrolledConfig
 from bilevel.validate import INNER_LOOP, Check, Range
 
@@ -23,7 +22,6 @@ class MAMLConfig(UnrolledConfig):
     name: str = "maml"
 
 
-@register("maml")
 class MAML(UnrolledAlgorithm):
     """Second- or first-order MAML; the engine's unrolled hypergradient, unchanged."""
 

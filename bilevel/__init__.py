@@ -15,16 +15,15 @@ from .ablation import Ablation, resolve_ablation
 from .algorithm import (
     AlgorithmConfig,
     BilevelAlgorithm,
-    MetaStep,
     available_algorithms,
     build_algorithm,
     get_algorithm,
     register,
 )
 from .catalog import algorithm_choices
-from .cg import CGResult, conjugate_gradient
+from .cg import CGResult, cg_polynomial, conjugate_gradient
 from .chain import ChainAlgorithm, ChainConfig, ChainSpec, decompose_chain, run_chain
-from .decompose import TERMS, Decomposition, Nodes, term_cotangents
+from .decompose import TERMS, Decomposition, Nodes, stack_nodes, sum_nodes, term_cotangents
 from .distributed import Launch, Replicas, detect_launch, task_share
 from .errors import (
     BilevelError,
@@ -37,7 +36,7 @@ from .errors import (
     RunInterrupted,
 )
 from .evaluation import Evaluation, TaskSet, ci95, headline_step
-from .execution import choose_execution, map_meta_steps, map_tasks, reduce_tasks
+from .execution import choose_execution, map_meta_steps, map_tasks
 from .head import (
     HeadState,
     HeadTrace,
@@ -50,7 +49,28 @@ from .head import (
     readout,
     reconstruct_logits,
 )
-from .implicit import implicit_vjp, linearize_stationarity, proximal_solve, stationarity_residual
+from .hypergradient import (
+    Forward,
+    MetaStep,
+    TaskResult,
+    Want,
+    ablated_row,
+    assemble,
+    mean_over_tasks,
+    node_rows,
+    plain_row,
+    term_rows,
+)
+from .implicit import (
+    ImplicitAlgorithm,
+    ImplicitSystem,
+    implicit_task,
+    implicit_vjp,
+    linearize_stationarity,
+    proximal_solve,
+    solve_error,
+    stationarity_residual,
+)
 from .inner import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
 from .models import BilevelModel, ModelConfig, build_model
 from .pooling import max_pool2x2
@@ -62,9 +82,11 @@ from .validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, One
 __all__ = [
     "Ablation", "resolve_ablation", "AlgorithmConfig", "BilevelAlgorithm", "MetaStep",
     "available_algorithms", "build_algorithm", "get_algorithm", "register", "CGResult",
-    "conjugate_gradient", "ChainAlgorithm", "ChainConfig", "ChainSpec", "decompose_chain", "run_chain",
-    "TERMS", "Decomposition", "Nodes", "term_cotangents", "Launch", "Replicas", "detect_launch", "task_share",
-    "choose_execution", "map_meta_steps", "map_tasks", "reduce_tasks",
+    "cg_polynomial", "conjugate_gradient", "ChainAlgorithm", "ChainConfig", "ChainSpec", "decompose_chain", "run_chain",
+    "TERMS", "Decomposition", "Nodes", "stack_nodes", "sum_nodes", "term_cotangents",
+    "Forward", "TaskResult", "Want", "ablated_row", "assemble", "mean_over_tasks", "node_rows", "plain_row", "term_rows",
+    "ImplicitAlgorithm", "ImplicitSystem", "implicit_task", "solve_error", "Launch", "Replicas", "detect_launch", "task_share",
+    "choose_execution", "map_meta_steps", "map_tasks",
     "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_displacement", "head_shrink", "head_write", "init_head",
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import Any
-
-from .algorithm import BilevelAlgorithm, MetaStep
+from .algorithm import BilevelAlgorithm
+from .data.batch import TaskBatch
+from .hypergradient import MetaStep, Want
 from .params import Params
 
 CONTRASTIVE_SIDES = ("contrastive_query", "contrastive_support")
@@ -18,23 +18,24 @@ CONTRASTIVE_SIDES = ("contrastive_query", "contrastive_support")
 
 @dataclass(frozen=True)
 class Ablation:
-    """``kept`` terms form the encoder update; ``plain`` means no term is left out."""
+    """``kept`` terms form the encoder update; ``plain`` means no term is left out; ``terms``
+    is the decomposition the run reports (the algorithm's, with the contrastive term split into
+    its two sides when one of them is named)."""
 
     kept: tuple[str, ...]
     plain: bool
+    terms: tuple[str, ...]
 
-    def step(self, algorithm: BilevelAlgorithm, params: Params, batch: Any, decompose: bool) -> tuple[MetaStep, Params]:
+    def want(self, decompose: bool) -> Want:
+        """What a step computes: the decomposition when ``decompose``, the kept terms' gradient
+        unless the run is plain."""
+        return Want(terms=self.terms if decompose else (), keep=None if self.plain else self.kept)
+
+    def step(self, algorithm: BilevelAlgorithm, params: Params, batch: TaskBatch, decompose: bool) -> tuple[MetaStep, Params]:
         """The meta-step (with its decomposition when ``decompose``) and the gradient the outer
-        optimiser follows. Plain: the algorithm's meta-gradient, untouched. Ablated: the kept
-        terms of the decomposition on logging steps, else the algorithm's cheaper
-        :meth:`~bilevel.algorithm.BilevelAlgorithm.ablated_meta_grad`."""
-        if self.plain:
-            result = algorithm.meta_grad(params, batch, decompose=decompose)
-            return result, result.grad
-        if decompose:
-            result = algorithm.meta_grad(params, batch, decompose=True)
-            return result, result.decomposition.combine(self.kept)
-        result = algorithm.ablated_meta_grad(params, batch, self.kept)
+        optimiser follows: the plain meta-gradient, untouched, or the ablated one (the engine's
+        cheaper exact path when no decomposition is asked for)."""
+        result = algorithm.meta_step(params, batch, self.want(decompose))
         return result, result.grad
 
 
@@ -57,7 +58,6 @@ def resolve_ablation(keep: list[str] | None, drop: list[str], algorithm: Bilevel
             )
         i = terms.index("contrastive")
         terms[i : i + 1] = list(CONTRASTIVE_SIDES)
-        algorithm.terms = tuple(terms)
     unknown = [t for t in requested if t not in terms]
     if unknown:
         raise ValueError(
@@ -67,4 +67,4 @@ def resolve_ablation(keep: list[str] | None, drop: list[str], algorithm: Bilevel
     kept = tuple(t for t in (keep_list if keep_list is not None else terms) if t not in drop_list)
     if not kept:
         raise ValueError(f"ablation keeps no term (keep={keep_list}, drop={drop_list}); keep at least one")
-    return Ablation(kept=kept, plain=keep_list is None and not drop_list)
+    return Ablation(kept=kept, plain=keep_list is None and not drop_list, terms=tuple(terms))

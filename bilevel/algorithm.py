@@ -8,9 +8,10 @@ package adds an algorithm without touching the engine.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Optional
 
@@ -19,7 +20,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
-from .decompose import Decomposition
+from .data.batch import TaskBatch
+from .hypergradient import MetaStep, Want
 from .errors import ConfigError
 from .models import BilevelModel
 from .params import Params
@@ -40,26 +42,15 @@ class AlgorithmConfig:
     test_steps: Optional[int] = None
 
 
-@dataclass
-class MetaStep:
-    """One meta-batch: the meta-gradient (mean over tasks), the mean query loss and accuracy
-    after adaptation, the decomposition when requested, and algorithm-specific scalars."""
-
-    grad: Params
-    loss: Tensor
-    accuracy: Tensor
-    decomposition: Optional[Decomposition] = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
-
-
 class BilevelAlgorithm(ABC):
     """A min-min bi-level algorithm over a :class:`BilevelModel`.
 
     Subclasses set ``Config`` (a dataclass extending :class:`AlgorithmConfig`) and
-    implement :meth:`meta_grad` and :meth:`evaluate`. ``terms`` names the decomposition
-    terms the algorithm produces; ``executions`` the per-task paths it supports (the
-    trainer's ``execution=auto`` times them). ``outer_step_done`` is called after every
-    outer update (for schedules); ``state_dict`` holds what a checkpoint must keep.
+    implement :meth:`meta_step` and :meth:`evaluate` (the engine's bases do both). ``terms``
+    names the decomposition terms the algorithm produces; ``executions`` the per-task paths it
+    supports (the trainer's ``execution=auto`` times them). ``execution`` is fixed at
+    construction (:meth:`with_execution` gives a twin on another path). ``outer_step_done`` is
+    called after every outer update (for schedules); ``state_dict`` holds all the state there is.
     """
 
     Config: ClassVar[type] = AlgorithmConfig
@@ -67,10 +58,34 @@ class BilevelAlgorithm(ABC):
     splits_contrastive: ClassVar[bool] = False
     executions: tuple[str, ...] = ("loop",)
 
-    def __init__(self, model: BilevelModel, config: Any) -> None:
+    def __init__(self, model: BilevelModel, config: Any, execution: Optional[str] = None) -> None:
         self.model = model
         self.config = config
-        self.execution = self.executions[0]
+        self._execution = self._checked_execution(execution or self.default_execution)
+
+    @property
+    def default_execution(self) -> str:
+        """The path used when none is chosen (the first of :attr:`executions`)."""
+        return self.executions[0]
+
+    @property
+    def execution(self) -> str:
+        """How the tasks of a meta-batch run: ``vmap``, ``loop`` or ``shared``."""
+        return self._execution
+
+    def _checked_execution(self, execution: str) -> str:
+        if execution not in self.executions:
+            raise ConfigError(
+                f"execution={execution} is not available for algorithm {getattr(self, 'name', type(self).__name__)!r} "
+                f"with this configuration; available: {', '.join(self.executions)}"
+            )
+        return execution
+
+    def with_execution(self, execution: str) -> "BilevelAlgorithm":
+        """The same algorithm (same config, same state objects) running on ``execution``."""
+        twin = copy.copy(self)
+        twin._execution = self._checked_execution(execution)
+        return twin
 
     @property
     def eval_steps(self) -> int:
@@ -84,19 +99,21 @@ class BilevelAlgorithm(ABC):
         return int(getattr(self.config, "inner_steps", 1))
 
     @abstractmethod
-    def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
-        """The meta-gradient of the mean query loss over ``batch`` (and its decomposition)."""
+    def meta_step(self, params: Params, batch: TaskBatch, want: Want = Want()) -> MetaStep:
+        """The meta-step of the mean query loss over ``batch``: the plain, ablated or decomposed
+        meta-gradient as ``want`` says (:mod:`bilevel.hypergradient`)."""
 
-    def ablated_meta_grad(self, params: Params, batch: Any, keep: tuple[str, ...]) -> MetaStep:
-        """The meta-step whose ``grad`` has the sum of the ``keep`` terms on the encoder and the
-        exact meta-gradient on the head. Default: the full decomposition, combined; plugins
-        override it with a cheaper exact path when they have one."""
-        step = self.meta_grad(params, batch, decompose=True)
-        step.grad = step.decomposition.combine(keep)
-        return step
+    def meta_grad(self, params: Params, batch: TaskBatch, decompose: bool = False) -> MetaStep:
+        """The plain meta-gradient, with the decomposition into :attr:`terms` when ``decompose``."""
+        return self.meta_step(params, batch, Want(terms=self.terms if decompose else ()))
+
+    def ablated_meta_grad(self, params: Params, batch: TaskBatch, keep: tuple[str, ...]) -> MetaStep:
+        """The meta-step whose ``grad`` has the sum of the ``keep`` terms on everything but the
+        head, and the exact meta-gradient on the head."""
+        return self.meta_step(params, batch, Want(keep=tuple(keep)))
 
     @abstractmethod
-    def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
+    def evaluate(self, params: Params, batch: TaskBatch, steps: int) -> Tensor:
         """Query accuracy of every task after ``0 … steps`` inner steps: ``[tasks, steps + 1]``
         (the trainer averages over tasks and reports confidence intervals from the spread)."""
 
@@ -140,8 +157,6 @@ def register(name: str):
 
 
 def _load_plugins() -> None:
-    import algorithms  # noqa: F401  (the built-in plugins register on import)
-
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _REGISTRY:
             register(ep.name)(ep.load())
@@ -186,7 +201,8 @@ def algorithm_config(config: Any) -> Any:
     return config
 
 
-def build_algorithm(config: Any, model: BilevelModel) -> BilevelAlgorithm:
-    """Instantiate the plugin named by ``config.name`` with its validated config."""
+def build_algorithm(config: Any, model: BilevelModel, execution: Optional[str] = None) -> BilevelAlgorithm:
+    """Instantiate the plugin named by ``config.name`` with its validated config (on
+    ``execution``, or the plugin's default path)."""
     cfg = algorithm_config(config)
-    return get_algorithm(cfg.name)(model, cfg)
+    return get_algorithm(cfg.name)(model, cfg, execution)

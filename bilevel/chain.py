@@ -57,19 +57,11 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from .algorithm import AlgorithmConfig, BilevelAlgorithm, MetaStep
-from .decompose import (
-    Decomposition,
-    class_masks,
-    cosine_matrix,
-    identity_error,
-    pair_weights,
-    readout_head_gradient,
-    reconstruction_error,
-    term_cotangents,
-)
-from .data.batch import task_position
+from .algorithm import AlgorithmConfig, BilevelAlgorithm
+from .data.batch import TaskBatch, task_position
+from .decompose import cosine_matrix, pair_weights, readout_head_gradient, reconstruction_error, term_cotangents
 from .execution import map_meta_steps, map_tasks
+from .hypergradient import MetaStep, TaskResult, Want, assemble, mean_over_tasks
 from .head import HeadState, head_add_noise, head_displacement, head_shrink, head_write, init_head, readout
 from .inner import ADAPTED_SETS, sgd_steps
 from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
@@ -326,10 +318,10 @@ class ChainAlgorithm(BilevelAlgorithm):
     Config = ChainConfig
     executions = ("vmap", "loop")
 
-    def __init__(self, model: BilevelModel, config: Any) -> None:
+    def __init__(self, model: BilevelModel, config: Any, execution: Optional[str] = None) -> None:
         if config.batches not in BATCHES:
             raise ValueError(f"batches must be one of {BATCHES}, got {config.batches!r}")
-        super().__init__(model, config)
+        super().__init__(model, config, execution)
         self.terms = self.spec().terms()
 
     @abstractmethod
@@ -346,41 +338,37 @@ class ChainAlgorithm(BilevelAlgorithm):
         """Algorithm-specific scalars for :attr:`MetaStep.extras`."""
         return {}
 
-    def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
+    def meta_step(self, params: Params, batch: TaskBatch, want: Want = Want()) -> MetaStep:
+        """The mean of ``d`` over the tasks. An ablated step has no cheaper exact path than the
+        decomposition, so it decomposes and follows the kept terms (without reporting the
+        decomposition it was not asked for)."""
         spec = self.spec()
         params = tree_detach(params)
         first, total = task_position(batch)  # a share of a meta-batch: draw for all of it, keep the share's rows
         noise = self.noise(params, spec, total)
         keys = sorted(noise) if noise else []
         share = slice(first, first + batch.support_y.shape[0])
-        terms = self.terms
+        asked = want if want.terms or want.keep is None else Want(terms=self.terms, keep=want.keep)
 
-        def task(p, xs, ys, xq, yq, *draws, decompose: bool):
+        def task(p, xs, ys, xq, yq, *draws, want: Want) -> TaskResult:
             n = dict(zip(keys, draws)) if keys else None
             x, y = chain_batch(xs, ys, xq, yq, self.config.batches)
-            result = run_chain(self.model, p, x, y, spec, n, record=decompose)
-            out = {"grad": result.direction, "loss": result.loss, "accuracy": result.accuracy}
-            if decompose:
-                out["terms"], out["reconstruction"] = decompose_chain(result, p, spec, n, terms)
-                out["pairs"], out["cosines"] = self._diagnostics(result, p, xs, xq, ys.shape[-1], yq.shape[-1])
-            return out
+            result = run_chain(self.model, p, x, y, spec, n, record=bool(want.terms))
+            out = TaskResult(result.loss, result.accuracy, grad=result.direction)
+            if not want.terms:
+                return out
+            terms, reconstruction = decompose_chain(result, p, spec, n, want.terms)
+            pairs, cosines = self._diagnostics(result, p, xs, xq, ys.shape[-1], yq.shape[-1])
+            return out._replace(terms=terms, reconstruction=reconstruction, pairs=pairs, cosines=cosines)
 
         per_task = map_meta_steps(
-            lambda d: partial(task, decompose=d), self.execution, params, batch.support_x, batch.support_y,
-            batch.query_x, batch.query_y, *(noise[k][share] for k in keys), decompose=decompose,
+            lambda w: partial(task, want=w), self.execution, params, batch.support_x, batch.support_y,
+            batch.query_x, batch.query_y, *(noise[k][share] for k in keys), want=asked,
         )
-        grad = {k: v.mean(0) for k, v in per_task["grad"].items()}
-        decomposition = None
-        if decompose:
-            parts = {k: v.mean(0) for k, v in per_task["terms"].items()}
-            term_grads = {t: {k: v[i] for k, v in parts.items()} for i, t in enumerate(terms)}
-            decomposition = Decomposition(
-                terms=term_grads, total=grad, pair_weights=per_task["pairs"],
-                feature_cosines=per_task["cosines"], same_class=class_masks(batch.support_y, batch.query_y),
-                reconstruction_error=per_task["reconstruction"].amax(),
-                identity_error=identity_error(term_grads, grad),
-            )
-        return MetaStep(grad, per_task["loss"].mean(), per_task["accuracy"].mean(), decomposition, self.extras(spec))
+        step = assemble(mean_over_tasks(per_task), batch, asked, self.extras(spec))
+        if asked is not want:
+            step.decomposition = None
+        return step
 
     def _diagnostics(self, result: ChainResult, params: Params, xs, xq, n_s: int, n_q: int):
         last, first = result.steps[-1], result.steps[0]
@@ -394,14 +382,14 @@ class ChainAlgorithm(BilevelAlgorithm):
         cosines = cosine_matrix(self.model.encode(encoder, xs), self.model.encode(encoder, xq))
         return last.features.new_zeros(0, n_s, n_q), cosines
 
-    def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
+    def evaluate(self, params: Params, batch: TaskBatch, steps: int) -> Tensor:
         return finetune_accuracies(
             self.model, params, batch, steps, self.config.inner_lr, self.config.adapt, self.execution
         )
 
 
 def finetune_accuracies(
-    model: BilevelModel, params: Params, batch: Any, steps: int, lr: float, adapt: str, execution: str
+    model: BilevelModel, params: Params, batch: TaskBatch, steps: int, lr: float, adapt: str, execution: str
 ) -> Tensor:
     """Query accuracy of every task after ``0 … steps`` plain SGD steps of size ``lr`` on the
     support cross-entropy over the adapted set: ``[tasks, steps + 1]``."""

@@ -26,32 +26,46 @@ def stack_trees(trees: Sequence[Any]) -> Any:
 
 
 def map_tasks(fn: Callable[..., Any], mode: str, shared: Any, *per_task: Tensor) -> Any:
-    """``fn(shared, *task_i)`` for every task ``i`` (leading axis of ``per_task``), stacked."""
+    """``fn(shared, *task_i)`` for every task ``i`` (leading axis of ``per_task``), stacked.
+
+    A NamedTuple result may leave fields ``None`` (what a task was not asked for); they stay
+    ``None``, every other field gets the task axis."""
+    kind: list[type] = []
+
+    def present(*args: Any) -> Any:
+        out = fn(*args)
+        if not (isinstance(out, tuple) and hasattr(out, "_fields")):
+            return out
+        kind.append(type(out))
+        return {k: v for k, v in out._asdict().items() if v is not None}
+
     if mode == "vmap":
         in_dims = (None,) + (0,) * len(per_task)
-        return torch.func.vmap(fn, in_dims=in_dims, randomness="error")(shared, *per_task)
-    if mode == "loop":
-        return stack_trees([fn(shared, *(t[i] for t in per_task)) for i in range(per_task[0].shape[0])])
-    raise ValueError(f"unknown per-task execution {mode!r}; use 'vmap' or 'loop'")
+        stacked = torch.func.vmap(present, in_dims=in_dims, randomness="error")(shared, *per_task)
+    elif mode == "loop":
+        stacked = stack_trees([present(shared, *(t[i] for t in per_task)) for i in range(per_task[0].shape[0])])
+    else:
+        raise ValueError(f"unknown per-task execution {mode!r}; use 'vmap' or 'loop'")
+    return kind[0](**stacked) if kind else stacked
 
 
 def map_meta_steps(
-    make_fn: Callable[[bool], Callable[..., dict[str, Any]]], mode: str, shared: Any, *per_task: Tensor,
-    decompose: bool,
-) -> dict[str, Any]:
-    """Per-task outputs of ``make_fn(decompose)`` (a dict with ``grad``, ``loss``,
-    ``accuracy``), with a gradient that does not depend on ``decompose``, bit for bit.
+    task_for: Callable[[Any], Callable[..., Any]], mode: str, shared: Any, *per_task: Tensor, want: Any,
+) -> Any:
+    """Per-task results of ``task_for(want)`` (a :class:`~bilevel.hypergradient.TaskResult` for a
+    :class:`~bilevel.hypergradient.Want`), with a gradient that does not depend on whether
+    ``want`` decomposes, bit for bit.
 
     A plain ``loop`` step runs on plain autograd; a decomposition pass runs on ``torch.func``
-    (another differentiation route, so other round-off). So on the ``loop`` a decomposition
-    step takes ``grad``, ``loss`` and ``accuracy`` from ``make_fn(False)`` on the same inputs
-    (random draws included), and decomposing never changes a training run;
-    ``make_fn(True)`` need not compute ``grad``.
+    (another differentiation route, so other round-off). So on the ``loop`` a decomposing step
+    takes ``grad``, ``loss`` and ``accuracy`` from the plain ``task_for(Want())`` on the same
+    inputs (random draws included), and decomposing never changes a training run; the
+    decomposing task function need not compute ``grad``.
     """
-    out = map_tasks(make_fn(decompose), mode, shared, *per_task)
-    if decompose and mode == "loop":
-        plain = map_tasks(make_fn(False), mode, shared, *per_task)
-        out.update(grad=plain["grad"], loss=plain["loss"], accuracy=plain["accuracy"])
+    out = map_tasks(task_for(want), mode, shared, *per_task)
+    if want.terms and mode == "loop":
+        plain = map_tasks(task_for(type(want)()), mode, shared, *per_task)
+        out = out._replace(grad=plain.grad, loss=plain.loss, accuracy=plain.accuracy)
     return out
 
 
@@ -76,15 +90,3 @@ def choose_execution(
             best = min(best, time.perf_counter() - start)
         timings[mode] = best
     return min(timings, key=timings.__getitem__), timings
-
-
-def reduce_tasks(key: str, value: Any) -> Any:
-    """Reduce per-task outputs: means for gradients and scalars, max for check errors,
-    concatenation for per-task matrices (which already have a task axis)."""
-    if key == "reconstruction":
-        return value.amax()
-    if key in ("pairs", "cosines"):
-        return value
-    if isinstance(value, dict):
-        return {k: v.mean(0) for k, v in value.items()}
-    return value.mean(0)

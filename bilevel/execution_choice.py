@@ -45,19 +45,17 @@ class ExecutionChoice:
 
 def measure_paths(algorithm: BilevelAlgorithm, params: Params, batch: TaskBatch, device: torch.device) -> dict[str, float]:
     """Seconds per meta-step of each of ``algorithm.executions`` on ``batch``; the algorithm's
-    state (e.g. a noise generator), its current path and the global random state are restored."""
-    state, rng, current = copy.deepcopy(algorithm.state_dict()), global_rng_state(), algorithm.execution
+    state (e.g. a noise generator) and the global random state are restored."""
+    state, rng = copy.deepcopy(algorithm.state_dict()), global_rng_state()
 
     def attempt(mode: str) -> None:
-        algorithm.execution = mode
-        algorithm.meta_grad(params, batch)
+        algorithm.with_execution(mode).meta_grad(params, batch)
 
     try:
         return choose_execution(attempt, algorithm.executions, device)[1]
     finally:
         algorithm.load_state_dict(state)
         set_global_rng_state(rng)
-        algorithm.execution = current
 
 
 def machine(device: torch.device) -> dict[str, Any]:

@@ -42,8 +42,7 @@ def autograd_pullbacks() -> Iterator[None]:
     """Within this block the inner solvers take the encoder's VJP with ``torch.autograd.grad``
     (``create_graph`` for second order) instead of ``torch.func.vjp``. For callers on plain
     autograd only (no ``torch.func`` transform around the solver): the per-task loop's plain
-    step, where it saves the transforms' per-op wrapping (3% of a 5-shot, 5-step
-    second-order conv4 meta-step on one core)."""
+    step, where it saves the transforms' per-op wrapping (measured in docs/performance.md)."""
     token = _AUTOGRAD_PULLBACKS.set(True)
     try:
         yield

@@ -20,21 +20,24 @@ from .algorithm import BilevelAlgorithm
 from .unrolled import UnrolledAlgorithm
 
 
-def structural_zeros(algorithm: BilevelAlgorithm, head_policy: str) -> dict[str, str]:
-    """The algorithm's terms that are exactly 0 under this configuration, each with the reason."""
+def structural_zeros(algorithm: BilevelAlgorithm, head_policy: str,
+                     terms: Optional[tuple[str, ...]] = None) -> dict[str, str]:
+    """The terms (default: the algorithm's) that are exactly 0 under this configuration, each
+    with the reason."""
+    terms = algorithm.terms if terms is None else terms
     zero_head = head_policy == "zeroing"
     unrolled = isinstance(algorithm, UnrolledAlgorithm)
     first_order = unrolled and algorithm.config.order == "first_order"
     zeros: dict[str, str] = {}
-    if zero_head and "init" in algorithm.terms:
+    if zero_head and "init" in terms:
         zeros["init"] = "head.policy=zeroing starts every inner loop from W_0 = 0"
-    if "coefficient" in algorithm.terms:
+    if "coefficient" in terms:
         if first_order:
             zeros["coefficient"] = "first order: what the support samples write into the head is a constant"
         elif unrolled and zero_head and algorithm.train_steps == 1:
             zeros["coefficient"] = ("one inner step from a zero head: the support predictions are uniform "
                                     "whatever the encoder")
-    if first_order and "contrastive_support" in algorithm.terms:
+    if first_order and "contrastive_support" in terms:
         zeros["contrastive_support"] = "first order: the support features receive no gradient"
     return zeros
 
@@ -43,7 +46,7 @@ def idle_ablation_warning(ablation: Ablation, algorithm: BilevelAlgorithm, zeros
                           name: str) -> Optional[str]:
     """A warning when the ablation removes only terms that are exactly 0 here (so the run is the
     plain algorithm); None otherwise."""
-    removed = [t for t in algorithm.terms if t not in ablation.kept]
+    removed = [t for t in ablation.terms if t not in ablation.kept]
     if ablation.plain or not removed or any(t not in zeros for t in removed):
         return None
     reasons = "; ".join(f"{t}: {zeros[t]}" for t in removed)

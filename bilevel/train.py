@@ -153,7 +153,7 @@ def setup(cfg: Any) -> Run:
         headline = headline_step(algorithm, cfg.eval.headline_step)
     except (ValueError, FileNotFoundError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
-    zeros = structural_zeros(algorithm, cfg.head.policy)
+    zeros = structural_zeros(algorithm, cfg.head.policy, ablation.terms)
     warnings = [w for w in [idle_ablation_warning(ablation, algorithm, zeros, cfg.ablation.name)] if w]
     return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals, tests, headline, zeros,
                warnings, replicas)
@@ -225,7 +225,8 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
         path, state = found
         restore(run, optimizer, state)
         start, last_good = state["step"], f"{path} (step {state['step']})"
-    algorithm.execution = cfg.execution = choice.path
+    algorithm = run.algorithm = algorithm.with_execution(choice.path)
+    cfg.execution = choice.path
     directory.begin(OmegaConf.to_yaml(cfg), note=choice.reason)
     what = run_title(cfg, algorithm)
     log.info(f"training {what} for {cfg.train.steps} outer steps in {directory.path.resolve()}")

@@ -9,7 +9,8 @@ meta-gradient a step returns does not depend on whether the decomposition is req
 bit for bit: the loop's plain step runs on plain autograd, so a decomposition step there
 takes its gradient from that plain step (:func:`~bilevel.execution.map_meta_steps`) and its
 terms from a ``torch.func`` pass; the identity check compares them with the gradient the
-step returns.
+step returns. The plain, ablated and decomposed rows of the VJP come from the engine's one
+:func:`~bilevel.hypergradient.node_rows`; this module only builds the forward.
 
 Execution paths: ``vmap`` and ``loop`` run the per-task function over tasks; ``shared``
 (head-only inner loops) runs the encoder once over every support and query image of the
@@ -19,30 +20,22 @@ the head loops along a task axis.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.func import vjp, vmap
+from torch.func import vjp
 
-from .algorithm import AlgorithmConfig, BilevelAlgorithm, MetaStep
-from .decompose import (
-    Decomposition,
-    Nodes,
-    class_masks,
-    cosine_matrix,
-    identity_error,
-    pair_weights,
-    readout_head_gradient,
-    reconstruction_error,
-    stack_nodes,
-    term_cotangents,
-)
-from .execution import map_meta_steps, map_tasks, reduce_tasks, stack_trees
+from .algorithm import AlgorithmConfig, BilevelAlgorithm
+from .data.batch import TaskBatch
+from .decompose import Nodes
+from .execution import map_meta_steps, map_tasks
 from .head import init_head, readout
+from .hypergradient import Forward, MetaStep, TaskResult, Want, assemble, mean_over_tasks, node_rows
 from .inner import ADAPTED_SETS, InnerResult, autograd_pullbacks, sgd_steps
-from .losses import accuracy, cross_entropy, cross_entropy_logits_grad
-from .params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, is_head
+from .losses import accuracy, cross_entropy
+from .params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part
 
 ORDERS = ("second_order", "first_order")
 
@@ -59,20 +52,9 @@ class UnrolledConfig(AlgorithmConfig):
     order: str = "second_order"
 
 
-def _zeros_like_nodes(nodes: Nodes) -> Nodes:
-    return Nodes(
-        torch.zeros_like(nodes.query_features),
-        tuple(torch.zeros_like(f) for f in nodes.features),
-        tuple(torch.zeros_like(a) for a in nodes.coeffs),
-    )
-
-
-def _sum_nodes(nodes: list[Nodes]) -> Nodes:
-    return Nodes(
-        sum(n.query_features for n in nodes),
-        tuple(sum(f) for f in zip(*(n.features for n in nodes))),
-        tuple(sum(a) for a in zip(*(n.coeffs for n in nodes))),
-    )
+def head_of(params: Params) -> Params:
+    """The head's entries of a parameter dict."""
+    return {HEAD_WEIGHT: params[HEAD_WEIGHT], HEAD_BIAS: params[HEAD_BIAS]}
 
 
 class UnrolledAlgorithm(BilevelAlgorithm):
@@ -86,7 +68,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
     terms = ("contrastive", "init", "coefficient")
     splits_contrastive = True
 
-    def __init__(self, model, config) -> None:
+    def __init__(self, model, config, execution: str | None = None) -> None:
         if config.adapt not in ADAPTED_SETS:
             raise ValueError(f"adapt must be one of {ADAPTED_SETS}, got {config.adapt!r}")
         if config.order not in ORDERS:
@@ -94,8 +76,11 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         if config.inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {config.inner_steps}")
         self.executions = ("vmap", "loop", "shared") if config.adapt == "head" else ("vmap", "loop")
-        super().__init__(model, config)
-        self.execution = "loop"
+        super().__init__(model, config, execution)
+
+    @property
+    def default_execution(self) -> str:
+        return "loop"
 
     @property
     def first_order(self) -> bool:
@@ -115,45 +100,41 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         )
 
     # ----------------------------------------------------------------------------- meta-gradient
-    def meta_grad(self, params: Params, batch: Any, decompose: bool = False) -> MetaStep:
-        return self._meta_step(params, batch, decompose, keep=None)
-
-    def ablated_meta_grad(self, params: Params, batch: Any, keep: tuple[str, ...]) -> MetaStep:
-        """Two VJP rows of one forward: the plain row (for the head) and the sum of the kept
-        terms' cotangents (for the encoder) — by linearity, the sum of the kept terms."""
-        return self._meta_step(params, batch, False, keep=tuple(keep))
-
-    def _meta_step(self, params: Params, batch: Any, decompose: bool, keep) -> MetaStep:
+    def meta_step(self, params: Params, batch: TaskBatch, want: Want = Want()) -> MetaStep:
         if self.execution == "shared":
-            out = self._shared_step(params, batch, decompose, keep)
-        else:
-            def make_fn(d: bool):
-                return lambda p, xs, ys, xq, yq: self._task_step(p, xs, ys, xq, yq, d, keep)
+            return assemble(self._shared_task(params, batch, want), batch, want)
+        per_task = map_meta_steps(
+            lambda w: partial(self._task, want=w), self.execution, params,
+            batch.support_x, batch.support_y, batch.query_x, batch.query_y, want=want,
+        )
+        return assemble(mean_over_tasks(per_task), batch, want)
 
-            per_task = map_meta_steps(
-                make_fn, self.execution, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y,
-                decompose=decompose,
-            )
-            out = {k: reduce_tasks(k, v) for k, v in per_task.items()}
-        decomposition = self._assemble(out, batch) if decompose else None
-        return MetaStep(out["grad"], out["loss"], out["accuracy"], decomposition)
-
-    def _task_step(self, params, xs, ys, xq, yq, decompose: bool, keep=None) -> dict[str, Any]:
+    def _task(self, params: Params, xs, ys, xq, yq, want: Want) -> TaskResult:
+        """One task's rows: a full-network or a head-only forward."""
         if self.config.adapt == "head":
             encode = lambda e: (self.model.encode(e, xs), self.model.encode(e, xq))  # noqa: E731
-            return self._backward(self._head_forward(ys, yq, None), params, yq, decompose, keep, encode=encode)
+            return self._head_task(params, encode, self._head_forward(ys, yq, None), yq, want, tasks=1)
 
-        def forward(p):
+        def forward(p: Params):
             inner = self.inner_loop(p, xs, ys)
             phi_q = self.model.encode(inner.encoder, xq)
             logits = readout(phi_q, inner.head.weight, inner.head.bias)
-            nodes = Nodes(phi_q, inner.head.trace.features, inner.head.trace.coeffs)
             path = tuple(inner.encoder_path) + (inner.encoder,)
-            return (cross_entropy(logits, yq), nodes), (logits, inner.head.trace, path)
+            return (cross_entropy(logits, yq), Nodes.of(inner.head.trace, phi_q)), (logits, inner.head.trace, path)
 
-        return self._backward(forward, params, yq, decompose, keep, xs=xs, xq=xq, tasks=1)
+        if self._on_autograd(want):
+            return self._autograd_task(forward, params, yq)
+        (loss, nodes), pullback, (logits, trace, path) = vjp(forward, params, has_aux=True)
+        adaptation = None
+        if not self.first_order and want.terms:
+            adaptation = partial(self._adaptation, terms=want.terms, path=path, xs=xs, xq=xq)
+        forward_ = Forward(loss, logits, yq, nodes, trace, lambda c: pullback(c)[0])
+        return node_rows(forward_, want, plain=self._plain_row(want), sequential=self.execution == "loop",
+                         adaptation=adaptation)
 
-    def _shared_step(self, params, batch, decompose: bool, keep=None) -> dict[str, Any]:
+    def _shared_task(self, params: Params, batch: TaskBatch, want: Want) -> TaskResult:
+        """The whole meta-batch at once (head-only loops): one encoder pass over every support
+        and query image, per-task and per-set BatchNorm statistics through the layout."""
         tasks, n_s = batch.support_y.shape
         n_q = batch.query_y.shape[1]
 
@@ -163,7 +144,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             return phi[: tasks * n_s].unflatten(0, (tasks, n_s)), phi[tasks * n_s :].unflatten(0, (tasks, n_q))
 
         forward = self._head_forward(batch.support_y, batch.query_y, tasks)
-        return self._backward(forward, params, batch.query_y, decompose, keep, tasks=tasks, encode=encode)
+        return self._head_task(params, encode, forward, batch.query_y, want, tasks)
 
     def _head_forward(self, ys, yq, tasks):
         """The head-level part of a head-only meta-loss, a function of (features, head params);
@@ -176,81 +157,49 @@ class UnrolledAlgorithm(BilevelAlgorithm):
                 w, b = w.expand(tasks, *w.shape), b.expand(tasks, *b.shape)
             inner = self.inner_loop(head_params, None, ys, support_features=phi_s, head=init_head(w, b))
             logits = readout(phi_q, inner.head.weight, inner.head.bias)
-            nodes = Nodes(phi_q, inner.head.trace.features, inner.head.trace.coeffs)
-            return (cross_entropy(logits, yq).mean(), nodes), (logits, inner.head.trace, ())
+            return (cross_entropy(logits, yq).mean(), Nodes.of(inner.head.trace, phi_q)), (logits, inner.head.trace)
 
         return forward
 
-    def _backward(self, forward, params, yq, decompose, keep, xs=None, xq=None, tasks=1, encode=None) -> dict[str, Any]:
-        """Plain meta-gradient, ablated gradient (``keep``) and term gradients from one forward.
+    def _head_task(self, params: Params, encode: Callable, forward: Callable, yq: Tensor, want: Want,
+                   tasks: int) -> TaskResult:
+        """A head-only forward's rows by a two-stage VJP: the head-level VJP to the features and
+        the head, then one encoder VJP (the ablated step's head gradient needs only the first)."""
+        if self._on_autograd(want):
+            return self._autograd_task(lambda p: forward(encode(encoder_part(p)), head_of(p)), params, yq)
+        feats, encoder_vjp = vjp(encode, encoder_part(params))
+        (loss, nodes), head_vjp, (logits, trace) = vjp(forward, feats, head_of(params), has_aux=True)
 
-        With ``encode`` (head-only loops) the VJP runs in two stages: the head-level VJP to the
-        features and the head, then one encoder VJP; the ablated step then needs a single
-        encoder backward (kept terms), the head's exact gradient coming from the head stage.
-        The per-task loop's plain step runs on plain autograd instead (:meth:`_autograd_backward`)."""
-        if not decompose and keep is None and self.execution == "loop":
-            return self._autograd_backward(forward, params, yq, encode)
-        if encode is None:
-            (loss, nodes), vjp_fn, (logits, trace, path) = vjp(forward, params, has_aux=True)
-        else:
-            head_params = {HEAD_WEIGHT: params[HEAD_WEIGHT], HEAD_BIAS: params[HEAD_BIAS]}
-            feats, encoder_vjp = vjp(encode, encoder_part(params))
-            (loss, nodes), head_vjp, (logits, trace, path) = vjp(forward, feats, head_params, has_aux=True)
+        def pullback(cotangent) -> Params:
+            feat_cot, head_grad = head_vjp(cotangent)
+            (enc_grad,) = encoder_vjp(feat_cot)
+            return {**{ENCODER_PREFIX + k: v for k, v in enc_grad.items()}, **head_grad}
 
-            def vjp_fn(cot):
-                feat_cot, head_grad = head_vjp(cot)
-                (enc_grad,) = encoder_vjp(feat_cot)
-                return ({**{ENCODER_PREFIX + k: v for k, v in enc_grad.items()}, **head_grad},)
-        phi_q = nodes.query_features
-        logits_grad = cross_entropy_logits_grad(logits, yq) / tasks
-        zero = torch.zeros_like(loss)
-        out: dict[str, Any] = {"loss": loss, "accuracy": accuracy(logits, yq).mean()}
-        if keep is not None:
-            kept = _sum_nodes(list(term_cotangents(trace, phi_q, logits_grad, keep).values()))
-            plain_row = (torch.ones_like(loss), _zeros_like_nodes(nodes))
-            head_grad = head_vjp(plain_row)[1] if encode is not None else vjp_fn(plain_row)[0]
-            (kept_grad,) = vjp_fn((zero, kept))
-            out["grad"] = {k: head_grad[k] if is_head(k) else v for k, v in kept_grad.items()}
-        elif not (decompose and self.execution == "loop"):  # map_meta_steps supplies it
-            (out["grad"],) = vjp_fn((torch.ones_like(loss), _zeros_like_nodes(nodes)))
-        if not decompose:
-            return out
-        cots = term_cotangents(trace, phi_q, logits_grad, self.terms)
-        stacked = stack_nodes([cots[t] for t in self.terms])
-        if self.execution == "loop":
-            term_grads = stack_trees([vjp_fn((zero, cots[t]))[0] for t in self.terms])
-        else:
-            (term_grads,) = vmap(lambda c: vjp_fn((zero, c)))(stacked)
-        head_w, head_b = readout_head_gradient(phi_q, logits_grad)
-        is_init = (torch.arange(len(self.terms), device=loss.device) == self.terms.index("init")).to(loss.dtype)
-        term_grads[HEAD_WEIGHT] = term_grads[HEAD_WEIGHT] + is_init[:, None, None] * head_w.reshape(
-            -1, *head_w.shape[-2:]).sum(0)
-        term_grads[HEAD_BIAS] = term_grads[HEAD_BIAS] + is_init[:, None] * head_b.reshape(-1, head_b.shape[-1]).sum(0)
-        out["terms"] = term_grads
-        out["pairs"] = pair_weights(trace, logits_grad * tasks)
-        out["cosines"] = cosine_matrix(nodes.features[0], phi_q)
-        out["reconstruction"] = reconstruction_error(trace, phi_q, logits)
-        if self.config.adapt == "all" and self.first_order is False and path:
-            out["adaptation"] = self._adaptation(term_grads, stacked, path, xs, xq)
-        return out
+        return node_rows(Forward(loss, logits, yq, nodes, trace, pullback, tasks), want, plain=self._plain_row(want),
+                         head_pullback=lambda c: head_vjp(c)[1], sequential=self.execution == "loop")
 
-    def _autograd_backward(self, forward, params, yq, encode) -> dict[str, Any]:
-        """The plain meta-gradient of the same forward by ``torch.autograd.grad``, with the
-        inner pullbacks on autograd too: no ``torch.func`` transform wraps the loop's ops."""
+    def _on_autograd(self, want: Want) -> bool:
+        """The loop's plain step runs on plain autograd (no ``torch.func`` transform)."""
+        return want == Want() and self.execution == "loop"
+
+    def _plain_row(self, want: Want) -> bool:
+        """Whether the VJP computes the plain row (a decomposing loop step takes it from a plain step)."""
+        return not (want.terms and self.execution == "loop")
+
+    def _autograd_task(self, forward: Callable, params: Params, yq: Tensor) -> TaskResult:
+        """The plain meta-gradient of ``forward`` (``((loss, nodes), (logits, ...))``) by
+        ``torch.autograd.grad``, with the inner
+        pullbacks on autograd too: no ``torch.func`` transform wraps the loop's ops."""
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         with torch.enable_grad(), autograd_pullbacks():
-            if encode is None:
-                (loss, _), (logits, _, _) = forward(leaves)
-            else:
-                head = {HEAD_WEIGHT: leaves[HEAD_WEIGHT], HEAD_BIAS: leaves[HEAD_BIAS]}
-                (loss, _), (logits, _, _) = forward(encode(encoder_part(leaves)), head)
+            (loss, _), aux = forward(leaves)
             grads = torch.autograd.grad(loss, list(leaves.values()))
-        return {"grad": dict(zip(leaves, grads)), "loss": loss.detach(), "accuracy": accuracy(logits.detach(), yq).mean()}
+        return TaskResult(loss.detach(), accuracy(aux[0].detach(), yq).mean(), grad=dict(zip(leaves, grads)))
 
-    def _adaptation(self, term_grads, stacked: Nodes, path, xs, xq) -> Params:
+    def _adaptation(self, term_grads: Params, stacked: Nodes, terms: tuple[str, ...], path, xs, xq) -> Params:
         """Σ over feature terms of (full − leaf), the leaf gradients taken w.r.t. the adapted
         encoder parameters of each feature evaluation treated as independent leaves."""
-        feature_terms = [i for i, t in enumerate(self.terms) if t != "coefficient"]
+        feature_terms = [i for i, t in enumerate(terms) if t != "coefficient"]
         idx = torch.tensor(feature_terms, device=stacked.query_features.device)
         leaf: dict[str, Tensor] = {}
         uses = [(path[t], xs, stacked.features[t]) for t in range(len(stacked.features))]
@@ -267,21 +216,8 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             for k, v in full.items()
         }
 
-    def _assemble(self, out: dict[str, Any], batch) -> Decomposition:
-        terms = {t: {k: v[i] for k, v in out["terms"].items()} for i, t in enumerate(self.terms)}
-        return Decomposition(
-            terms=terms,
-            total=out["grad"],
-            pair_weights=out["pairs"],
-            feature_cosines=out["cosines"],
-            same_class=class_masks(batch.support_y, batch.query_y),
-            reconstruction_error=out["reconstruction"],
-            identity_error=identity_error(terms, out["grad"]),
-            encoder_adaptation=out.get("adaptation"),
-        )
-
     # ------------------------------------------------------------------------------ evaluation
-    def evaluate(self, params: Params, batch: Any, steps: int) -> Tensor:
+    def evaluate(self, params: Params, batch: TaskBatch, steps: int) -> Tensor:
         if self.config.adapt == "head":
             return self._evaluate_shared(params, batch, steps)
         mode = "loop" if self.execution == "shared" else self.execution

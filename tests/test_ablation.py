@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bilevel import Want
 from bilevel.ablation import resolve_ablation
 
 
@@ -21,10 +22,11 @@ def test_ablated_meta_grad_equals_the_sum_of_the_kept_terms(make_problem, adapt,
     problem = make_problem("mlp", head="random")
     algo = problem.algorithm(adapt=adapt, order=order, inner_steps=2)
     for execution in algo.executions:
-        algo.execution = execution
+        algo = algo.with_execution(execution)
+        terms = algo.terms
         if "contrastive_query" in keep:
-            algo.terms = ("contrastive_query", "contrastive_support", "init", "coefficient")
-        full = algo.meta_grad(problem.params, problem.batch, decompose=True)
+            terms = ("contrastive_query", "contrastive_support", "init", "coefficient")
+        full = algo.meta_step(problem.params, problem.batch, Want(terms=terms))
         expected = {
             k: full.grad[k] if k.startswith("head.") else sum(full.decomposition.terms[t][k] for t in keep)
             for k in full.grad

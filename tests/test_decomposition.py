@@ -306,7 +306,7 @@ def test_decomposition_is_the_same_on_every_execution_path(make_problem, rel_err
     algo = p.algorithm(adapt=adapt, inner_steps=2, order=order)
     results = {}
     for mode in algo.executions:
-        algo.execution = mode
+        algo = algo.with_execution(mode)
         results[mode] = algo.meta_grad(p.params, p.batch, decompose=True).decomposition
     base = results["loop"]
     scale = norm(base.total)

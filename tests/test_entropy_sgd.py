@@ -106,7 +106,7 @@ def test_direction_matches_literal_algorithm_and_decomposition_identity(adapt):
 def test_conv4_batchnorm_identity():
     model, params, batch = _problem(shape=(1, 16, 16), model_name="conv4")
     algo = _algo(model, inner_steps=2)
-    algo.execution = "loop"
+    algo = algo.with_execution("loop")
     d = algo.meta_grad(params, batch, decompose=True).decomposition
     ref = _reference(model, params, batch, 2, 0.1, 2.0, 0.05, 0.6, "all", seed=7)
     assert _rel(d.total, ref) < 1e-10
@@ -167,7 +167,7 @@ def test_noise_variance_matches_convention(steps, ema, gamma):
     lr, eps, tasks = 0.1, 0.03, 2
     model, params, batch = _dead_problem(tasks, hidden=32)
     algo = _algo(model, inner_steps=steps, inner_lr=lr, noise=eps, ema=ema, gamma0=gamma, gamma1=0.0)
-    algo.execution = "loop"
+    algo = algo.with_execution("loop")
     keys = [k for k in params if k != HEAD_BIAS]
     draws = []
     for _ in range(12):
@@ -224,7 +224,7 @@ def test_vmap_equals_loop(adapt):
     out = {}
     for execution in ("vmap", "loop"):
         algo = _algo(model, adapt=adapt)
-        algo.execution = execution
+        algo = algo.with_execution(execution)
         out[execution] = algo.meta_grad(params, batch, decompose=True)
     assert _rel(out["vmap"].grad, out["loop"].grad) < 1e-12
     for name, term in out["loop"].decomposition.terms.items():

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel import build_algorithm, build_model, ModelConfig
+from bilevel import ModelConfig, Want, build_algorithm, build_model
 from bilevel.cg import conjugate_gradient
 from bilevel.implicit import proximal_solve
 from bilevel.models import BilevelModel
@@ -171,7 +171,7 @@ def test_decomposition_identity_and_reconstruction(adapt, kind, inner_steps):
     cg_iters = 40 if adapt == "head" else 120
     step = _imaml(model, adapt, inner_steps=inner_steps, cg_iters=cg_iters).meta_grad(params, batch, decompose=True)
     d = step.decomposition
-    assert set(d.terms) == {"contrastive", "init", "coefficient", "solver_residual"}
+    assert set(d.terms) == {"contrastive", "init", "coefficient", "solver_residual", "solve_error"}
     assert float(d.identity_error) < 1e-10
     assert float(d.reconstruction_error) < 1e-10
     enc = [k for k in params if not is_head(k)]
@@ -201,12 +201,51 @@ def test_head_only_coefficient_term_is_the_implicit_jacobian_path():
     assert _rel(implicit_path, direct) > 1e-6
     sides = build_algorithm({"name": "imaml", "adapt": "head", "lam": LAM, "inner_lr": LR,
                              "inner_steps": CONVERGED_STEPS, "cg_iters": 40}, model)
-    sides.terms = ("contrastive_query", "contrastive_support", "init", "coefficient", "solver_residual")
-    t = sides.meta_grad(params, batch, decompose=True).decomposition.terms
+    sides_terms = ("contrastive_query", "contrastive_support", "init", "coefficient", "solver_residual", "solve_error")
+    t = sides.meta_step(params, batch, Want(terms=sides_terms)).decomposition.terms
     support_path = {k: t["contrastive_support"][k] + t["coefficient"][k] for k in enc}
     query_path = {k: t["contrastive_query"][k] + t["init"][k] + t["solver_residual"][k] for k in enc}
     assert _rel(support_path, implicit_path) < 1e-9
     assert _rel(query_path, direct) < 1e-9
+
+
+@pytest.mark.parametrize("adapt,kind", [("head", "relu"), ("all", "tanh")])
+@pytest.mark.parametrize("cg_iters", [1, 2, 5])
+@pytest.mark.parametrize("system", [{}, {"damping": 0.1, "lam_offset": 1.0}])
+def test_identity_is_exact_at_any_cg_budget(adapt, kind, cg_iters, system):
+    """Truncated CG is not linear in its right-hand side; the terms are mapped by the plain run's
+    fixed CG polynomial and ``solve_error`` holds what the solver leaves out, so the terms sum to
+    the truncated (or damped) meta-gradient to round-off — and that gradient is CG's own."""
+    model = _model(kind)
+    params, batch = model.init_params(), _batch(5)
+    algo = _imaml(model, adapt, inner_steps=3, cg_iters=cg_iters, **system)
+    step = algo.meta_grad(params, batch, decompose=True)
+    assert float(step.decomposition.identity_error) < 1e-10
+    assert torch.equal(torch.cat([v.flatten() for v in step.grad.values()]),
+                       torch.cat([v.flatten() for v in algo.meta_grad(params, batch).grad.values()]))
+    if cg_iters > 1:
+        return
+    error = max(float(v.abs().max()) for v in step.decomposition.terms["solve_error"].values())
+    converged = _imaml(model, adapt, inner_steps=3, cg_iters=120, **system).meta_grad(params, batch, decompose=True)
+    converged_error = max(float(v.abs().max()) for v in converged.decomposition.terms["solve_error"].values())
+    if system:
+        assert converged_error > 1e-6  # the damped system is not the implicit derivative: its error stays
+    else:
+        assert error > 1e-6 and converged_error < 1e-9  # truncation error, gone once CG has converged
+
+
+def test_identity_at_the_default_budget_in_float32_at_real_size(single_thread):
+    """The default iMAML (head, 10 solver steps, 5 CG iterations) on conv4 with 64 channels on
+    28×28 images, 5-way 1-shot 15 queries, in float32: identity ≤ 1e-5."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="conv4", channels=64), (1, 28, 28), 5)
+    params = model.init_params()
+    gen = torch.Generator().manual_seed(0)
+    labels = lambda k: torch.arange(5).repeat_interleave(k).repeat(2, 1)  # noqa: E731
+    batch = SimpleNamespace(support_x=torch.randn(2, 5, 1, 28, 28, generator=gen), support_y=labels(1),
+                            query_x=torch.randn(2, 75, 1, 28, 28, generator=gen), query_y=labels(15))
+    d = build_algorithm({"name": "imaml"}, model).meta_grad(params, batch, decompose=True).decomposition
+    assert float(d.identity_error) < 1e-5
 
 
 # ----------------------------------------------------------------------------- paths, config
@@ -217,7 +256,7 @@ def test_vmap_equals_loop(adapt):
     algo = _imaml(model, adapt, inner_steps=5, cg_iters=5)
     out = {}
     for mode in ("vmap", "loop"):
-        algo.execution = mode
+        algo = algo.with_execution(mode)
         out[mode] = algo.meta_grad(params, batch, decompose=True)
     assert _rel(out["vmap"].grad, out["loop"].grad) < 1e-12
     for term in algo.terms:

@@ -150,7 +150,7 @@ def test_execution_paths_agree(make_problem, rel_err, adapt, order, dtype, tol):
     assert set(algo.executions) == ({"vmap", "loop", "shared"} if adapt == "head" else {"vmap", "loop"})
     results = {}
     for mode in algo.executions:
-        algo.execution = mode
+        algo = algo.with_execution(mode)
         results[mode] = algo.meta_grad(p.params, p.batch)
     base = results["loop"]
     for mode, r in results.items():
@@ -209,7 +209,7 @@ def test_evaluate_matches_oracle_accuracies(make_problem, reference, adapt, head
     algo = p.algorithm(adapt=adapt)
     per_path = []
     for mode in algo.executions:
-        algo.execution = mode
+        algo = algo.with_execution(mode)
         per_path.append(algo.evaluate(p.params, b, steps))
     accs = per_path[0]
     assert all(torch.equal(a, accs) for a in per_path)
@@ -237,7 +237,7 @@ def test_decomposing_does_not_change_the_meta_gradient_bitwise(make_problem, nam
     (Entropy-SGD: from the same generator state, so both steps draw the same noise)."""
     p = make_problem("conv4", dtype=torch.float32)
     algo = build_algorithm({"name": name, "adapt": adapt, "inner_lr": p.inner_lr}, p.model)
-    algo.execution = execution
+    algo = algo.with_execution(execution)
     state = algo.state_dict()
     plain = algo.meta_grad(p.params, p.batch).grad
     algo.load_state_dict(state)

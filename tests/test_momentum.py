@@ -38,7 +38,7 @@ def test_momentum_maml_matches_autograd_and_decomposes_exactly(make_problem, rel
     expected = momentum_meta_grad(problem.model, problem.params, problem.batch, steps=3,
                                   lr=problem.inner_lr, adapt=adapt, first_order=order == "first_order")
     for execution in algo.executions:
-        algo.execution = execution
+        algo = algo.with_execution(execution)
         step = algo.meta_grad(problem.params, problem.batch, decompose=True)
         assert rel_err(step.grad, expected) < 1e-10
         d = step.decomposition

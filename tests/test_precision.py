@@ -80,7 +80,7 @@ def test_maml_paths_are_as_accurate_as_a_plain_autograd_loop(single_thread, rel_
     algo = build_algorithm({"name": "maml", "order": order, "adapt": adapt, "inner_steps": steps,
                             "inner_lr": 0.4}, model)
     for path in algo.executions:
-        algo.execution = path
+        algo = algo.with_execution(path)
         error = median_error(lambda t: algo.meta_grad(params, t).grad, exact, rel_err)
         assert error <= 2 * autograd, f"{path}: {error:.2e} vs plain autograd {autograd:.2e}"
         if steps == 1:
@@ -97,11 +97,11 @@ def test_imaml_and_entropy_sgd_paths_are_accurate(single_thread, rel_err, config
     model, params, batch = real_size(1, "random")
     model64, params64, tasks = tasks64(model, params, batch)
     algo, algo64 = build_algorithm(config, model), build_algorithm(config, model64)
-    algo64.execution = "vmap"
+    algo64 = algo64.with_execution("vmap")
     exact = [(t, algo64.meta_grad(params64, t64).grad) for t, t64 in tasks]
     errors = {}
     for path in algo.executions:
-        algo.execution = path
+        algo = algo.with_execution(path)
         errors[path] = median_error(lambda t: algo.meta_grad(params, t).grad, exact, rel_err)
     for path, error in errors.items():
         assert error <= max(2 * errors["vmap"], 1e-6) and error <= 1e-4, errors

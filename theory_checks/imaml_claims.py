@@ -133,6 +133,11 @@ def imaml_head_identity() -> list[ClaimResult]:
                     float(d.identity_error), ROUNDOFF),
         ClaimResult("1", "iMAML head: reconstruction max |z_q(eq. 1, A*=−G*/λ, R) − z_q|",
                     float(d.reconstruction_error), ROUNDOFF),
+    ] + [
+        ClaimResult("2", f"iMAML head: identity error at {k} CG iteration(s) (truncated CG; solve_error term)",
+                    float(_imaml(model, cg_iters=k).meta_grad(params, batch, decompose=True).decomposition.identity_error),
+                    ROUNDOFF)
+        for k in (1, 2, 5)
     ]
 
 
