@@ -180,12 +180,11 @@ class EngineStep:
     def __init__(self, algo, path: str, params: dict, decompose: bool = False, keep: tuple | None = None) -> None:
         import torch
 
-        self.algo, self.path, self.decompose, self.keep = algo, path, decompose, keep
+        self.algo, self.path, self.decompose, self.keep = algo.with_execution(path), path, decompose, keep
         self.params = {k: v.clone() for k, v in params.items()}
         self.opt = torch.optim.Adam(list(self.params.values()), lr=OUTER_LR)
 
     def grads(self, batch) -> dict:
-        self.algo.execution = self.path
         if self.keep is not None:
             return self.algo.ablated_meta_grad(self.params, batch, self.keep).grad
         return self.algo.meta_grad(self.params, batch, decompose=self.decompose).grad

@@ -259,8 +259,10 @@ def test_vmap_equals_loop(adapt):
         algo = algo.with_execution(mode)
         out[mode] = algo.meta_grad(params, batch, decompose=True)
     assert _rel(out["vmap"].grad, out["loop"].grad) < 1e-12
-    for term in algo.terms:
-        assert _rel(out["vmap"].decomposition.terms[term], out["loop"].decomposition.terms[term]) < 1e-10
+    scale = math.sqrt(sum(float((v ** 2).sum()) for v in out["loop"].grad.values()))
+    for term in algo.terms:  # relative to the meta-gradient: solve_error is itself ~1e-9 of it here
+        v, l = out["vmap"].decomposition.terms[term], out["loop"].decomposition.terms[term]
+        assert math.sqrt(sum(float(((v[k] - l[k]) ** 2).sum()) for k in l)) / scale < 1e-12
     for key, value in out["loop"].extras.items():
         assert value.dim() == 0 and torch.allclose(out["vmap"].extras[key], value, rtol=1e-9, atol=1e-14)
 

@@ -17,6 +17,7 @@ from bilevel.errors import NonFiniteError
 from bilevel.tb import event_files
 from bilevel.train import setup, train
 from algorithms.maml import MAML
+from bilevel import Want
 
 FAST = [
     "data=synthetic", "model=mlp", "model.hidden=16", "data.queries=3", "data.synthetic_dim=8",
@@ -92,9 +93,9 @@ class _Spy(MAML):
     seen: list = []
     nan_after: int | None = None
 
-    def meta_grad(self, params, batch, decompose=False):
+    def meta_step(self, params, batch, want=Want()):
         type(self).seen.append((params["head.weight"].clone(), params["head.bias"].clone()))
-        step = super().meta_grad(params, batch, decompose)
+        step = super().meta_step(params, batch, want)
         if self.nan_after is not None and len(type(self).seen) > self.nan_after:
             step.loss = step.loss * float("nan")
         return step
@@ -155,7 +156,7 @@ def test_contrastive_only_differs_from_maml_with_a_random_head(tmp_path):
 
 def test_one_sided_ablation_splits_the_contrastive_term(tmp_path):
     run = setup(config("ablation=one_sided"))
-    assert "contrastive_support" in run.algorithm.terms and run.ablation.kept[0] == "contrastive_query"
+    assert "contrastive_support" in run.ablation.terms and run.ablation.kept[0] == "contrastive_query"
 
 
 def test_resume_continues_the_same_run(tmp_path):
