@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import Any
-
 from .algorithm import BilevelAlgorithm, MetaStep
+from .data.batch import TaskBatch
 from .params import Params
 
 CONTRASTIVE_SIDES = ("contrastive_query", "contrastive_support")
@@ -23,7 +22,7 @@ class Ablation:
     kept: tuple[str, ...]
     plain: bool
 
-    def step(self, algorithm: BilevelAlgorithm, params: Params, batch: Any, decompose: bool) -> tuple[MetaStep, Params]:
+    def step(self, algorithm: BilevelAlgorithm, params: Params, batch: TaskBatch, decompose: bool) -> tuple[MetaStep, Params]:
         """The meta-step (with its decomposition when ``decompose``) and the gradient the outer
         optimiser follows. Plain: the algorithm's meta-gradient, untouched. Ablated: the kept
         terms of the decomposition on logging steps, else the algorithm's cheaper
