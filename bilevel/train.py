@@ -366,10 +366,12 @@ class Attempt:
         self.logger.scalars(result.scalars(prefix), step)
         return result
 
-    def evaluate_during_training(self, done: int) -> None:
-        """The periodic evaluation after ``done`` steps (parameters checked finite first)."""
+    def evaluate_during_training(self, done: int, bar: tqdm) -> None:
+        """The periodic evaluation after ``done`` steps (parameters checked finite first); its
+        time is not training time, so the training bar's ETA stays put."""
         self.guard.check(done, self.last_good)
         result = self.evaluate(self.run.eval_tasks, done, tags.EVAL, f"evaluation at step {done}")
+        bar.unpause()
         log.info(f"step {done}: {evaluation_line(result, self.run.cfg.eval.split)}")
 
     def checkpoint(self, step: int) -> None:
@@ -404,7 +406,7 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
     cfg = run.cfg
     began = time.perf_counter()
     optimizer = run.algorithm.make_outer_optimizer(list(run.params.values()), cfg.train.lr)
-    found, choice = run.replicas.first(lambda: begin(run, directory))  # every process continues alike
+    found, choice = run.replicas.first(lambda: begin(run, directory))  # rank 0 reads; all continue alike
     start, last_good = resume(run, optimizer, found)
     logger = open_run(run, directory, choice, found, start, naming)
     attempt = Attempt(run, directory, optimizer, choice.path, logger, FiniteGuard(run.device, checked_until=start),
@@ -425,9 +427,8 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
                     attempt.log_training(done, result, means, bar)
                     means.restart()
                 if due(done, cfg.train.eval_every, steps):
-                    attempt.evaluate_during_training(done)
-                    bar.unpause()  # the evaluation's time is not training time: the ETA stays put
-                    means.tick = time.perf_counter()
+                    attempt.evaluate_during_training(done, bar)
+                    means.tick = time.perf_counter()  # evaluation time is not in the seconds per step
                 signum = run.replicas.stop_signal(stop)
                 if due(done, cfg.train.checkpoint_every, steps) or signum is not None:
                     attempt.checkpoint(done)
