@@ -28,9 +28,12 @@ import statistics
 import sys
 import time
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bilevel.allocator import ALLOCATORS, ensure_allocator
+
+if TYPE_CHECKING:
+    from bilevel.data.batch import TaskBatch
 
 OUTER_LR = 1e-3
 ORDERS = {"SO": "second_order", "FO": "first_order"}
@@ -98,9 +101,11 @@ def setup_torch(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def make_batch(tasks: int, ways: int, shots: int, queries: int, shape: Sequence[int], device, dtype,
-               generator) -> SimpleNamespace:
+               generator) -> TaskBatch:
     """A meta-batch of Gaussian images with labels ``0..ways-1`` (``shots``/``queries`` per class)."""
     import torch
+
+    from bilevel.testing import labelled_batch
 
     def draw(per_class: int):
         x = torch.randn(tasks, ways * per_class, *shape, generator=generator).to(device, dtype)
@@ -109,7 +114,7 @@ def make_batch(tasks: int, ways: int, shots: int, queries: int, shape: Sequence[
 
     support_x, support_y = draw(shots)
     query_x, query_y = draw(queries)
-    return SimpleNamespace(support_x=support_x, support_y=support_y, query_x=query_x, query_y=query_y)
+    return labelled_batch(support_x, support_y, query_x, query_y, ways)
 
 
 def _synchronize(device) -> None:
@@ -184,12 +189,12 @@ class EngineStep:
         self.params = {k: v.clone() for k, v in params.items()}
         self.opt = torch.optim.Adam(list(self.params.values()), lr=OUTER_LR)
 
-    def grads(self, batch) -> dict:
+    def grads(self, batch: TaskBatch) -> dict:
         if self.keep is not None:
             return self.algo.ablated_meta_grad(self.params, batch, self.keep).grad
         return self.algo.meta_grad(self.params, batch, decompose=self.decompose).grad
 
-    def step(self, batch) -> None:
+    def step(self, batch: TaskBatch) -> None:
         grad = self.grads(batch)
         for k, p in self.params.items():
             p.grad = grad[k]
@@ -206,12 +211,11 @@ def cycling_steps(methods: dict[str, Any], batches: list) -> dict[str, Callable[
 
 
 def grad_rel_diff(grad: dict[str, Any], reference: dict[str, Any]) -> float:
-    """``‖g − g_ref‖ / ‖g_ref‖`` over all parameters (a check that methods compute the same thing)."""
-    import torch
+    """``‖g − g_ref‖ / ‖g_ref‖`` over all parameters, in float64 (a check that methods compute
+    the same thing)."""
+    from bilevel.testing import rel_err
 
-    num = sum(float(torch.sum((grad[k].double() - reference[k].double()) ** 2)) for k in reference)
-    den = sum(float(torch.sum(reference[k].double() ** 2)) for k in reference)
-    return (num / den) ** 0.5
+    return rel_err({k: grad[k].double() for k in reference}, {k: v.double() for k, v in reference.items()})
 
 
 def start(args: argparse.Namespace, note: str = "") -> SimpleNamespace:

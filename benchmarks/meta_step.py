@@ -39,12 +39,15 @@ import argparse
 import copy
 import itertools
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import (
     INNER_LR, ORDERS, OUTER_LR, EngineStep, add_common_args, cell_batches, cycling_steps, finish, grad_rel_diff,
     parse_grid_args, print_table, start, time_methods,
 )
+
+if TYPE_CHECKING:
+    from bilevel.data.batch import TaskBatch
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,7 +75,7 @@ class HigherLoop:
         self.opt = torch.optim.Adam(self.module.parameters(), lr=OUTER_LR)
         self.head_only, self.second_order, self.steps = adapt == "head", order == "second_order", steps
 
-    def grads(self, batch) -> dict:
+    def grads(self, batch: TaskBatch) -> dict:
         import higher
         import torch
         import torch.nn.functional as F
@@ -101,7 +104,7 @@ class HigherLoop:
                     p.grad = g if p.grad is None else p.grad + g
         return {k: p.grad for k, p in params.items()}
 
-    def step(self, batch) -> None:
+    def step(self, batch: TaskBatch) -> None:
         self.grads(batch)
         self.opt.step()
 
@@ -117,7 +120,7 @@ class AutogradLoop:
         self.opt = torch.optim.Adam(list(self.params.values()), lr=OUTER_LR)
         self.head_only, self.second_order, self.steps = adapt == "head", order == "second_order", steps
 
-    def grads(self, batch) -> dict:
+    def grads(self, batch: TaskBatch) -> dict:
         import torch
         import torch.nn.functional as F
         from torch.func import functional_call
@@ -144,7 +147,7 @@ class AutogradLoop:
             (F.cross_entropy(forward(fast, fq), yq) / tasks).backward()
         return {k: p.grad for k, p in self.params.items()}
 
-    def step(self, batch) -> None:
+    def step(self, batch: TaskBatch) -> None:
         self.grads(batch)
         self.opt.step()
 
@@ -166,10 +169,9 @@ def float32_errors(methods: dict[str, Any], model, params: dict, batches: list, 
     model64 = copy.deepcopy(model).to(torch.float64)
     params64 = {k: v.to(torch.float64) for k, v in params.items()}
     errors: dict[str, list[float]] = {name: [] for name in methods}
-    tasks = [type(b)(**{k: v[i:i + 1] for k, v in vars(b).items()})
-             for b in batches for i in range(b.support_x.shape[0])][:ERROR_TASKS]
+    tasks = [b.task(i) for b in batches for i in range(b.num_tasks)][:ERROR_TASKS]
     for task in tasks:
-        task64 = type(task)(**{k: v.to(torch.float64) if v.is_floating_point() else v for k, v in vars(task).items()})
+        task64 = task.to(dtype=torch.float64)
         exact = AutogradLoop(model64, params64, adapt, ORDERS[order], steps).grads(task64)
         for name, method in methods.items():
             errors[name].append(grad_rel_diff(method.grads(task), exact))

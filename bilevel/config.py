@@ -31,8 +31,8 @@ BACKENDS = ("auto", "gloo", "nccl")
 
 @dataclass
 class HeadConfig:
-    """Head policy (docs/theory.md §4): ``random`` (Kaiming init), ``scaled`` (init × ``scale``),
-    ``zero_init`` (zero once), ``zeroing`` (W = b = 0 before every outer step)."""
+    """Head policy (docs/theory.md §4), one of :data:`bilevel.head_policy.HEAD_POLICIES` (what
+    each does: :mod:`bilevel.head_policy`); ``scale`` multiplies the initial head of ``scaled``."""
 
     checks: ClassVar[dict[str, Check]] = {"policy": OneOf(HEAD_POLICIES), "scale": NON_NEGATIVE}
 
@@ -57,9 +57,14 @@ class AblationConfig:
 @dataclass
 class TrainLoopConfig:
     """Outer loop: ``steps`` outer updates on meta-batches of ``meta_batch`` tasks with the
-    algorithm's outer optimiser (Adam by default) at ``lr``; evaluation every ``eval_every``
-    steps; decomposition logged every ``decompose_every`` steps (0: never) and its images
-    every ``image_every`` steps (0: never); a checkpoint every ``checkpoint_every`` steps.
+    algorithm's outer optimiser (Adam by default) at ``lr``; training scalars every ``log_every``
+    steps and evaluation every ``eval_every`` steps (and both after the last step). The
+    decomposition, with its identity and reconstruction checks, is computed and logged at step 0
+    and every ``decompose_every`` steps (0: never), and at the last step of a run without an
+    ablation (:func:`bilevel.train.decomposes_at`); the checks are logged
+    (``decomp/check/identity`` → ``checks/log10_identity``), not enforced. Its images are drawn
+    on those steps that are multiples of ``image_every`` (0: never) or the last. A checkpoint
+    every ``checkpoint_every`` steps and after the last.
     ``resume``: ``auto`` continues the directory's checkpoint when its trajectory keys match
     (else starts a new run), ``true`` requires a checkpoint, ``force`` also lets
     ``steps`` and the logging cadence change, ``false`` refuses a directory that holds one

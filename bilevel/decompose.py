@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import tags
 from .head import HeadTrace, kernel, reconstruct_logits
 from .params import Params, is_head, tree_norm, tree_sum, tree_vdot
 
@@ -194,21 +195,21 @@ class Decomposition:
             t = {k: term[k] for k in enc}
             dot = tree_vdot(t, total)
             norm = tree_norm(t)
-            out[f"decomp/{name}/norm"] = norm
-            out[f"decomp/{name}/cos_total"] = dot / (norm * total_sq.sqrt()).clamp_min(1e-30)
-            out[f"decomp/{name}/share"] = dot / total_sq
+            out[tags.decomp(name, tags.NORM)] = norm
+            out[tags.decomp(name, tags.COS_TOTAL)] = dot / (norm * total_sq.sqrt()).clamp_min(1e-30)
+            out[tags.decomp(name, tags.SHARE)] = dot / total_sq
         if self.encoder_adaptation is not None:
-            out["decomp/encoder_adaptation/norm"] = tree_norm(
+            out[tags.decomp(tags.ENCODER_ADAPTATION, tags.NORM)] = tree_norm(
                 {k: self.encoder_adaptation[k] for k in enc}
             )
-        out["decomp/total/norm"] = total_sq.sqrt()
-        out["decomp/check/reconstruction"] = self.reconstruction_error
-        out["decomp/check/identity"] = self.identity_error
+        out[tags.decomp(tags.TOTAL, tags.NORM)] = total_sq.sqrt()
+        out[tags.CHECK_RECONSTRUCTION] = self.reconstruction_error
+        out[tags.CHECK_IDENTITY] = self.identity_error
         weights = self.pair_weights.sum(-3)
-        out["pairs/same_class_weight"] = masked_mean(weights, self.same_class)
-        out["pairs/diff_class_weight"] = masked_mean(weights, ~self.same_class)
-        out["features/cos_same_class"] = masked_mean(self.feature_cosines, self.same_class)
-        out["features/cos_diff_class"] = masked_mean(self.feature_cosines, ~self.same_class)
+        out[tags.PAIRS_SAME_CLASS] = masked_mean(weights, self.same_class)
+        out[tags.PAIRS_DIFF_CLASS] = masked_mean(weights, ~self.same_class)
+        out[tags.COS_SAME_CLASS] = masked_mean(self.feature_cosines, self.same_class)
+        out[tags.COS_DIFF_CLASS] = masked_mean(self.feature_cosines, ~self.same_class)
         out.update(self.extras)
         return out
 

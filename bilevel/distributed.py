@@ -59,7 +59,7 @@ from torch.utils._pytree import tree_map
 
 from .algorithm import MetaStep
 from .data import TaskSampler
-from .data.batch import task_position
+from .data.batch import TaskBatch, task_position
 from .decompose import identity_error
 from .errors import BilevelError, ConfigError, DistributedError
 from .params import Params
@@ -369,7 +369,7 @@ class Replicas:
         return payload
 
     # ------------------------------------------------------------------------------ reductions
-    def _reduced(self, batch: Any, plan: Callable[[_Pack], Any], dtype: torch.dtype, what: str) -> Any:
+    def _reduced(self, batch: TaskBatch, plan: Callable[[_Pack], Any], dtype: torch.dtype, what: str) -> Any:
         first, total = task_position(batch)
         pack = _Pack(self.launch, first, batch.support_y.shape[0], total)
         slots = plan(pack)
@@ -377,8 +377,8 @@ class Replicas:
         self._collective(what, lambda: dist.all_reduce(flat))
         return _map(pack.value, slots)
 
-    def reduce_step(self, result: MetaStep, update: Params, batch: Any,
-                    stop: GracefulStop) -> tuple[MetaStep, Params, Any]:
+    def reduce_step(self, result: MetaStep, update: Params, batch: TaskBatch,
+                    stop: GracefulStop) -> tuple[MetaStep, Params, Optional[Union[TaskBatch, GatheredLabels]]]:
         """The meta-step, update and labels of the whole meta-batch from this rank's share
         ``batch`` (one ``all_reduce``, module docstring). The labels are ``batch`` itself with one
         process, :class:`GatheredLabels` on decomposition steps, else None. Also agrees on
@@ -428,7 +428,7 @@ class Replicas:
         stops the run after the next step)."""
         return self._agreed_signum if self.launch.distributed else stop.signum
 
-    def rows_over_tasks(self, rows: Tensor, batch: Any, seconds: float) -> tuple[Tensor, float]:
+    def rows_over_tasks(self, rows: Tensor, batch: TaskBatch, seconds: float) -> tuple[Tensor, float]:
         """Per-task rows ``[n_r, ...]`` of this rank's share ``batch`` → the rows of the whole batch
         ``[T, ...]``, and the largest of the ranks' ``seconds`` (so a time budget settles the same
         task count everywhere); one ``all_reduce`` (evaluation)."""

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import tags
 from .algorithm import BilevelAlgorithm
 from .data import DataConfig, TaskBatch, TaskSampler, build_sampler
 from .errors import ConfigError
@@ -76,14 +77,14 @@ class Evaluation:
         """``{prefix}/accuracy`` (the headline) and its CI bounds, ``{prefix}/accuracy_step_k`` and
         ``{prefix}/ci95_step_k`` for every step, ``{prefix}/tasks``; the same under
         ``{prefix}_zeroed/`` for test-time zeroing."""
-        out: dict[str, float] = {f"{prefix}/tasks": float(self.tasks)}
-        for name, accs in ((prefix, self.plain), (f"{prefix}_zeroed", self.zeroed)):
+        out: dict[str, float] = {tags.tasks(prefix): float(self.tasks)}
+        for name, accs in ((prefix, self.plain), (tags.zeroed(prefix), self.zeroed)):
             mean, half = accs.mean(0), ci95(accs)
-            out[f"{name}/accuracy"] = float(mean[self.headline])
-            out[f"{name}/accuracy_low"] = float(mean[self.headline] - half[self.headline])
-            out[f"{name}/accuracy_high"] = float(mean[self.headline] + half[self.headline])
-            out.update({f"{name}/accuracy_step_{k}": float(m) for k, m in enumerate(mean)})
-            out.update({f"{name}/ci95_step_{k}": float(h) for k, h in enumerate(half)})
+            out[tags.accuracy(name)] = float(mean[self.headline])
+            out[tags.accuracy_low(name)] = float(mean[self.headline] - half[self.headline])
+            out[tags.accuracy_high(name)] = float(mean[self.headline] + half[self.headline])
+            out.update({tags.accuracy_step(name, k): float(m) for k, m in enumerate(mean)})
+            out.update({tags.ci95_step(name, k): float(h) for k, h in enumerate(half)})
         return out
 
 

@@ -61,8 +61,8 @@ class ConvBlock(nn.Module):
     Pooling before the ReLU is exact (ReLU is monotone, so ``pool(relu(x)) = relu(pool(x))``,
     gradients included) and rectifies 4× fewer values. On CPU the pool is
     :func:`max_pool2x2` (same values, indices and gradients as ``F.max_pool2d``, faster).
-    The layout stays ``NCHW`` everywhere: CPU ``batch_norm`` on channels-last tensors is 4× faster
-    but ~50× less accurate in float32 (``docs/performance.md``).
+    The layout stays ``NCHW`` everywhere: CPU ``batch_norm`` on channels-last tensors is faster
+    but far less accurate in float32 (measurements: ``docs/performance.md``).
     """
 
     def __init__(self, c_in: int, c_out: int) -> None:

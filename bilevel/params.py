@@ -67,8 +67,3 @@ def tree_vdot(a: Params, b: Params) -> Tensor:
 def tree_norm(a: Params) -> Tensor:
     """Euclidean norm over all leaves (a 0-d tensor; no host sync)."""
     return torch.sqrt(tree_vdot(a, a))
-
-
-def tree_select(tree: Params, keys: list[str] | tuple[str, ...]) -> Params:
-    """The sub-dict with the given keys."""
-    return {k: tree[k] for k in keys}

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing import event_accumulator
 
+from . import tags
 from .config import flatten
 from .tb import EVENTS_DIR, event_files
 
@@ -43,10 +44,12 @@ METRICS_FILE = "metrics.json"
 RUN_KEYS = ("seed", "train.resume", "execution")
 RUN_DIR_CONTENTS = f"a run directory must contain {CONFIG_FILE} and a {EVENTS_DIR}/ folder of TensorBoard events"
 
-EVAL_ACCURACY = "eval/accuracy"
-COS_SAME, COS_DIFF = "features/cos_same_class", "features/cos_diff_class"
-SHARE_PREFIX, SHARE_SUFFIX = "terms/", "/share"
-HEADLINE_STEP = "test_headline_step"
+EVAL_ACCURACY = tags.accuracy(tags.EVAL)
+COS_SAME, COS_DIFF = tags.COS_SAME_CLASS, tags.COS_DIFF_CLASS
+SHARE_PREFIX, SHARE_SUFFIX = tags.TERMS_PREFIX, f"/{tags.SHARE}"
+HEADLINE_STEP = tags.HEADLINE_STEP_METRIC
+TEST_ACCURACY = tags.metric_key(tags.accuracy(tags.TEST))
+TEST_ZEROED_ACCURACY = tags.metric_key(tags.accuracy(tags.zeroed(tags.TEST)))
 
 Curve = tuple[np.ndarray, np.ndarray]
 
@@ -237,19 +240,24 @@ def summarise(group: Group) -> Summary:
         final_eval_accuracy=Stat.of(r.final(EVAL_ACCURACY) for r in runs),
         best_eval_accuracy=Stat.of(r.best(EVAL_ACCURACY) for r in runs),
         headline_steps=sorted({int(r.metrics[HEADLINE_STEP]) for r in runs if HEADLINE_STEP in r.metrics}),
-        test_accuracy=Stat.of(r.metrics.get("test_accuracy") for r in runs),
-        test_accuracy_per_step=[Stat.of(r.metrics.get(f"test_accuracy_step_{k}") for r in runs)
+        test_accuracy=Stat.of(r.metrics.get(TEST_ACCURACY) for r in runs),
+        test_accuracy_per_step=[Stat.of(r.metrics.get(_test_accuracy_step(k)) for r in runs)
                                 for k in range(_test_steps(runs))],
-        test_zeroed_accuracy=Stat.of(r.metrics.get("test_zeroed_accuracy") for r in runs),
+        test_zeroed_accuracy=Stat.of(r.metrics.get(TEST_ZEROED_ACCURACY) for r in runs),
         cos_same_class=Stat.of(r.final(COS_SAME) for r in runs),
         cos_diff_class=Stat.of(r.final(COS_DIFF) for r in runs),
     )
 
 
+def _test_accuracy_step(step: int) -> str:
+    """The ``metrics.json`` key of the final test's accuracy after ``step`` inner steps."""
+    return tags.metric_key(tags.accuracy_step(tags.TEST, step))
+
+
 def _test_steps(runs: Sequence[RunRecord]) -> int:
     """How many test steps (0, 1, ...) the runs' ``metrics.json`` report accuracies for."""
-    return max((int(k.rsplit("_", 1)[1]) + 1 for r in runs for k in r.metrics
-                if k.startswith("test_accuracy_step_")), default=0)
+    prefix = _test_accuracy_step(0).removesuffix("0")  # the key without its step number
+    return max((int(k[len(prefix):]) + 1 for r in runs for k in r.metrics if k.startswith(prefix)), default=0)
 
 
 def _per_step(stats: list[Optional[Stat]]) -> str:
@@ -346,7 +354,7 @@ def accuracy_figure(groups: Sequence[Group]) -> Optional[Figure]:
 
 
 def share_terms(runs: Sequence[RunRecord]) -> list[str]:
-    """The decomposition terms whose ``decomp/<term>/share`` was logged, sorted."""
+    """The decomposition terms whose ``terms/<term>/share`` was logged, sorted."""
     tags = {t for r in runs for t in r.scalars if t.startswith(SHARE_PREFIX) and t.endswith(SHARE_SUFFIX)}
     return sorted(t[len(SHARE_PREFIX):-len(SHARE_SUFFIX)] for t in tags)
 

@@ -10,7 +10,7 @@ checkpointed.
 
 A term that is exactly zero by construction under the run's configuration
 (:func:`bilevel.structural.structural_zeros`) is logged once, at step 0, with the reason in its
-description and in the text panel ``terms/structurally_zero``, instead of as a flat line.
+description and in the text panel :data:`bilevel.tags.STRUCTURALLY_ZERO`, instead of as a flat line.
 """
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
 
+from . import tags
+from .data.batch import TaskBatch
 from .decompose import Decomposition
+from .distributed import GatheredLabels
 from .figures import cosine_figure, pair_weight_figure
 from .tb_hparams import hparam_summaries
 from .tb_layout import custom_scalars_layout, describe, present, term_of
@@ -73,7 +76,7 @@ class RunLogger:
         else:
             self.writer.add_custom_scalars(custom_scalars_layout())
             if self.structural:
-                self.text("terms/structurally_zero", "\n".join(
+                self.text(tags.STRUCTURALLY_ZERO, "\n".join(
                     f"- **{term}** is exactly 0 under this configuration: {why}; logged once, at step 0."
                     for term, why in self.structural.items()), 0)
         self.writer.flush()
@@ -99,7 +102,7 @@ class RunLogger:
             file_writer.add_event(event, step=event_step, walltime=wall_time)
 
     def text(self, tag: str, text: str, step: int) -> None:
-        """A text panel (e.g. ``run/execution``: which path the run takes and why)."""
+        """A text panel (e.g. :data:`bilevel.tags.RUN_EXECUTION`: which path the run takes and why)."""
         self.writer.add_text(tag, text, step)
 
     def _description(self, tag: str) -> str:
@@ -122,15 +125,17 @@ class RunLogger:
         if summary.value:
             self.writer._get_file_writer().add_summary(summary, step)
 
-    def decomposition(self, decomposition: Decomposition, batch: Any, step: int, images: bool) -> None:
+    def decomposition(self, decomposition: Decomposition, batch: TaskBatch | GatheredLabels, step: int,
+                      images: bool) -> None:
         """Log the decomposition's scalars (:func:`bilevel.tb_layout.present`) and, when
-        ``images``, the pair-weight and class-cosine maps."""
+        ``images``, the pair-weight and class-cosine maps (which read the labels of ``batch``:
+        the meta-batch, or its labels gathered from the processes of a distributed run)."""
         self.scalars(present({k: float(v) for k, v in decomposition.summary().items()}), step)
         if images:
             fig = pair_weight_figure(decomposition, batch.support_y, batch.query_y)
-            self.writer.add_figure("pairs/weights", fig, step)
+            self.writer.add_figure(tags.PAIR_WEIGHTS_FIGURE, fig, step)
             fig = cosine_figure(decomposition, batch.support_y, batch.query_y, batch.ways)
-            self.writer.add_figure("features/class_cosine", fig, step)
+            self.writer.add_figure(tags.CLASS_COSINE_FIGURE, fig, step)
             plt.close("all")
 
     def hparams(self, values: Mapping[str, Any], swept: Sequence[str], metric_tags: Sequence[str],

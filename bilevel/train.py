@@ -7,7 +7,10 @@ A run, in order (``docs/reliability.md`` states what is guaranteed):
    estimate of one meta-step — and builds data, model and algorithm.
 2. :func:`train` takes the run directory (:mod:`bilevel.run_dir`: lock, stale temporary files),
    reads its checkpoint and checks the resume contract (:mod:`bilevel.resume`), settles the
-   execution path (:mod:`bilevel.execution_choice`), and only then writes ``config.yaml``.
+   execution path (:mod:`bilevel.execution_choice`) — :func:`begin`, then :func:`resume` — and
+   only then writes ``config.yaml`` (:func:`open_run`). Each step is :meth:`Attempt.step`, its
+   logging :meth:`Attempt.log_training` / :meth:`Attempt.log_decomposition`, the evaluations
+   :meth:`Attempt.evaluate`, the checkpoints :meth:`Attempt.checkpoint`, the end :meth:`Attempt.finish`.
 3. Every step is watched for non-finite values (:mod:`bilevel.finite`); a checkpoint (the last
    two kept, :mod:`bilevel.checkpoint`) holds every random state of the run; SIGINT/SIGTERM
    finish the step, checkpoint and stop (:mod:`bilevel.signals`). Evaluations
@@ -33,28 +36,31 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
+from . import tags
 from .ablation import Ablation, resolve_ablation
 from .allocator import ensure_allocator
-from .algorithm import BilevelAlgorithm, build_algorithm
+from .algorithm import BilevelAlgorithm, MetaStep, build_algorithm
 from .checkpoint import LATEST, save_checkpoint
 from .cli_errors import explain, override_words
 from .console import log_file, log_started, silence_run_log
 from .config import DEVICES, flatten, register_configs, typed_config, validate
-from .data import TaskSampler, build_sampler, input_shape
+from .data import TaskBatch, TaskSampler, build_sampler, input_shape
 from .distributed import (
-    Quiet, Replicas, check_command_line, check_launch, detect_launch, rank_device, resolve_backend, tasks_in_memory,
+    GatheredLabels, Quiet, Replicas, check_command_line, check_launch, detect_launch, rank_device, resolve_backend,
+    tasks_in_memory,
 )
 from .errors import BilevelError, ConfigError, RunInterrupted
-from .evaluation import Evaluation, TaskSet, ci95, evaluate, headline_step
+from .evaluation import Evaluation, TaskSet, evaluate, headline_step
 from .execution_choice import ExecutionChoice, cache_key, measure_paths, settle_execution
 from .finite import FiniteGuard, step_tensors
 from .head_policy import before_outer_step, initialise_head
@@ -107,7 +113,8 @@ class Run:
     replicas: Replicas
 
 
-def task_set(cfg: DictConfig, split: str, tasks: int, budget_s: float, device, dtype, share) -> TaskSet:
+def task_set(cfg: DictConfig, split: str, tasks: int, budget_s: float, device: torch.device, dtype: torch.dtype,
+             share: Callable[[TaskSampler], TaskSampler]) -> TaskSet:
     """The fixed evaluation tasks of ``split`` (:class:`~bilevel.evaluation.TaskSet`), each batch
     drawn as this process's ``share`` of it."""
     return TaskSet(cfg.data, split, tasks, cfg.eval.batch, budget_s, cfg.seed, device, dtype, share)
@@ -206,30 +213,44 @@ def train(cfg: Any, run_dir: str | Path, show_progress: bool = True, naming: Opt
         return _train(run, directory, show_progress and run.replicas.writer, naming or Naming(run.algorithm.name))
 
 
-def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, naming: Naming) -> dict[str, float]:
-    cfg, params, algorithm = run.cfg, run.params, run.algorithm
-    began = time.perf_counter()
-    optimizer = algorithm.make_outer_optimizer(list(params.values()), cfg.train.lr)
+Found = Optional[tuple[Path, dict[str, Any]]]
+"""The checkpoint an attempt resumes, and its state (None: a new run)."""
 
-    def begin() -> tuple[Optional[tuple[Path, dict[str, Any]]], ExecutionChoice]:
-        found = checkpoint_to_resume(directory.path, cfg.train.resume)
-        choice = settle_path(run, found[1]["execution"] if found else None)
-        if found:
-            check_resume(found[0], found[1]["step"], found[1]["fingerprint"], fingerprint(cfg, choice.path, run.device),
-                         cfg.train.resume)
-        return found, choice
 
-    found, choice = run.replicas.first(begin)  # rank 0 reads, measures and checks; every process continues alike
-    start, last_good = 0, "none written yet"
+def begin(run: Run, directory: RunDirectory | Quiet) -> tuple[Found, ExecutionChoice]:
+    """Rank 0's start of an attempt: the checkpoint to resume (:func:`~bilevel.resume.checkpoint_to_resume`),
+    the execution path (:func:`settle_path`; a resumed run keeps its recorded one) and the resume
+    contract, checked against the fingerprint of that path (:func:`~bilevel.resume.check_resume`)."""
+    cfg = run.cfg
+    found = checkpoint_to_resume(directory.path, cfg.train.resume)
+    choice = settle_path(run, found[1]["execution"] if found else None)
     if found:
-        path, state = found
-        restore(run, optimizer, state)
-        start, last_good = state["step"], f"{path} (step {state['step']})"
-    algorithm = run.algorithm = algorithm.with_execution(choice.path)
+        check_resume(found[0], found[1]["step"], found[1]["fingerprint"], fingerprint(cfg, choice.path, run.device),
+                     cfg.train.resume)
+    return found, choice
+
+
+def resume(run: Run, optimizer: torch.optim.Optimizer, found: Found) -> tuple[int, str]:
+    """Load the checkpoint ``found`` into the run (:func:`restore`); returns the first step to
+    take and the last good checkpoint as messages name it."""
+    if not found:
+        return 0, "none written yet"
+    path, state = found
+    restore(run, optimizer, state)
+    return state["step"], f"{path} (step {state['step']})"
+
+
+def open_run(run: Run, directory: RunDirectory | Quiet, choice: ExecutionChoice, found: Found, start: int,
+             naming: Naming) -> RunLogger | Quiet:
+    """Fix the execution path, write ``config.yaml`` (only now, once everything is settled), say
+    what the run is, and open its TensorBoard logger (a :class:`~bilevel.distributed.Quiet` on a
+    rank that does not write), which records the execution path and why."""
+    cfg = run.cfg
+    run.algorithm = run.algorithm.with_execution(choice.path)
     cfg.execution = choice.path
     directory.begin(OmegaConf.to_yaml(cfg), note=choice.reason)
-    what = run_title(cfg, algorithm)
-    log.info(f"training {what} for {cfg.train.steps} outer steps in {directory.path.resolve()}")
+    log.info(f"training {run_title(cfg, run.algorithm)} for {cfg.train.steps} outer steps in "
+             f"{directory.path.resolve()}")
     if found:
         log.info(f"resuming {found[0]} at step {start}")
     log.info(choice.reason)
@@ -237,89 +258,193 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
         log.warning("warning: " + warning)
     logger = RunLogger(directory.path, naming.name, resume=(start, found[1]["time"]) if found else None,
                        structural=run.structural) if run.replicas.writer else Quiet(directory.path)
-    logger.text("run/execution", choice.reason, start)
-    guard = FiniteGuard(run.device, checked_until=start)
-    eval_seconds = 0.0
+    logger.text(tags.RUN_EXECUTION, choice.reason, start)
+    return logger
 
-    def save(step: int) -> None:
-        nonlocal last_good
-        guard.check(step, last_good)
-        logger.flush()  # the events a resumed attempt keeps are those on disk before the checkpoint
-        path = save_checkpoint(run_state(run, optimizer, step, choice.path), directory.path) if run.replicas.writer \
-            else directory.path / LATEST
-        last_good = f"{path} (step {step})"
 
-    def evaluate_on(tasks: TaskSet, step: int, prefix: str, label: str) -> Evaluation:
-        nonlocal eval_seconds
-        with phase_bar(label, show_progress) as progress:
-            result = evaluate(algorithm, params, tasks, run.headline, progress, run.replicas.rows_over_tasks)
-        eval_seconds += result.seconds
-        logger.scalars(result.scalars(prefix), step)
+def due(done: int, every: int, steps: int) -> bool:
+    """Whether an action taken every ``every`` steps is due after ``done`` steps: it is also
+    taken after the last one."""
+    return done % every == 0 or done == steps
+
+
+def decomposes_at(step: int, cfg: DictConfig, ablation: Ablation) -> bool:
+    """Whether outer step ``step`` (from 0) computes and logs the decomposition: every
+    ``train.decompose_every`` steps from step 0 (0: never) and, in a run without an ablation, the
+    last step too (with an ablation a decomposition step takes the encoder's update from the
+    decomposition, so an extra one would change the trajectory: :data:`bilevel.resume.FORCEABLE`)."""
+    every = cfg.train.decompose_every
+    return every > 0 and (step % every == 0 or (step + 1 == cfg.train.steps and ablation.plain))
+
+
+Labels = Optional[TaskBatch | GatheredLabels]
+"""The labels of a whole meta-batch (:meth:`~bilevel.distributed.Replicas.reduce_step`): the batch
+itself in one process, gathered labels on a distributed decomposition step, else None."""
+
+
+@dataclass
+class TrainMeans:
+    """The meta-batches' loss and accuracy summed since the last log point, their count, and
+    when that stretch of training time started (evaluations do not count)."""
+
+    tick: float = field(default_factory=time.perf_counter)
+    loss: Any = 0.0
+    accuracy: Any = 0.0
+    count: int = 0
+
+    def add(self, result: MetaStep) -> None:
+        """Count one step's loss and accuracy (tensors: no host sync here)."""
+        self.loss, self.accuracy = self.loss + result.loss.detach(), self.accuracy + result.accuracy.detach()
+        self.count += 1
+
+    def restart(self) -> None:
+        """Start a new stretch: nothing summed, the clock from now."""
+        self.tick, self.loss, self.accuracy, self.count = time.perf_counter(), 0.0, 0.0, 0
+
+
+@dataclass
+class Attempt:
+    """One attempt of a run, from its first step to its final test: the run, its directory,
+    the outer optimiser, the settled execution ``path``, the logger, the non-finite guard, the
+    last good checkpoint (as messages name it) and the seconds spent evaluating."""
+
+    run: Run
+    directory: RunDirectory | Quiet
+    optimizer: torch.optim.Optimizer
+    path: str
+    logger: RunLogger | Quiet
+    guard: FiniteGuard
+    last_good: str
+    show_progress: bool
+    eval_seconds: float = 0.0
+
+    def step(self, step: int, decompose: bool, stop: GracefulStop) -> tuple[MetaStep, Labels]:
+        """Outer step ``step`` (from 0): draw the meta-batch, apply the head policy, compute the
+        meta-step (with its decomposition when ``decompose``) and the update the ablation
+        follows, reduce both over the processes, and apply the update. Returns the whole
+        meta-batch's meta-step and labels (:meth:`~bilevel.distributed.Replicas.reduce_step`)."""
+        run, done = self.run, step + 1
+        batch = run.sampler.sample().to(run.device, run.dtype)
+        before_outer_step(run.params, run.cfg.head.policy)
+        result, update = run.ablation.step(run.algorithm, run.params, batch, decompose)
+        result, update, labels = run.replicas.reduce_step(result, update, batch, stop)
+        for k, p in run.params.items():
+            p.grad = update[k]
+        self.optimizer.step()
+        run.algorithm.outer_step_done()
+        self.guard.observe(done, step_tensors(result.loss, update, run.params, self.optimizer))
+        run.replicas.check_replicas(done, lambda: run_state(run, self.optimizer, done, self.path), ignore=("time",))
+        return result, labels
+
+    def log_decomposition(self, result: MetaStep, labels: TaskBatch | GatheredLabels, step: int) -> None:
+        """Log the decomposition of step ``step``; its images every ``train.image_every`` steps
+        (0: never) and at the last step."""
+        train = self.run.cfg.train
+        images = train.image_every > 0 and (step % train.image_every == 0 or step + 1 == train.steps)
+        self.logger.decomposition(result.decomposition, labels, step, images)
+
+    def log_training(self, done: int, result: MetaStep, means: TrainMeans, bar: tqdm) -> None:
+        """Log the training scalars after ``done`` steps (means since the last point, norms,
+        seconds per step, the algorithm's extras) once they are checked finite."""
+        self.guard.check(done, self.last_good)
+        elapsed = time.perf_counter() - means.tick
+        params = self.run.params
+        scalars = {
+            tags.TRAIN_LOSS: means.loss / means.count, tags.TRAIN_ACCURACY: means.accuracy / means.count,
+            tags.TRAIN_HEAD_NORM: torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
+            tags.TRAIN_PARAMS_NORM: tree_norm(params), tags.TRAIN_STEP_SECONDS: elapsed / means.count,
+        }
+        scalars.update(result.extras)
+        self.logger.scalars(scalars, done)
+        bar.set_postfix(loss=f"{float(scalars[tags.TRAIN_LOSS]):.3f}",
+                        acc=f"{float(scalars[tags.TRAIN_ACCURACY]):.3f}")
+
+    def evaluate(self, tasks: TaskSet, step: int, prefix: str, label: str) -> Evaluation:
+        """Evaluate on ``tasks`` with its own progress bar and log the result under ``prefix``."""
+        with phase_bar(label, self.show_progress) as progress:
+            result = evaluate(self.run.algorithm, self.run.params, tasks, self.run.headline, progress,
+                              self.run.replicas.rows_over_tasks)
+        self.eval_seconds += result.seconds
+        self.logger.scalars(result.scalars(prefix), step)
         return result
 
-    try:
-        with GracefulStop() as stop, training_bar(start, cfg.train.steps, f"{algorithm.name} train", show_progress) as bar:
-            tick, loss_sum, acc_sum, count = time.perf_counter(), 0.0, 0.0, 0
-            for step in range(start, cfg.train.steps):
-                batch = run.sampler.sample().to(run.device, run.dtype)
-                before_outer_step(params, cfg.head.policy)
-                done = step + 1
-                every = cfg.train.decompose_every
-                decompose_now = every > 0 and (step % every == 0 or (done == cfg.train.steps and run.ablation.plain))
-                result, update = run.ablation.step(algorithm, params, batch, decompose_now)
-                result, update, labels = run.replicas.reduce_step(result, update, batch, stop)  # the whole meta-batch's
-                for k, p in params.items():
-                    p.grad = update[k]
-                optimizer.step()
-                algorithm.outer_step_done()
-                guard.observe(done, step_tensors(result.loss, update, params, optimizer))
-                run.replicas.check_replicas(done, lambda: run_state(run, optimizer, done, choice.path), ignore=("time",))
-                loss_sum, acc_sum, count = loss_sum + result.loss.detach(), acc_sum + result.accuracy.detach(), count + 1
+    def evaluate_during_training(self, done: int, bar: tqdm) -> None:
+        """The periodic evaluation after ``done`` steps (parameters checked finite first); its
+        time is not training time, so the training bar's ETA stays put."""
+        self.guard.check(done, self.last_good)
+        result = self.evaluate(self.run.eval_tasks, done, tags.EVAL, f"evaluation at step {done}")
+        bar.unpause()
+        log.info(f"step {done}: {evaluation_line(result, self.run.cfg.eval.split)}")
 
-                if decompose_now:
-                    images = cfg.train.image_every > 0 and (step % cfg.train.image_every == 0 or done == cfg.train.steps)
-                    logger.decomposition(result.decomposition, labels, step, images)
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                    guard.check(done, last_good)
-                    elapsed = time.perf_counter() - tick
-                    scalars = {
-                        "train/loss": loss_sum / count, "train/accuracy": acc_sum / count,
-                        "train/head_norm": torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
-                        "train/params_norm": tree_norm(params), "train/step_seconds": elapsed / count,
-                    }
-                    scalars.update({k: v for k, v in result.extras.items()})
-                    logger.scalars(scalars, done)
-                    bar.set_postfix(loss=f"{float(scalars['train/loss']):.3f}", acc=f"{float(scalars['train/accuracy']):.3f}")
-                    tick, loss_sum, acc_sum, count = time.perf_counter(), 0.0, 0.0, 0
-                if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                    guard.check(done, last_good)
-                    result_eval = evaluate_on(run.eval_tasks, done, "eval", f"evaluation at step {done}")
-                    bar.unpause()  # the evaluation's time is not training time: the ETA stays put
-                    log.info(f"step {done}: {evaluation_line(result_eval, cfg.eval.split)}")
-                    tick = time.perf_counter()
+    def checkpoint(self, step: int) -> None:
+        """Check the steps since the last check are finite, flush the events (those a resumed
+        attempt keeps are the ones on disk before its checkpoint) and save the checkpoint
+        (rank 0 writes it)."""
+        self.guard.check(step, self.last_good)
+        self.logger.flush()
+        path = save_checkpoint(run_state(self.run, self.optimizer, step, self.path), self.directory.path) \
+            if self.run.replicas.writer else self.directory.path / LATEST
+        self.last_good = f"{path} (step {step})"
+
+    def finish(self, start: int, began: float, naming: Naming) -> dict[str, float]:
+        """The final test, the HPARAMS entry and ``metrics.json`` (written last: only a finished
+        run has one), then the run's summary. Returns the final metrics."""
+        run, cfg = self.run, self.run.cfg
+        final = self.evaluate(run.test_tasks, cfg.train.steps, tags.TEST, f"final test ({cfg.eval.final_split})")
+        metrics = final_metrics(final, cfg.train.steps, time.perf_counter() - began)
+        self.logger.hparams({**dict(naming.choices), **flatten(OmegaConf.to_container(cfg, resolve=True))},
+                            naming.swept, HPARAM_METRICS, naming.trial_id)
+        self.directory.write_metrics(metrics)
+        if run.replicas.writer:
+            log.info(run_summary(run_title(cfg, run.algorithm), start, cfg.train.steps, final, cfg.eval.final_split,
+                                 cfg.data.ways, time.perf_counter() - began, self.eval_seconds,
+                                 self.directory.path.resolve(), log_file(self.directory.path),
+                                 Path(self.logger.writer.log_dir).resolve().parent, naming.sweep_dir))
+        return metrics
+
+
+def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, naming: Naming) -> dict[str, float]:
+    """The training loop of one attempt (the module docstring's steps 2–4)."""
+    cfg = run.cfg
+    began = time.perf_counter()
+    optimizer = run.algorithm.make_outer_optimizer(list(run.params.values()), cfg.train.lr)
+    found, choice = run.replicas.first(lambda: begin(run, directory))  # rank 0 reads; all continue alike
+    start, last_good = resume(run, optimizer, found)
+    logger = open_run(run, directory, choice, found, start, naming)
+    attempt = Attempt(run, directory, optimizer, choice.path, logger, FiniteGuard(run.device, checked_until=start),
+                      last_good, show_progress)
+    steps = cfg.train.steps
+    try:
+        with GracefulStop() as stop, \
+                training_bar(start, steps, f"{run.algorithm.name} train", show_progress) as bar:
+            means = TrainMeans()
+            for step in range(start, steps):
+                done = step + 1
+                decompose = decomposes_at(step, cfg, run.ablation)
+                result, labels = attempt.step(step, decompose, stop)
+                means.add(result)
+                if decompose:
+                    attempt.log_decomposition(result, labels, step)
+                if due(done, cfg.train.log_every, steps):
+                    attempt.log_training(done, result, means, bar)
+                    means.restart()
+                if due(done, cfg.train.eval_every, steps):
+                    attempt.evaluate_during_training(done, bar)
+                    means.tick = time.perf_counter()  # evaluation time is not in the seconds per step
                 signum = run.replicas.stop_signal(stop)
-                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or signum is not None:
-                    save(done)
+                if due(done, cfg.train.checkpoint_every, steps) or signum is not None:
+                    attempt.checkpoint(done)
                 if signum is not None:
                     name = signal.Signals(signum).name
-                    raise RunInterrupted(f"stopped by {name} after step {done}; checkpoint: {last_good}", signum)
+                    raise RunInterrupted(f"stopped by {name} after step {done}; checkpoint: {attempt.last_good}",
+                                         signum)
                 bar.update(1)
-        final = evaluate_on(run.test_tasks, cfg.train.steps, "test", f"final test ({cfg.eval.final_split})")
-        metrics = final_metrics(final, cfg.train.steps, time.perf_counter() - began)
-        logger.hparams({**dict(naming.choices), **flatten(OmegaConf.to_container(cfg, resolve=True))}, naming.swept,
-                       HPARAM_METRICS, naming.trial_id)
-        directory.write_metrics(metrics)
-        if run.replicas.writer:
-            log.info(run_summary(what, start, cfg.train.steps, final, cfg.eval.final_split, cfg.data.ways,
-                                 time.perf_counter() - began, eval_seconds, directory.path.resolve(),
-                                 log_file(directory.path), Path(logger.writer.log_dir).resolve().parent,
-                                 naming.sweep_dir))
+        return attempt.finish(start, began, naming)
     finally:
         logger.close()
-    return metrics
 
 
-HPARAM_METRICS = ("test/accuracy", "test_zeroed/accuracy", "eval/accuracy")
+HPARAM_METRICS = (tags.accuracy(tags.TEST), tags.accuracy(tags.zeroed(tags.TEST)), tags.accuracy(tags.EVAL))
 """The HPARAMS metrics: the headline final test accuracy (head as trained and zeroed) and
 the last evaluation's."""
 
@@ -328,8 +453,9 @@ def final_metrics(final: Evaluation, steps: int, wall_s: float) -> dict[str, flo
     """``metrics.json``: the final test's scalars (``test_accuracy`` is the headline,
     ``test_accuracy_step_k`` and ``test_ci95_step_k`` per test step, the same for
     ``test_zeroed_*``), ``test_tasks``, ``test_headline_step``, ``steps`` and ``wall_seconds``."""
-    metrics = {k.replace("/", "_"): v for k, v in final.scalars("test").items()}
-    metrics.update(test_headline_step=float(final.headline), steps=float(steps), wall_seconds=round(wall_s, 1))
+    metrics = {tags.metric_key(k): v for k, v in final.scalars(tags.TEST).items()}
+    metrics.update({tags.HEADLINE_STEP_METRIC: float(final.headline), "steps": float(steps),
+                    "wall_seconds": round(wall_s, 1)})
     return metrics
 
 

@@ -6,12 +6,7 @@ import torch
 
 from bilevel import Want
 from bilevel.ablation import resolve_ablation
-
-
-def _rel(a: dict, b: dict) -> float:
-    num = sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5
-    den = sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
-    return num / den
+from bilevel.testing import rel_err
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -32,7 +27,7 @@ def test_ablated_meta_grad_equals_the_sum_of_the_kept_terms(make_problem, adapt,
             for k in full.grad
         }
         cheap = algo.ablated_meta_grad(problem.params, problem.batch, keep)
-        assert _rel(cheap.grad, expected) < 1e-12
+        assert rel_err(cheap.grad, expected) < 1e-12
         assert torch.equal(cheap.loss, full.loss)
 
 

@@ -31,6 +31,7 @@ from bilevel.config import register_configs
 from bilevel.data import DataConfig, TaskSampler, build_dataset
 from bilevel.distributed import Launch, check_command_line, detect_launch, task_share
 from bilevel.errors import ConfigError
+from bilevel.testing import rel_err
 from bilevel.train import train
 from dist_driver import Probe
 
@@ -165,14 +166,6 @@ def succeeded(run: Run) -> None:
         assert outcome.returncode == 0, f"process {i} ended with {outcome.returncode}:\n{outcome.stderr[-3000:]}"
 
 
-def rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """``‖a − b‖ / ‖b‖`` over every entry of two tensor dicts (0 when both are 0)."""
-    assert a.keys() == b.keys()
-    num = sum(float((a[k] - b[k]).pow(2).sum()) for k in b) ** 0.5
-    den = sum(float(b[k].pow(2).sum()) for k in b) ** 0.5
-    return num / den if den else num
-
-
 def same(a: Any, b: Any, equal: Callable[[torch.Tensor, torch.Tensor], bool] = torch.equal) -> bool:
     """Equal nested states, tensors compared by ``equal`` (bit for bit by default)."""
     if isinstance(a, torch.Tensor):
@@ -259,7 +252,7 @@ def test_entropy_sgd_draws_the_whole_meta_batchs_noise_on_every_share():
         parts.append(algo.meta_grad(params, sampler.share(share).draw(0, share).to(dtype=torch.float64)).grad)
         assert torch.equal(algo.state_dict()["generator"], whole.state_dict()["generator"])
     combined = {k: (3 * parts[0][k] + 2 * parts[1][k]) / 5 for k in g}
-    assert rel(combined, g) <= 1e-12
+    assert rel_err(combined, g) <= 1e-12
 
 
 # --- the same run at any world size -----------------------------------------------------------------------
@@ -273,7 +266,7 @@ def test_one_and_two_processes_draw_the_same_tasks_and_reach_the_same_parameters
     for (_, classes), *parts in zip(whole, *shares):
         assert [first for first, _ in parts] == [0, 2]
         assert torch.equal(torch.cat([c for _, c in parts]), classes)
-    assert rel(two.params(), one.params()) <= 1e-12
+    assert rel_err(two.params(), one.params()) <= 1e-12
     a, b = one.state(), two.state()
     assert a["sampler"] == b["sampler"] == {"step": 10}
     assert same(a["algorithm"], b["algorithm"]) and same(a["rng"], b["rng"])  # noise generator, γ-scoping counter
@@ -285,7 +278,7 @@ def test_four_processes_draw_the_same_tasks_and_reach_the_same_parameters(runs):
     for (_, classes), *parts in zip(one.records[0]["tasks"], *(r["tasks"] for r in four.records)):
         assert [first for first, _ in parts] == [0, 1, 2, 3]
         assert torch.equal(torch.cat([c for _, c in parts]), classes)
-    assert rel(four.params(), one.params()) <= 1e-12
+    assert rel_err(four.params(), one.params()) <= 1e-12
     assert same(four.state()["algorithm"], one.state()["algorithm"])
 
 
@@ -304,8 +297,8 @@ def test_reduced_decomposition_passes_the_identity_check_and_equals_the_single_p
         assert d2["identity_error"] <= max(1e-12, 2 * d1["identity_error"])
         assert d2["terms"].keys() == d1["terms"].keys()
         for term in d1["terms"]:
-            assert rel(d2["terms"][term], d1["terms"][term]) <= 1e-11, term
-        assert rel(d2["total"], d1["total"]) <= 1e-12
+            assert rel_err(d2["terms"][term], d1["terms"][term]) <= 1e-11, term
+        assert rel_err(d2["total"], d1["total"]) <= 1e-12
         for field in ("pair_weights", "feature_cosines"):
             torch.testing.assert_close(d2[field], d1[field], rtol=1e-10, atol=1e-13)
         assert torch.equal(d2["same_class"], d1["same_class"]) and same(d2["labels"], d1["labels"])
@@ -319,9 +312,9 @@ def test_an_ablated_run_follows_the_reduced_kept_terms(runs):
     """Decomposition steps follow the kept terms of the reduced decomposition, the other steps the
     algorithm's ablated meta-gradient, reduced."""
     one, two = runs("maml", 1, "ablation=contrastive_only"), runs("maml", 2, "ablation=contrastive_only")
-    assert rel(two.params(), one.params()) <= 1e-12
+    assert rel_err(two.params(), one.params()) <= 1e-12
     for s1, s2 in zip(one.records[0]["steps"], two.records[0]["steps"]):
-        assert rel(s2["update"], s1["update"]) <= 1e-11
+        assert rel_err(s2["update"], s1["update"]) <= 1e-11
 
 
 def test_uneven_split_gives_the_single_process_meta_gradient(runs):
@@ -330,9 +323,9 @@ def test_uneven_split_gives_the_single_process_meta_gradient(runs):
     for record, first, tasks in zip(two.records, (0, 3), (3, 2)):  # 3 + 2 tasks
         assert [(f, c.shape[0]) for f, c in record["tasks"]] == [(first, tasks)] * 2
     first_one, first_two = one.records[0]["steps"][0], two.records[0]["steps"][0]  # same parameters, same batch
-    assert rel(first_two["grad"], first_one["grad"]) <= 1e-13
+    assert rel_err(first_two["grad"], first_one["grad"]) <= 1e-13
     assert first_two["loss"] == pytest.approx(first_one["loss"], rel=1e-13)
-    assert rel(two.params(), one.params()) <= 1e-12
+    assert rel_err(two.params(), one.params()) <= 1e-12
 
 
 def test_resume_across_world_sizes_continues_the_trajectory(tmp_path, runs):
@@ -348,7 +341,7 @@ def test_resume_across_world_sizes_continues_the_trajectory(tmp_path, runs):
     resumed = probe.record()["tasks"]
     assert len(resumed) == 5
     assert all(torch.equal(c, s) for (_, c), (_, s) in zip(resumed, straight.records[0]["tasks"][5:]))
-    assert rel(half.params(), straight.params()) <= 1e-12
+    assert rel_err(half.params(), straight.params()) <= 1e-12
 
 
 # --- faults -------------------------------------------------------------------------------------------------
@@ -402,7 +395,7 @@ def test_torchrun_restarts_a_failed_group_which_resumes_and_ends_at_the_uninterr
     assert f"resuming {run.directory / 'checkpoint.pt'} at step 4" in log
     assert (tmp_path / "record" / "fault_time").exists()
     assert same(run.params(), runs("maml", 2).params())  # the uninterrupted two-process run, bit for bit
-    assert rel(run.params(), runs("maml", 1).params()) <= 1e-12
+    assert rel_err(run.params(), runs("maml", 1).params()) <= 1e-12
 
 
 @pytest.mark.parametrize("rendezvous", ["c10d", "static"])
@@ -417,7 +410,7 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path, runs, rendezvous):
     run = torchrun(tmp_path, agents, 2, BASE + ALGORITHMS["maml"])
     succeeded(run)
     assert all(r["tasks"] for r in run.records)
-    assert rel(run.params(), runs("maml", 1).params()) <= 1e-12
+    assert rel_err(run.params(), runs("maml", 1).params()) <= 1e-12
     assert same(run.params(), runs("maml", 2).params())
 
 

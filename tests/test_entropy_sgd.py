@@ -8,32 +8,25 @@ contrastive surrogate.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel import ModelConfig, build_algorithm, build_model
+from bilevel import build_algorithm
 from bilevel.params import HEAD_BIAS, HEAD_WEIGHT, encoder_part, is_head
+from bilevel.testing import rel_err, seeded_problem
 
 DT = torch.float64
 WAYS, SHOTS, QUERIES, TASKS, SHAPE = 3, 2, 2, 2, (6,)
 
 
 def _problem(seed=0, tasks=TASKS, shape=SHAPE, model_name="mlp", hidden=8):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(name=model_name, hidden=hidden, layers=2, channels=4), shape, WAYS).to(DT)
-    ys = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(tasks, 1)
-    yq = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(tasks, 1)
-    perm = torch.stack([torch.randperm(WAYS, generator=gen) for _ in range(tasks)])
-    batch = SimpleNamespace(
-        support_x=torch.randn(tasks, ys.shape[1], *shape, generator=gen, dtype=DT), support_y=perm.gather(1, ys),
-        query_x=torch.randn(tasks, yq.shape[1], *shape, generator=gen, dtype=DT), query_y=perm.gather(1, yq),
-    )
-    return model, model.init_params(), batch
+    """A seeded model, its parameters and a batch whose tasks relabel their classes at random."""
+    p = seeded_problem(model_name, ways=WAYS, shots=SHOTS, queries=QUERIES, tasks=tasks, shape=shape, hidden=hidden,
+                       permute=True, seed=seed)
+    return p.model, p.params, p.batch
 
 
 def _algo(model, **overrides):
@@ -75,24 +68,19 @@ def _reference(model, params, batch, L, lr, gamma, eps, a, adapt, seed):
     return total
 
 
-def _rel(a, b):
-    num = sum(((a[k] - b[k]) ** 2).sum() for k in b)
-    return float(torch.sqrt(num / sum((b[k] ** 2).sum() for k in b)))
-
-
 @pytest.mark.parametrize("adapt", ["all", "head"])
 def test_direction_matches_literal_algorithm_and_decomposition_identity(adapt):
     model, params, batch = _problem()
     algo = _algo(model, adapt=adapt)
     plain = algo.meta_grad(params, batch)
     ref = _reference(model, params, batch, 3, 0.1, 2.0, 0.05, 0.6, adapt, seed=7)
-    assert _rel(plain.grad, ref) < 1e-10
+    assert rel_err(plain.grad, ref) < 1e-10
     algo.load_state_dict({"outer_steps": 0, "generator": None})
     step = algo.meta_grad(params, batch, decompose=True)
     d = step.decomposition
-    assert _rel(step.grad, plain.grad) == 0.0
+    assert rel_err(step.grad, plain.grad) == 0.0
     summed = {k: sum(t[k] for t in d.terms.values()) for k in params}
-    assert _rel(summed, plain.grad) < 1e-10
+    assert rel_err(summed, plain.grad) < 1e-10
     assert float(d.identity_error) < 1e-10
     assert float(d.reconstruction_error) < 1e-10
     expected = ("contrastive", "init", "noise") + (("encoder_noise",) if adapt == "all" else ())
@@ -109,7 +97,7 @@ def test_conv4_batchnorm_identity():
     algo = algo.with_execution("loop")
     d = algo.meta_grad(params, batch, decompose=True).decomposition
     ref = _reference(model, params, batch, 2, 0.1, 2.0, 0.05, 0.6, "all", seed=7)
-    assert _rel(d.total, ref) < 1e-10
+    assert rel_err(d.total, ref) < 1e-10
     assert float(d.identity_error) < 1e-10 and float(d.reconstruction_error) < 1e-10
 
 
@@ -125,7 +113,7 @@ def test_one_step_without_noise_is_a_plain_sgd_step(gamma):
     per_task = sum(_loss(model, leaves, x[i * y.shape[1]:(i + 1) * y.shape[1]], y[i]) for i in range(TASKS)) / TASKS
     grads = dict(zip(leaves, torch.autograd.grad(per_task, list(leaves.values()))))
     expected = {k: 0.6 * 0.1 * gamma * g for k, g in grads.items()}
-    assert _rel(d, expected) < 1e-12
+    assert rel_err(d, expected) < 1e-12
 
 
 def test_scoping_counter_advances_and_survives_resume():
@@ -142,9 +130,9 @@ def test_scoping_counter_advances_and_survives_resume():
     resumed.load_state_dict(state)
     a, b = algo.meta_grad(params, batch), resumed.meta_grad(params, batch)
     assert float(b.extras["entropy_sgd/gamma"]) == pytest.approx(2.0 * 1.1 ** 3, rel=1e-14)
-    assert _rel(b.grad, a.grad) == 0.0
+    assert rel_err(b.grad, a.grad) == 0.0
     again = algo.meta_grad(params, batch)
-    assert _rel(again.grad, a.grad) > 1e-3
+    assert rel_err(again.grad, a.grad) > 1e-3
 
 
 def _dead_problem(tasks, hidden):
@@ -214,8 +202,8 @@ def test_contrastive_term_is_one_sided():
     q_grad = dict(zip(enc, torch.autograd.grad(query_side, list(enc.values()), retain_graph=True)))
     s_grad = dict(zip(enc, torch.autograd.grad(support_side, list(enc.values()))))
     engine = {k: contrastive["encoder." + k] for k in enc}
-    assert _rel(engine, q_grad) < 1e-10
-    assert _rel(s_grad, q_grad) > 1e-3
+    assert rel_err(engine, q_grad) < 1e-10
+    assert rel_err(s_grad, q_grad) > 1e-3
 
 
 @pytest.mark.parametrize("adapt", ["all", "head"])
@@ -226,9 +214,9 @@ def test_vmap_equals_loop(adapt):
         algo = _algo(model, adapt=adapt)
         algo = algo.with_execution(execution)
         out[execution] = algo.meta_grad(params, batch, decompose=True)
-    assert _rel(out["vmap"].grad, out["loop"].grad) < 1e-12
+    assert rel_err(out["vmap"].grad, out["loop"].grad) < 1e-12
     for name, term in out["loop"].decomposition.terms.items():
-        assert _rel(out["vmap"].decomposition.terms[name], term) < 1e-10
+        assert rel_err(out["vmap"].decomposition.terms[name], term) < 1e-10
     assert float((out["vmap"].decomposition.pair_weights - out["loop"].decomposition.pair_weights).abs().max()) < 1e-12
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel import ModelConfig, build_algorithm, build_model
+from bilevel import build_algorithm
 from bilevel.head import readout
 from bilevel.inner import sgd_steps
 from bilevel.losses import cross_entropy

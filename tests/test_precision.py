@@ -8,7 +8,7 @@ or ReLU decision that a 1e-7 perturbation flips, 1e-4 – 1e-2 on that task — 
 implementation at random points (``docs/performance.md``).
 
 Targets: MAML's paths within 2× the error of an independent plain-autograd loop
-(``conftest.reference_meta_grad``) and ≤ 1e-4 on one-step cells; iMAML's and Entropy-SGD's
+(``bilevel.testing.reference_meta_grad``) and ≤ 1e-4 on one-step cells; iMAML's and Entropy-SGD's
 paths within 2× their own ``vmap`` path (``torch.func``, the default layout) and ≤ 1e-4.
 ``BILEVEL_TEST_DEVICE=cuda`` runs the same checks on a GPU (``benchmarks/gpu_check.sh``).
 """
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from bilevel import ModelConfig, build_algorithm, build_model
-from conftest import Batch, reference_meta_grad
+from bilevel.testing import labelled_batch, reference_meta_grad, seeded_problem
 
 WAYS, QUERIES, SHAPE, TASKS = 5, 15, (1, 28, 28), 3
 DEVICE = torch.device(os.environ.get("BILEVEL_TEST_DEVICE", "cpu"))
@@ -30,29 +30,17 @@ DEVICE = torch.device(os.environ.get("BILEVEL_TEST_DEVICE", "cpu"))
 
 def real_size(shots: int, head: str, seed: int = 0):
     """The float32 conv4 model, its parameters and a batch of ``TASKS`` tasks."""
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(name="conv4"), SHAPE, WAYS).to(DEVICE)
-    params = model.init_params()
-    if head == "zero":
-        params = {k: torch.zeros_like(v) if k.startswith("head.") else v for k, v in params.items()}
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(per_class: int):
-        x = torch.randn(TASKS, WAYS * per_class, *SHAPE, generator=gen)
-        return x.to(DEVICE), torch.arange(WAYS, device=DEVICE).repeat_interleave(per_class).repeat(TASKS, 1)
-
-    return model, params, Batch(*draw(shots), *draw(QUERIES))
+    p = seeded_problem("conv4", dtype=torch.float32, ways=WAYS, shots=shots, queries=QUERIES, tasks=TASKS,
+                       shape=SHAPE, channels=None, head=head, seed=seed, device=DEVICE)
+    return p.model, p.params, p.batch
 
 
 def tasks64(model, params, batch):
     """Per task: the float32 task and its float64 copy, with the float64 model and parameters."""
     model64 = copy.deepcopy(model).to(torch.float64)
     params64 = {k: v.to(torch.float64) for k, v in params.items()}
-    out = []
-    for i in range(TASKS):
-        task = Batch(*(v[i:i + 1] for v in (batch.support_x, batch.support_y, batch.query_x, batch.query_y)))
-        out.append((task, Batch(task.support_x.double(), task.support_y, task.query_x.double(), task.query_y)))
-    return model64, params64, out
+    tasks = [batch.task(i) for i in range(TASKS)]
+    return model64, params64, [(task, task.to(dtype=torch.float64)) for task in tasks]
 
 
 def median_error(grad_of, exact, rel_err) -> float:
@@ -116,11 +104,11 @@ def test_entropy_sgd_direction_has_no_cancellation(rel_err):
     params["head.weight"] = params["head.weight"] * 1e3
     x = torch.randn(1, 12, 8).to(DEVICE)
     y = torch.arange(4, device=DEVICE).repeat_interleave(3)[None]
-    batch = Batch(x, y, x, y)
+    batch = labelled_batch(x, y, x, y, ways=4)
     config = {"name": "entropy_sgd", "noise": 0.0, "adapt": "head", "inner_lr": 1e-3, "inner_steps": 3}
     algo, algo64 = build_algorithm(config, model), build_algorithm(config, copy.deepcopy(model).double())
     exact = algo64.meta_grad({k: v.double() for k, v in params.items()},
-                             Batch(x.double(), y, x.double(), y)).grad
+                             batch.to(dtype=torch.float64)).grad
     head = ("head.weight", "head.bias")
     got = algo.meta_grad(params, batch).grad
     assert rel_err({k: got[k].double() for k in head}, {k: exact[k] for k in head}) < 1e-4

@@ -3,7 +3,6 @@ in a real decomposition, and every other term is not — for every algorithm and
 from __future__ import annotations
 
 import pytest
-import torch
 
 from bilevel import Want, build_algorithm
 from bilevel.ablation import resolve_ablation

@@ -8,37 +8,25 @@ chain batches.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel import ModelConfig, build_algorithm, build_model
-from bilevel.params import Params, tree_norm
+from bilevel import build_algorithm
+from bilevel.data.batch import TaskBatch
+from bilevel.models import BilevelModel
+from bilevel.params import Params
+from bilevel.testing import rel_err, seeded_problem
 
 from .core import ClaimResult, check
 
-DTYPE = torch.float64
 WAYS, SHOTS, QUERIES, TASKS, SHAPE = 3, 2, 2, 2, (6,)
 ROUNDOFF = 1e-10
 
 
-def _problem(seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(name="mlp", hidden=8, layers=2), SHAPE, WAYS).to(DTYPE)
-    ys = torch.arange(WAYS).repeat_interleave(SHOTS).repeat(TASKS, 1)
-    yq = torch.arange(WAYS).repeat_interleave(QUERIES).repeat(TASKS, 1)
-    batch = SimpleNamespace(
-        support_x=torch.randn(TASKS, ys.shape[1], *SHAPE, generator=gen, dtype=DTYPE), support_y=ys,
-        query_x=torch.randn(TASKS, yq.shape[1], *SHAPE, generator=gen, dtype=DTYPE), query_y=yq,
-    )
-    return model, model.init_params(), batch
-
-
-def _rel(a: Params, b: Params) -> float:
-    return float(tree_norm({k: a[k] - b[k] for k in b}) / tree_norm(b))
+def _problem(seed: int) -> tuple[BilevelModel, Params, TaskBatch]:
+    p = seeded_problem("mlp", ways=WAYS, shots=SHOTS, queries=QUERIES, tasks=TASKS, shape=SHAPE, seed=seed)
+    return p.model, p.params, p.batch
 
 
 def _config(**overrides) -> dict:
@@ -62,12 +50,12 @@ def entropy_sgd_identity() -> list[ClaimResult]:
         summed = {k: sum(t[k] for t in terms.values()) for k in plain}
         rows.append(ClaimResult(
             "2", f"Entropy-SGD adapt={adapt} L=3 ε=0.05: ‖Σ terms − d_plain‖/‖d_plain‖ ({', '.join(terms)})",
-            _rel(summed, plain), ROUNDOFF,
+            rel_err(summed, plain), ROUNDOFF,
         ))
     return rows
 
 
-def _task_gradient(model, params: Params, batch) -> Params:
+def _task_gradient(model: BilevelModel, params: Params, batch: TaskBatch) -> Params:
     """``(1/T) Σ_i ∇f_{B_i}(x)`` on the pooled batches, by autograd on the whole model."""
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     loss = 0.0
@@ -91,7 +79,7 @@ def entropy_sgd_sgd_limit() -> list[ClaimResult]:
         algo = build_algorithm(_config(inner_steps=1, noise=0.0, gamma0=gamma, ema=a, inner_lr=lr), model)
         d = algo.meta_grad(params, batch).grad
         expected = {k: a * lr * gamma * g for k, g in grad.items()}
-        rows.append(ClaimResult("9", f"L=1 ε=0 γ={gamma:g}: ‖d − a η' γ ∇f‖/‖a η' γ ∇f‖", _rel(d, expected), 1e-12))
+        rows.append(ClaimResult("9", f"L=1 ε=0 γ={gamma:g}: ‖d − a η' γ ∇f‖/‖a η' γ ∇f‖", rel_err(d, expected), 1e-12))
     kappa, steps = 0.5, 3
     c = sum(a * (1 - a) ** (steps - k) * (1 - (1 - kappa) ** k) for k in range(1, steps + 1))
     for gamma in (1e2, 1e5):
@@ -101,6 +89,6 @@ def entropy_sgd_sgd_limit() -> list[ClaimResult]:
         d = algo.meta_grad(params, batch).grad
         expected = {k: c * g for k, g in grad.items()}
         rows.append(ClaimResult(
-            "9", f"L=3 ε=0 η'γ=0.5 γ={gamma:g}: ‖d − c ∇f‖/‖c ∇f‖ (O(1/γ))", _rel(d, expected), 1.0 / gamma,
+            "9", f"L=3 ε=0 η'γ=0.5 γ={gamma:g}: ‖d − c ∇f‖/‖c ∇f‖ (O(1/γ))", rel_err(d, expected), 1.0 / gamma,
         ))
     return rows

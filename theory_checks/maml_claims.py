@@ -2,26 +2,26 @@
 
 Every reference below is computed *independently* of the engine's decomposition: plain
 ``torch.autograd`` through an unrolled MAML written with ``functional_call`` on the whole
-model (``nn.Linear`` head, ``F.cross_entropy``), closed forms of §3.1, or autograd of a
-surrogate. Problems: an MLP encoder (6 → 8 → 8, ReLU), N = 3 ways, 2 shots, 2 queries,
+model (``nn.Linear`` head, ``F.cross_entropy``; :func:`bilevel.testing.reference_meta_grad`),
+closed forms of §3.1, or autograd of a surrogate. Problems: an MLP encoder (6 → 8 → 8, ReLU), N = 3 ways, 2 shots, 2 queries,
 2 tasks (one task for the permutation claim), inner step α = 0.4.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from types import SimpleNamespace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from bilevel import MetaStep, ModelConfig, build_algorithm, build_model, sgd_steps
+from bilevel import MetaStep, build_algorithm, sgd_steps
+from bilevel.data.batch import TaskBatch
 from bilevel.head import readout, reconstruct_logits
 from bilevel.models import BilevelModel
 from bilevel.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, is_head
+from bilevel.testing import labelled_batch, reference_adapt, reference_meta_grad, rel_err, seeded_problem
 
 from .core import ClaimResult, check, max_abs
 
@@ -39,22 +39,12 @@ STEPS = (1, 3)
 
 
 # ------------------------------------------------------------------------------------ problems
-def _problem(seed: int, tasks: int = TASKS) -> tuple[BilevelModel, Params, SimpleNamespace]:
+def _problem(seed: int, tasks: int = TASKS) -> tuple[BilevelModel, Params, TaskBatch]:
     """A seeded MLP model, its (random, Kaiming) parameters and a Gaussian meta-batch whose
     tasks carry a random label permutation each."""
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(name="mlp", hidden=8, layers=2), INPUT_SHAPE, WAYS).to(DTYPE)
-    base_s = torch.arange(WAYS).repeat_interleave(SHOTS)
-    base_q = torch.arange(WAYS).repeat_interleave(QUERIES)
-    perms = torch.stack([torch.randperm(WAYS, generator=gen) for _ in range(tasks)])
-    batch = SimpleNamespace(
-        support_x=torch.randn(tasks, WAYS * SHOTS, *INPUT_SHAPE, generator=gen, dtype=DTYPE),
-        support_y=perms.gather(1, base_s.expand(tasks, -1)),
-        query_x=torch.randn(tasks, WAYS * QUERIES, *INPUT_SHAPE, generator=gen, dtype=DTYPE),
-        query_y=perms.gather(1, base_q.expand(tasks, -1)),
-    )
-    return model, model.init_params(), batch
+    p = seeded_problem("mlp", ways=WAYS, shots=SHOTS, queries=QUERIES, tasks=tasks, shape=INPUT_SHAPE,
+                       permute=True, seed=seed)
+    return p.model, p.params, p.batch
 
 
 def _with_head(params: Params, weight: Tensor, bias: Tensor) -> Params:
@@ -65,13 +55,6 @@ def _maml(model: BilevelModel, *, adapt: str, order: str, steps: int):
     return build_algorithm(
         {"name": "maml", "adapt": adapt, "order": order, "inner_steps": steps, "inner_lr": ALPHA}, model
     )
-
-
-def _rel_err(a: Params, b: Params, keys: list[str]) -> float:
-    """``‖a − b‖ / ‖b‖`` over ``keys``."""
-    num = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in keys))
-    den = math.sqrt(sum(float((b[k] ** 2).sum()) for k in keys))
-    return num / den
 
 
 def _max_abs_over(tree: Params, keys: list[str]) -> float:
@@ -89,41 +72,21 @@ def _tag(adapt: str, order: str, steps: int) -> str:
 
 # ----------------------------------------------------------------------- independent references
 def reference_hypergradient(
-    model: BilevelModel, params: Params, batch: Any, *, adapt: str, order: str, steps: int
+    model: BilevelModel, params: Params, batch: TaskBatch, *, adapt: str, order: str, steps: int
 ) -> Params:
-    """Plain-autograd unrolled MAML: ``steps`` SGD steps on ``F.cross_entropy`` of the whole
-    model called with ``functional_call``; second order keeps the graph of the inner gradients
-    (``create_graph=True``), first order treats them as constants. Mean over tasks."""
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    losses = []
-    for i in range(batch.support_x.shape[0]):
-        fast = reference_adapt(model, leaves, batch.support_x[i], batch.support_y[i],
-                               adapt=adapt, order=order, steps=steps)
-        losses.append(F.cross_entropy(functional_call(model, fast, (batch.query_x[i],)), batch.query_y[i]))
-    grads = torch.autograd.grad(torch.stack(losses).mean(), list(leaves.values()))
-    return dict(zip(leaves, grads))
-
-
-def reference_adapt(
-    model: BilevelModel, params: Params, xs: Tensor, ys: Tensor, *, adapt: str, order: str, steps: int
-) -> Params:
-    """One task's adapted parameters by plain autograd (``params`` must require grad)."""
-    adapted = [k for k in params if adapt == "all" or is_head(k)]
-    fast = dict(params)
-    for _ in range(steps):
-        loss_s = F.cross_entropy(functional_call(model, fast, (xs,)), ys)
-        grads = torch.autograd.grad(
-            loss_s, [fast[k] for k in adapted], create_graph=order == "second_order", retain_graph=True
-        )
-        fast.update({k: fast[k] - ALPHA * g for k, g in zip(adapted, grads)})
-    return fast
+    """Plain-autograd unrolled MAML (:func:`bilevel.testing.reference_meta_grad`): ``steps`` SGD
+    steps of size α on ``F.cross_entropy`` of the whole model called with ``functional_call``;
+    second order keeps the graph of the inner gradients, first order treats them as constants.
+    Mean over tasks."""
+    return reference_meta_grad(model, params, batch, steps=steps, lr=ALPHA, adapt=adapt,
+                               first_order=order == "first_order")
 
 
 def _features(model: BilevelModel, encoder: Params, x: Tensor) -> Tensor:
     return functional_call(model.encoder, encoder, (x,))
 
 
-def _task_features(model: BilevelModel, encoder: Params, batch: Any) -> tuple[Tensor, Tensor]:
+def _task_features(model: BilevelModel, encoder: Params, batch: TaskBatch) -> tuple[Tensor, Tensor]:
     """Support and query features ``[tasks, n, d]`` (the MLP has no batch statistics)."""
     tasks = batch.support_x.shape[0]
     phi_s = _features(model, encoder, batch.support_x.flatten(0, 1)).unflatten(0, (tasks, -1))
@@ -155,7 +118,7 @@ def _closed_form_pair_weights(ys: Tensor, yq: Tensor, p_q: Tensor) -> Tensor:
     return -(ALPHA / (ys.shape[-1] * yq.shape[-1])) * (same - p_at_ys)
 
 
-def _closed_form_contrastive_grad(model: BilevelModel, params: Params, batch: Any) -> Params:
+def _closed_form_contrastive_grad(model: BilevelModel, params: Params, batch: TaskBatch) -> Params:
     """θ-gradient of the §3.1 loss ``−(α/(n_s n_q)) Σ_{s,q} (1[y_s=y_q] − sg(p_q[y_s])) k(s,q)``,
     mean over tasks."""
     enc = _encoder_leaves(params)
@@ -167,7 +130,7 @@ def _closed_form_contrastive_grad(model: BilevelModel, params: Params, batch: An
 
 
 def _first_order_query_surrogate_grad(
-    model: BilevelModel, params: Params, batch: Any, *, adapt: str, steps: int
+    model: BilevelModel, params: Params, batch: TaskBatch, *, adapt: str, steps: int
 ) -> Params:
     """θ-gradient of the one-sided surrogate ``Σ_q sg(g_q)ᵀ sg(W_T − W_0) φ_q`` (mean over tasks).
 
@@ -213,7 +176,7 @@ def claim1_reconstruction() -> list[ClaimResult]:
             inner = algo.inner_loop(params, batch.support_x[i], batch.support_y[i])
             rebuilt = reconstruct_logits(inner.head.trace, model.encode(inner.encoder, batch.query_x[i]))
             fast = reference_adapt(model, leaves, batch.support_x[i], batch.support_y[i],
-                                   adapt=adapt, order=order, steps=steps)
+                                   steps=steps, lr=ALPHA, adapt=adapt, first_order=order == "first_order")
             errors.append(max_abs(rebuilt - functional_call(model, fast, (batch.query_x[i],))))
         rows.append(ClaimResult(
             "1", f"{_tag(adapt, order, steps)}: max |z_q(eq. 1, engine trace) − z_q(autograd-adapted)| ∨ logged",
@@ -232,7 +195,7 @@ def claim2_identity() -> list[ClaimResult]:
         ref = reference_hypergradient(model, params, batch, adapt=adapt, order=order, steps=steps)
         rows.append(ClaimResult(
             "2", f"{_tag(adapt, order, steps)}: ‖Σ terms − autograd MAML‖/‖autograd MAML‖",
-            _rel_err(_term_sum(step), ref, list(ref)), ROUNDOFF,
+            rel_err(_term_sum(step), ref, list(ref)), ROUNDOFF,
         ))
     return rows
 
@@ -255,9 +218,9 @@ def claim3_zero_head_contrastive() -> list[ClaimResult]:
     engine_weights = step.decomposition.pair_weights[:, 0]
     return [
         ClaimResult("3", "SO head T=1 W0=0: total meta-grad (encoder) vs ∇ closed-form contrastive loss",
-                    _rel_err(step.grad, closed, enc), ROUNDOFF),
+                    rel_err(step.grad, closed, enc), ROUNDOFF),
         ClaimResult("3", "SO head T=1 W0=0: contrastive term (encoder) vs ∇ closed-form contrastive loss",
-                    _rel_err(terms["contrastive"], closed, enc), ROUNDOFF),
+                    rel_err(terms["contrastive"], closed, enc), ROUNDOFF),
         ClaimResult("3", "SO head T=1 W0=0: pair weights vs −α/(n_s n_q)(1[y_s=y_q] − p_q[y_s]), rel. max",
                     max_abs(engine_weights - weights) / max_abs(weights), ROUNDOFF),
         ClaimResult("3", "SO head T=1 W0=0: init term (encoder) max abs",
@@ -267,7 +230,7 @@ def claim3_zero_head_contrastive() -> list[ClaimResult]:
     ]
 
 
-def _support_input_gradient(model: BilevelModel, params: Params, batch: Any, *, adapt: str,
+def _support_input_gradient(model: BilevelModel, params: Params, batch: TaskBatch, *, adapt: str,
                             first_order: bool, steps: int) -> float:
     """``max |∂L_Q/∂x_s|`` through the engine's inner loop (``sgd_steps``), by plain autograd
     w.r.t. the support inputs (0 when the loss does not depend on them). The parameters
@@ -298,7 +261,7 @@ def claim4_first_order_one_sided() -> list[ClaimResult]:
         one_sided = _first_order_query_surrogate_grad(model, params, batch, adapt=adapt, steps=steps)
         rows += [
             ClaimResult("4", f"{tag}: contrastive (encoder) vs ∇ Σ sg(C)⟨sg(φ_s), φ_q⟩, rel.",
-                        _rel_err(terms["contrastive"], one_sided, list(one_sided)), ROUNDOFF),
+                        rel_err(terms["contrastive"], one_sided, list(one_sided)), ROUNDOFF),
             ClaimResult("4", f"{tag}: coefficient term (all params) max abs",
                         _max_abs_over(terms["coefficient"], list(terms["coefficient"])), 0.0, "=="),
             ClaimResult("4", f"{tag}: max |∂L_Q/∂x_support| through sgd_steps",
@@ -329,7 +292,7 @@ def claim5_pair_weight_signs() -> list[ClaimResult]:
     ]
 
 
-def _limit_init_gradient(model: BilevelModel, params: Params, batch: Any) -> Params:
+def _limit_init_gradient(model: BilevelModel, params: Params, batch: TaskBatch) -> Params:
     """``D = ∇_θ Σ_q sg(g_q(0))ᵀ W φ_q`` (mean over tasks): the v → 0 limit of ``init(v)/v``
     for the head ``(vW, vb)``, with ``g_q(0)`` from the closed-form zero-head adaptation (§3.1)."""
     enc = _encoder_leaves(params)
@@ -364,7 +327,7 @@ def claim6_init_interference_scale() -> list[ClaimResult]:
             rows.append(ClaimResult("6", "SO head T=1, v=0: init term (encoder) max abs",
                                     _max_abs_over(init, enc), 0.0, "=="))
             continue
-        dev[v] = _rel_err({k: init[k] / v for k in enc}, limit, enc)
+        dev[v] = rel_err({k: init[k] / v for k in enc}, limit, enc)
         norm = math.sqrt(sum(float((init[k] ** 2).sum()) for k in enc))
         rows.append(ClaimResult(
             "6", f"SO head T=1, v={v}: ‖init/v − D‖/‖D‖ ≤ v  (‖init‖/v={norm / v:.4e}, ‖D‖={norm_limit:.4e})",
@@ -375,14 +338,13 @@ def claim6_init_interference_scale() -> list[ClaimResult]:
     return rows
 
 
-def _permutation_head_grads(algo, params: Params, batch: Any) -> Tensor:
+def _permutation_head_grads(algo, params: Params, batch: TaskBatch) -> Tensor:
     """The head's meta-gradient ``[N!, N, d + 1]`` (weight | bias) for every relabelling
     ``y → π(y)`` of the (single-task) batch."""
     grads = []
     for perm in itertools.permutations(range(WAYS)):
         pi = torch.tensor(perm)
-        relabelled = SimpleNamespace(support_x=batch.support_x, support_y=pi[batch.support_y],
-                                     query_x=batch.query_x, query_y=pi[batch.query_y])
+        relabelled = labelled_batch(batch.support_x, pi[batch.support_y], batch.query_x, pi[batch.query_y], WAYS)
         grad = algo.meta_grad(params, relabelled).grad
         grads.append(torch.cat([grad[HEAD_WEIGHT], grad[HEAD_BIAS].unsqueeze(-1)], dim=-1))
     return torch.stack(grads)

@@ -143,7 +143,7 @@ def _try_cache(path: Path, warn: bool = True) -> Optional[tuple[torch.Tensor, tu
         return None
     except CorruptFileError as err:
         if warn:
-            logging.getLogger(__name__).warning("%s; rebuilding the glyph cache (about 11 s of CPU)", err)
+            logging.getLogger(__name__).warning("%s; rebuilding the glyph cache", err)
         return None
 
 
