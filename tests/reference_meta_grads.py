@@ -33,25 +33,11 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def problem(model_name: str):
-    """A seeded float64 problem: 3-way, 2-shot, 3 queries, 2 tasks."""
-    from bilevel import ModelConfig, build_model
-    from bilevel.data.batch import TaskBatch
+    """A seeded float64 problem: 3-way, 2-shot, 3 queries, 2 tasks (:func:`bilevel.testing.seeded_problem`)."""
+    from bilevel.testing import seeded_problem
 
-    ways, shots, queries, tasks = 3, 2, 3, 2
-    shape = {"mlp": (4,), "conv4": (1, 16, 16)}[model_name]
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name=model_name, hidden=8, channels=4), shape, ways).to(torch.float64)
-    params = model.init_params()
-    gen = torch.Generator().manual_seed(1)
-    labels = lambda k: torch.arange(ways).repeat_interleave(k).repeat(tasks, 1)  # noqa: E731
-    batch = TaskBatch(
-        support_x=torch.randn(tasks, ways * shots, *shape, generator=gen, dtype=torch.float64),
-        support_y=labels(shots),
-        query_x=torch.randn(tasks, ways * queries, *shape, generator=gen, dtype=torch.float64),
-        query_y=labels(queries),
-        classes=torch.arange(ways).repeat(tasks, 1),
-    )
-    return model, params, batch
+    p = seeded_problem(model_name, shots=2, queries=3, seed=0, batch_seed=1)
+    return p.model, p.params, p.batch
 
 
 def compute(name: str) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel.params import ENCODER_PREFIX
+from bilevel.params import ENCODER_PREFIX, encoder_part
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -34,11 +34,6 @@ GRID = [
     for steps in (1, 3)
     for head in ("random", "zero")
 ]
-
-
-def encoder_of(params):
-    n = len(ENCODER_PREFIX)
-    return {k[n:]: v for k, v in params.items() if k.startswith(ENCODER_PREFIX)}
 
 
 def norm(tree):
@@ -77,12 +72,12 @@ def oracle(problem, reference, *, steps, adapt, first_order):
         for _ in range(steps):
             logits_s = functional_call(model, fast, (xs,))
             (dz,) = torch.autograd.grad(F.cross_entropy(logits_s, ys), logits_s, create_graph=not first_order)
-            phi_s = functional_call(model.encoder, encoder_of(fast), (xs,))
+            phi_s = functional_call(model.encoder, encoder_part(fast), (xs,))
             feats.append(phi_s.detach() if first_order else phi_s)
             coeffs.append(-lr * dz)
-            path.append(encoder_of(fast))
+            path.append(encoder_part(fast))
             fast = reference.adapt(model, fast, xs, ys, steps=1, lr=lr, adapt=adapt, first_order=first_order)
-        phi_q = functional_call(model.encoder, encoder_of(fast), (xq,))
+        phi_q = functional_call(model.encoder, encoder_part(fast), (xq,))
         logits_q = functional_call(model, fast, (xq,))
         (g,) = torch.autograd.grad(F.cross_entropy(logits_q, yq), logits_q, retain_graph=True)
         weights = [(a @ g.T).detach() for a in coeffs]
@@ -95,7 +90,7 @@ def oracle(problem, reference, *, steps, adapt, first_order):
         pairs.append(torch.stack(weights))
         cosines.append(F.normalize(feats[0], dim=-1) @ F.normalize(phi_q, dim=-1).T)
         if adapt == "all" and not first_order:
-            leaf_parts.append(_leaf_feature_gradient(model, path + [encoder_of(fast)], xs, xq, g, weights,
+            leaf_parts.append(_leaf_feature_gradient(model, path + [encoder_part(fast)], xs, xq, g, weights,
                                                      leaves["head.weight"], tasks))
     terms = {t: grads_of(s, leaves) for t, s in surrogates.items()}
     adaptation = None
@@ -180,7 +175,7 @@ def test_float32_reconstruction_and_identity(make_problem, name, order, adapt, s
 
 
 def _features(problem, i):
-    enc = encoder_of(problem.params)
+    enc = encoder_part(problem.params)
     b = problem.batch
     return (functional_call(problem.model.encoder, enc, (b.support_x[i],)),
             functional_call(problem.model.encoder, enc, (b.query_x[i],)))
@@ -197,8 +192,8 @@ def test_one_step_zero_head_second_order_is_the_supervised_contrastive_loss(make
     leaves = {k: v.clone().requires_grad_() for k, v in p.params.items()}
     loss = 0.0
     for i in range(tasks):
-        phi_s = functional_call(p.model.encoder, encoder_of(leaves), (b.support_x[i],))
-        phi_q = functional_call(p.model.encoder, encoder_of(leaves), (b.query_x[i],))
+        phi_s = functional_call(p.model.encoder, encoder_part(leaves), (b.support_x[i],))
+        phi_q = functional_call(p.model.encoder, encoder_part(leaves), (b.query_x[i],))
         a = p.inner_lr / n_s * (F.one_hot(b.support_y[i], ways).to(phi_s.dtype) - 1 / ways)
         p_q = torch.softmax(phi_q @ (a.T @ phi_s).T + a.sum(0), dim=-1).detach()
         same = (b.support_y[i][:, None] == b.query_y[i][None, :]).to(phi_s.dtype)
@@ -248,8 +243,8 @@ def test_first_order_contrastive_is_one_sided(make_problem, rel_err, head):
     leaves = {k: v.clone().requires_grad_() for k, v in p.params.items()}
     surrogate = 0.0
     for i in range(tasks):
-        phi_s = functional_call(p.model.encoder, encoder_of(leaves), (b.support_x[i],)).detach()
-        phi_q = functional_call(p.model.encoder, encoder_of(leaves), (b.query_x[i],))
+        phi_s = functional_call(p.model.encoder, encoder_part(leaves), (b.support_x[i],)).detach()
+        phi_q = functional_call(p.model.encoder, encoder_part(leaves), (b.query_x[i],))
         surrogate = surrogate + (d.pair_weights[i, 0] * (phi_s @ phi_q.T + 1)).sum() / tasks
     expected = dict(zip(leaves, torch.autograd.grad(surrogate, list(leaves.values()), allow_unused=True,
                                                       materialize_grads=True)))

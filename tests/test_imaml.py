@@ -9,7 +9,6 @@ smooth and gradient descent reaches its stationary point (a ReLU encoder stalls 
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +20,9 @@ from bilevel import ModelConfig, Want, build_algorithm, build_model
 from bilevel.cg import conjugate_gradient
 from bilevel.implicit import proximal_solve
 from bilevel.models import BilevelModel
+from bilevel.data.batch import TaskBatch
 from bilevel.params import is_head
+from bilevel.testing import rel_err, seeded_batch
 from theory_checks.imaml_claims import adapted_keys, dense_implicit_gradient, inner_solution
 
 DTYPE = torch.float64
@@ -40,15 +41,9 @@ class TanhEncoder(nn.Module):
         return torch.tanh(self.linear(x))
 
 
-def _batch(seed: int, tasks: int = TASKS) -> SimpleNamespace:
-    gen = torch.Generator().manual_seed(seed)
-    perms = torch.stack([torch.randperm(WAYS, generator=gen) for _ in range(tasks)])
-    ys = perms.gather(1, torch.arange(WAYS).repeat_interleave(SHOTS).expand(tasks, -1))
-    yq = perms.gather(1, torch.arange(WAYS).repeat_interleave(QUERIES).expand(tasks, -1))
-    return SimpleNamespace(
-        support_x=torch.randn(tasks, WAYS * SHOTS, INPUT, generator=gen, dtype=DTYPE), support_y=ys,
-        query_x=torch.randn(tasks, WAYS * QUERIES, INPUT, generator=gen, dtype=DTYPE), query_y=yq,
-    )
+def _batch(seed: int, tasks: int = TASKS) -> TaskBatch:
+    return seeded_batch(torch.Generator().manual_seed(seed), ways=WAYS, shots=SHOTS, queries=QUERIES, tasks=tasks,
+                        shape=(INPUT,), permute=True)
 
 
 def _model(kind: str, seed: int = 0) -> BilevelModel:
@@ -63,11 +58,6 @@ def _imaml(model: BilevelModel, adapt: str, **kw):
            "cg_iters": 60}
     cfg.update(kw)
     return build_algorithm(cfg, model)
-
-
-def _rel(a: dict, b: dict) -> float:
-    num = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in b))
-    return num / math.sqrt(sum(float((b[k] ** 2).sum()) for k in b))
 
 
 def _logits(model, params, x):
@@ -130,7 +120,7 @@ def test_implicit_gradient_equals_derivative_of_converged_unrolled_solve(adapt, 
     model = _model(kind)
     params, batch = model.init_params(), _batch(1)
     step = _imaml(model, adapt).meta_grad(params, batch)
-    assert _rel(step.grad, _unrolled_reference(model, params, batch, adapt)) < 1e-8
+    assert rel_err(step.grad, _unrolled_reference(model, params, batch, adapt)) < 1e-8
 
 
 @pytest.mark.slow
@@ -139,7 +129,7 @@ def test_cg_gradient_matches_dense_solve_and_error_falls_with_iterations(adapt, 
     model = _model(kind)
     params, batch = model.init_params(), _batch(2)
     dense = _dense_reference(model, params, batch, adapt)
-    errors = [_rel(_imaml(model, adapt, cg_iters=k).meta_grad(params, batch).grad, dense) for k in (1, 2, 4, 8, 60)]
+    errors = [rel_err(_imaml(model, adapt, cg_iters=k).meta_grad(params, batch).grad, dense) for k in (1, 2, 4, 8, 60)]
     assert errors[-1] < 1e-8, errors
     assert all(b <= 1.05 * a for a, b in zip(errors, errors[1:])), errors
     assert errors[3] < 0.1 * errors[0], errors
@@ -150,7 +140,7 @@ def test_damped_variant_solves_the_authors_system():
     params, batch = model.init_params(), _batch(3)
     dense = _dense_reference(model, params, batch, "head", damping=0.5, lam_offset=10.0)
     step = _imaml(model, "head", damping=0.5, lam_offset=10.0).meta_grad(params, batch)
-    assert _rel(step.grad, dense) < 1e-8
+    assert rel_err(step.grad, dense) < 1e-8
 
 
 def test_stationarity_residual_falls_with_inner_steps():
@@ -198,15 +188,15 @@ def test_head_only_coefficient_term_is_the_implicit_jacobian_path():
         for k, g in zip(enc, torch.autograd.grad(loss_q, [p[k] for k in enc])):
             direct[k] = direct[k] + g / TASKS
     implicit_path = {k: d.total[k] - direct[k] for k in enc}
-    assert _rel(implicit_path, direct) > 1e-6
+    assert rel_err(implicit_path, direct) > 1e-6
     sides = build_algorithm({"name": "imaml", "adapt": "head", "lam": LAM, "inner_lr": LR,
                              "inner_steps": CONVERGED_STEPS, "cg_iters": 40}, model)
     sides_terms = ("contrastive_query", "contrastive_support", "init", "coefficient", "solver_residual", "solve_error")
     t = sides.meta_step(params, batch, Want(terms=sides_terms)).decomposition.terms
     support_path = {k: t["contrastive_support"][k] + t["coefficient"][k] for k in enc}
     query_path = {k: t["contrastive_query"][k] + t["init"][k] + t["solver_residual"][k] for k in enc}
-    assert _rel(support_path, implicit_path) < 1e-9
-    assert _rel(query_path, direct) < 1e-9
+    assert rel_err(support_path, implicit_path) < 1e-9
+    assert rel_err(query_path, direct) < 1e-9
 
 
 @pytest.mark.parametrize("adapt,kind", [("head", "relu"), ("all", "tanh")])
@@ -241,9 +231,7 @@ def test_identity_at_the_default_budget_in_float32_at_real_size(single_thread):
     model = build_model(ModelConfig(name="conv4", channels=64), (1, 28, 28), 5)
     params = model.init_params()
     gen = torch.Generator().manual_seed(0)
-    labels = lambda k: torch.arange(5).repeat_interleave(k).repeat(2, 1)  # noqa: E731
-    batch = SimpleNamespace(support_x=torch.randn(2, 5, 1, 28, 28, generator=gen), support_y=labels(1),
-                            query_x=torch.randn(2, 75, 1, 28, 28, generator=gen), query_y=labels(15))
+    batch = seeded_batch(gen, ways=5, shots=1, queries=15, tasks=2, shape=(1, 28, 28), dtype=torch.float32)
     d = build_algorithm({"name": "imaml"}, model).meta_grad(params, batch, decompose=True).decomposition
     assert float(d.identity_error) < 1e-5
 
@@ -258,7 +246,7 @@ def test_vmap_equals_loop(adapt):
     for mode in ("vmap", "loop"):
         algo = algo.with_execution(mode)
         out[mode] = algo.meta_grad(params, batch, decompose=True)
-    assert _rel(out["vmap"].grad, out["loop"].grad) < 1e-12
+    assert rel_err(out["vmap"].grad, out["loop"].grad) < 1e-12
     scale = math.sqrt(sum(float((v ** 2).sum()) for v in out["loop"].grad.values()))
     for term in algo.terms:  # relative to the meta-gradient: solve_error is itself ~1e-9 of it here
         v, l = out["vmap"].decomposition.terms[term], out["loop"].decomposition.terms[term]

@@ -9,9 +9,7 @@ of the paper's system ``(I + H/λ) u = ∇_φ L_Q(φ*)``; the encoder's mixed te
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,9 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, hessian
 
-from bilevel import ModelConfig, build_algorithm, build_model
+from bilevel import build_algorithm
 from bilevel.models import BilevelModel
+from bilevel.data.batch import TaskBatch
 from bilevel.params import Params, is_head
+from bilevel.testing import rel_err, seeded_problem
 
 from .core import ClaimResult, check
 
@@ -33,18 +33,10 @@ CG_COUNTS = (1, 2, 4, 8, 28)
 SEED = 11
 
 
-def _problem(seed: int) -> tuple[BilevelModel, Params, SimpleNamespace]:
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(name="mlp", hidden=8, layers=1), (INPUT,), WAYS).to(DTYPE)
-    perms = torch.stack([torch.randperm(WAYS, generator=gen) for _ in range(TASKS)])
-    batch = SimpleNamespace(
-        support_x=torch.randn(TASKS, WAYS * SHOTS, INPUT, generator=gen, dtype=DTYPE),
-        support_y=perms.gather(1, torch.arange(WAYS).repeat_interleave(SHOTS).expand(TASKS, -1)),
-        query_x=torch.randn(TASKS, WAYS * QUERIES, INPUT, generator=gen, dtype=DTYPE),
-        query_y=perms.gather(1, torch.arange(WAYS).repeat_interleave(QUERIES).expand(TASKS, -1)),
-    )
-    return model, model.init_params(), batch
+def _problem(seed: int) -> tuple[BilevelModel, Params, TaskBatch]:
+    p = seeded_problem("mlp", ways=WAYS, shots=SHOTS, queries=QUERIES, tasks=TASKS, shape=(INPUT,), layers=1,
+                       permute=True, seed=seed)
+    return p.model, p.params, p.batch
 
 
 def adapted_keys(params: Params, adapt: str) -> list[str]:
@@ -102,13 +94,8 @@ def dense_implicit_gradient(model: BilevelModel, params: Params, batch: Any, ada
     return total
 
 
-def _rel_err(a: Params, b: Params) -> float:
-    num = math.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in b))
-    return num / math.sqrt(sum(float((b[k] ** 2).sum()) for k in b))
-
-
 @lru_cache(maxsize=1)
-def _dense_problem() -> tuple[BilevelModel, Params, SimpleNamespace, Params]:
+def _dense_problem() -> tuple[BilevelModel, Params, TaskBatch, Params]:
     """The shared problem and its dense reference (computed once for both checks)."""
     model, params, batch = _problem(SEED)
     return model, params, batch, dense_implicit_gradient(model, params, batch, "head", lam=LAM, lr=ALPHA, steps=STEPS)
@@ -128,7 +115,7 @@ def imaml_head_identity() -> list[ClaimResult]:
     summed = {k: sum(t[k] for t in d.terms.values()) for k in d.total}
     return [
         ClaimResult("2", "iMAML head: ‖Σ terms − dense-Hessian implicit grad‖/‖dense‖ (λ=2, T=40, CG=28)",
-                    _rel_err(summed, dense), 1e-9),
+                    rel_err(summed, dense), 1e-9),
         ClaimResult("2", "iMAML head: identity error ‖Σ terms − CG meta-grad‖/‖CG meta-grad‖",
                     float(d.identity_error), ROUNDOFF),
         ClaimResult("1", "iMAML head: reconstruction max |z_q(eq. 1, A*=−G*/λ, R) − z_q|",
@@ -154,7 +141,7 @@ def imaml_solver_and_cg() -> list[ClaimResult]:
     previous = 1.0
     for k in CG_COUNTS:
         step = _imaml(model, k).meta_grad(params, batch)
-        err = _rel_err(step.grad, dense)
+        err = rel_err(step.grad, dense)
         final = k == CG_COUNTS[-1]
         rows.append(ClaimResult(
             "8", f"iMAML head: ‖CG meta-grad − dense‖/‖dense‖ at {k} CG iteration(s)"
