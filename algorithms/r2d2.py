@@ -80,7 +80,7 @@ class R2D2(UnrolledAlgorithm):
         weight = params[HEAD_WEIGHT] if head is None else head.weight
         bias = params[HEAD_BIAS] if head is None else head.bias
         if steps == 0:
-            return InnerResult(encoder, init_head(weight, bias), ())
+            return InnerResult(encoder, init_head(weight, bias) if head is None else head, ())
         feats = self.model.encode(encoder, support_x) if support_features is None else support_features
         coeff = self.config.scale * ridge_coefficients(feats, support_y, weight.shape[-2], self.config.lam)
         if self.first_order if first_order is None else first_order:
