@@ -53,6 +53,8 @@ class MetaSGDConfig(UnrolledConfig):
 
 def learning_rates(params: Params) -> tuple[Params, Tensor]:
     """The encoder's per-element rates (un-prefixed encoder keys) and the head's scalar rate."""
+    if LR_HEAD not in params:
+        raise KeyError(f"no {LR_HEAD!r} in the parameters: Meta-SGD runs on MetaSGD.meta_parameters(params)")
     n = len(LR_PREFIX)
     return {k[n:]: v for k, v in params.items() if k.startswith(LR_PREFIX)}, params[LR_HEAD]
 

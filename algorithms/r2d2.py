@@ -50,8 +50,8 @@ class R2D2Config(AlgorithmConfig):
     inner_momentum: ClassVar[float] = 0.0
 
     name: str = "r2d2"
-    lam: float = 1.0
-    scale: float = 1.0
+    lam: float = 10.0
+    scale: float = 10.0
     order: str = "second_order"
     test_steps: Optional[int] = 1
 

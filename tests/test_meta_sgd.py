@@ -81,6 +81,8 @@ def test_meta_parameters_add_the_rates(make_problem, meta_sgd):
     assert not any(k.startswith(ENCODER_PREFIX) or is_head(k) for k in extra)
     assert params[LR_HEAD].shape == () and all(params[LR_PREFIX + k[8:]].shape == p.params[k].shape for k in encoder)
     assert all(torch.all(params[k] == LR) and params[k].dtype == torch.float64 for k in extra)
+    with pytest.raises(KeyError, match="meta_parameters"):
+        meta_sgd(p.model).meta_grad(p.params, p.batch)
     for bad in ({"adapt": "head"}, {"inner_momentum": 0.9}, {"inner_lr": -1.0}):
         with pytest.raises(ConfigError):
             meta_sgd(p.model, **bad)
