@@ -44,9 +44,9 @@ CASES = {
     "Entropy-SGD noise": (["algorithm=entropy_sgd", "algorithm.noise=-1"], "algorithm.noise must be >= 0"),
     "Entropy-SGD ema": (["algorithm=entropy_sgd", "algorithm.ema=1.5"], "algorithm.ema must be in (0, 1], got 1.5"),
     "misspelt algorithm": (["algorithm=reptil"], "unknown algorithm 'reptil' (algorithm=reptil); did you mean reptile? "
-                           "choose algorithm=NAME from: anil, entropy_sgd, fomaml, imaml, maml, reptile"),
+                           "choose algorithm=NAME from: anil, entropy_sgd, fomaml, imaml, maml, meta_sgd, r2d2, reptile"),
     "misspelt plugin name": (["algorithm.name=reptil"], "unknown algorithm 'reptil' (algorithm.name=reptil); did you "
-                             "mean reptile? choose algorithm=NAME from: anil, entropy_sgd, fomaml, imaml, maml, reptile"),
+                             "mean reptile? choose algorithm=NAME from: anil, entropy_sgd, fomaml, imaml, maml, meta_sgd, r2d2, reptile"),
     "a preset as a plugin name": (["algorithm.name=fomaml"], "names a preset, not a plugin: select it with algorithm=fomaml"),
     "misspelt data set": (["data=synthtic"], "unknown data 'synthtic' (data=synthtic); did you mean synthetic?"),
     "headline past the test steps": (["eval.headline_step=9"], "eval.headline_step must be <= the test-time inner steps"),
