@@ -70,6 +70,14 @@ class R2D2(UnrolledAlgorithm):
 
     Config = R2D2Config
 
+    def structural_zeros(self, head_policy: str) -> dict[str, str]:
+        """``init`` always (``W_0 = 0``); at first order, what ``A`` and ``Φ`` held constant remove."""
+        zeros = {"init": "the ridge head starts from W_0 = 0 under every head policy"}
+        if self.first_order:
+            zeros["coefficient"] = "first order: A is a constant"
+            zeros["contrastive_support"] = "first order: the support features receive no gradient"
+        return zeros
+
     def inner_loop(
         self, params: Params, support_x, support_y: Tensor, support_features=None,
         head: Optional[HeadState] = None, steps: Optional[int] = None, first_order: Optional[bool] = None,

@@ -1,7 +1,8 @@
 """Ablation: train on a subset of the decomposition terms (docs/theory.md §3).
 
-The encoder's update is the sum of the kept terms; the head always receives its exact
-meta-gradient (docs/theory.md §3.4 — the head policy, not the ablation, controls it). With
+The encoder's update is the sum of the kept terms; the head (and any meta-parameter of the
+algorithm's own, such as Meta-SGD's learning rates) always receives its exact meta-gradient
+(docs/theory.md §3.4 — the head policy, not the ablation, controls the head). With
 nothing kept out, the trainer uses the algorithm's plain meta-gradient, unchanged.
 """
 from __future__ import annotations

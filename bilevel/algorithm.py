@@ -117,6 +117,14 @@ class BilevelAlgorithm(ABC):
         """Query accuracy of every task after ``0 … steps`` inner steps: ``[tasks, steps + 1]``
         (the trainer averages over tasks and reports confidence intervals from the spread)."""
 
+    def structural_zeros(self, head_policy: str) -> dict[str, str]:
+        """Terms exactly 0 on the encoder by construction under ``head_policy``, each with the
+        reason (logged once; an ablation that removes only these is warned about). Default: ``init``
+        (``Σ_q g_qᵀ W_0 dφ_q``) when every inner loop starts from ``W_0 = 0``."""
+        if head_policy == "zeroing":
+            return {"init": "head.policy=zeroing starts every inner loop from W_0 = 0"}
+        return {}
+
     def meta_parameters(self, params: Params) -> Params:
         """The outer problem's variables: the network's ``params`` plus whatever the algorithm
         learns itself (Meta-SGD's inner learning rates, ...), as one dict. The trainer optimises,

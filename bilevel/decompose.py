@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import tags
 from .head import HeadTrace, kernel, reconstruct_logits
-from .params import Params, is_head, tree_norm, tree_sum, tree_vdot
+from .params import ENCODER_PREFIX, Params, tree_norm, tree_sum, tree_vdot
 
 TERMS = (
     "contrastive", "contrastive_query", "contrastive_support", "init", "coefficient", "noise",
@@ -177,8 +177,10 @@ class Decomposition:
 
     def combine(self, keep: tuple[str, ...]) -> Params:
         """The ablated meta-gradient: the sum of the ``keep`` terms on the encoder, the exact
-        ``total`` on the head (the head is never ablated)."""
-        return {k: v if is_head(k) else sum(self.terms[t][k] for t in keep) for k, v in self.total.items()}
+        ``total`` on everything else (the head, and meta-parameters of the algorithm's own, are
+        never ablated)."""
+        return {k: sum(self.terms[t][k] for t in keep) if k.startswith(ENCODER_PREFIX) else v
+                for k, v in self.total.items()}
 
     def summary(self) -> dict[str, Tensor]:
         """Scalar statistics (0-d tensors, no host sync), keyed by their TensorBoard tag.
@@ -187,7 +189,7 @@ class Decomposition:
         explain (the head always receives its exact meta-gradient). ``share`` is the
         projection ``⟨term, total⟩ / ‖total‖²``; the shares sum to 1 up to the identity error.
         """
-        enc = [k for k in self.total if not is_head(k)]
+        enc = [k for k in self.total if k.startswith(ENCODER_PREFIX)]
         total = {k: self.total[k] for k in enc}
         total_sq = tree_vdot(total, total).clamp_min(torch.finfo(self.identity_error.dtype).tiny)
         out: dict[str, Tensor] = {}

@@ -43,7 +43,7 @@ from .decompose import (
 from .execution import stack_trees
 from .head import HeadTrace
 from .losses import accuracy, cross_entropy_logits_grad
-from .params import Params, is_head
+from .params import ENCODER_PREFIX, Params
 
 NodePullback = Callable[[tuple[Tensor, Nodes]], Params]
 """``(∂ℓ/∂loss, ∂ℓ/∂nodes) ↦ ∂ℓ/∂(meta-parameters)``: the VJP of one forward."""
@@ -122,12 +122,13 @@ def plain_row(forward: Forward, pullback: Optional[NodePullback] = None) -> Para
 
 
 def ablated_row(forward: Forward, keep: tuple[str, ...], head_grad: Params, direct: dict[str, Params]) -> Params:
-    """The exact ``head_grad`` on the head, the kept terms' sum elsewhere: one VJP of the kept
-    cotangents' sum (linearity), plus the kept terms' direct rows."""
+    """The kept terms' sum on the encoder — one VJP of the kept cotangents' sum (linearity), plus
+    the kept terms' direct rows — and the exact ``head_grad`` on everything else (the head, and
+    meta-parameters of the algorithm's own)."""
     kept = forward.pull(sum_nodes(list(forward.cotangents(keep).values())))
     for term in keep:
         kept = {k: v + direct[term][k] for k, v in kept.items()} if term in direct else kept
-    return {k: head_grad[k] if is_head(k) else v for k, v in kept.items()}
+    return {k: v if k.startswith(ENCODER_PREFIX) else head_grad[k] for k, v in kept.items()}
 
 
 def term_rows(forward: Forward, terms: tuple[str, ...], direct: dict[str, Params],

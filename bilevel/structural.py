@@ -9,6 +9,9 @@ that therefore change nothing (``docs/theory.md`` §3.1, §3.2).
   not depend on it.
 * ``contrastive_support`` (the support side of ``contrastive``) vanishes at first order.
 
+Each algorithm states its own rules (:meth:`~bilevel.algorithm.BilevelAlgorithm.structural_zeros`:
+the ``init`` rule for every algorithm whose ``W_0`` is the meta head, the others in
+:class:`~bilevel.unrolled.UnrolledAlgorithm`; a closed-form head states its own).
 ``tests/test_structural.py`` checks every rule against a real decomposition (the term is 0).
 """
 from __future__ import annotations
@@ -17,29 +20,15 @@ from typing import Optional
 
 from .ablation import Ablation
 from .algorithm import BilevelAlgorithm
-from .unrolled import UnrolledAlgorithm
 
 
 def structural_zeros(algorithm: BilevelAlgorithm, head_policy: str,
                      terms: Optional[tuple[str, ...]] = None) -> dict[str, str]:
-    """The terms (default: the algorithm's) that are exactly 0 under this configuration, each
-    with the reason."""
+    """The terms (default: the algorithm's) that are exactly 0 on the encoder under this
+    configuration, each with the reason: what the algorithm says of itself
+    (:meth:`~bilevel.algorithm.BilevelAlgorithm.structural_zeros`)."""
     terms = algorithm.terms if terms is None else terms
-    zero_head = head_policy == "zeroing"
-    unrolled = isinstance(algorithm, UnrolledAlgorithm)
-    first_order = unrolled and algorithm.config.order == "first_order"
-    zeros: dict[str, str] = {}
-    if zero_head and "init" in terms:
-        zeros["init"] = "head.policy=zeroing starts every inner loop from W_0 = 0"
-    if "coefficient" in terms:
-        if first_order:
-            zeros["coefficient"] = "first order: what the support samples write into the head is a constant"
-        elif unrolled and zero_head and algorithm.train_steps == 1:
-            zeros["coefficient"] = ("one inner step from a zero head: the support predictions are uniform "
-                                    "whatever the encoder")
-    if first_order and "contrastive_support" in terms:
-        zeros["contrastive_support"] = "first order: the support features receive no gradient"
-    return zeros
+    return {t: why for t, why in algorithm.structural_zeros(head_policy).items() if t in terms}
 
 
 def idle_ablation_warning(ablation: Ablation, algorithm: BilevelAlgorithm, zeros: dict[str, str],

@@ -53,8 +53,9 @@ class UnrolledConfig(AlgorithmConfig):
 
 
 def head_of(params: Params) -> Params:
-    """The head's entries of a parameter dict."""
-    return {HEAD_WEIGHT: params[HEAD_WEIGHT], HEAD_BIAS: params[HEAD_BIAS]}
+    """Everything but the encoder: the head, and meta-parameters of the algorithm's own (what a
+    head-only inner loop may read)."""
+    return {k: v for k, v in params.items() if not k.startswith(ENCODER_PREFIX)}
 
 
 class UnrolledAlgorithm(BilevelAlgorithm):
@@ -85,6 +86,20 @@ class UnrolledAlgorithm(BilevelAlgorithm):
     @property
     def first_order(self) -> bool:
         return self.config.order == "first_order"
+
+    def structural_zeros(self, head_policy: str) -> dict[str, str]:
+        """Besides ``init`` under zeroing: ``coefficient`` at first order (``A`` is a constant) and
+        after one SGD step from ``W_0 = b_0 = 0`` (the support predictions are uniform whatever the
+        encoder, so ``A_0 = −α(P⁰ − Y)/n_s`` does not depend on it); ``contrastive_support`` at
+        first order (the support features receive no gradient)."""
+        zeros = super().structural_zeros(head_policy)
+        if self.first_order:
+            zeros["coefficient"] = "first order: what the support samples write into the head is a constant"
+            zeros["contrastive_support"] = "first order: the support features receive no gradient"
+        elif head_policy == "zeroing" and self.train_steps == 1:
+            zeros["coefficient"] = ("one inner step from a zero head: the support predictions are uniform "
+                                    "whatever the encoder")
+        return zeros
 
     def inner_loop(
         self, params: Params, support_x, support_y: Tensor, support_features=None, head=None,
@@ -193,7 +208,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         with torch.enable_grad(), autograd_pullbacks():
             (loss, _), aux = forward(leaves)
-            grads = torch.autograd.grad(loss, list(leaves.values()))
+            grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
         return TaskResult(loss.detach(), accuracy(aux[0].detach(), yq).mean(), grad=dict(zip(leaves, grads)))
 
     def _adaptation(self, term_grads: Params, stacked: Nodes, terms: tuple[str, ...], path, xs, xq) -> Params:

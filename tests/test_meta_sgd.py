@@ -127,7 +127,7 @@ def test_vmap_and_loop_agree(make_problem, rel_err, meta_sgd):
     assert algo.executions == ("vmap", "loop")
     out = {}
     for execution in algo.executions:
-        algo.execution = execution
+        algo = algo.with_execution(execution)
         out[execution] = algo.meta_grad(params, p.batch, decompose=True)
     assert rel_err(out["vmap"].grad, out["loop"].grad) < 1e-10
     for term in algo.terms:
@@ -139,7 +139,7 @@ def test_vmap_and_loop_agree(make_problem, rel_err, meta_sgd):
 @pytest.mark.parametrize("head", ["random", "zero"])
 def test_decomposition_is_exact(make_problem, rel_err, meta_sgd, execution, order, head):
     p, algo, params = problem(make_problem, meta_sgd, head=head, inner_steps=2, order=order)
-    algo.execution = execution
+    algo = algo.with_execution(execution)
     step = algo.meta_grad(params, p.batch, decompose=True)
     d = step.decomposition
     assert float(d.identity_error) < 1e-10 and float(d.reconstruction_error) < 1e-10
