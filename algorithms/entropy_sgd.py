@@ -2,14 +2,14 @@
 
 Per task, an SGLD chain on the task's batch ``B`` (support, query, or both pooled:
 ``batches``) over the adapted set, coupled to the current parameters ``x`` with strength
-``γ_t`` (``bilevel.chain`` states the chain, its noise convention ``x' ← x' − η' dx' +
+``γ_t`` (``bilevel.hypergrad.chain`` states the chain, its noise convention ``x' ← x' − η' dx' +
 sqrt(η') ε n`` and its EMA convention ``μ ← (1 − a) μ + a x'``, ``μ_0 = x``). The outer
 direction is ``d = γ_t (x − μ_L)``, the negative local-entropy gradient, averaged over the
 tasks of the meta-batch; the trainer's SGD with step ``η = outer_lr`` makes the update
 ``x ← x − η d``. γ-scoping: ``γ_t = γ_0 (1 + γ_1)^t`` with ``t`` the number of outer steps
 done (advanced by :meth:`outer_step_done`, kept by :meth:`state_dict`). With
 ``adapt = "head"`` the encoder stays at ``θ`` in the chain and follows the chain-EMA of its
-own gradient (``bilevel.chain``).
+own gradient (``bilevel.hypergrad.chain``).
 
 Unlike the authors' code, the EMA weight ``a`` is a parameter (their 0.75 on the old mean is
 ``a = 0.25``), the scoping counter advances, and γ is not folded into the learning rate.
@@ -30,9 +30,11 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from bilevel.chain import ChainAlgorithm, ChainConfig, ChainSpec, draw_noise
-from bilevel.models import BilevelModel
-from bilevel.params import HEAD_WEIGHT, Params
+from bilevel.hypergrad.chain import ChainAlgorithm, ChainConfig
+
+from bilevel.solvers.chain import ChainSpec, draw_noise
+from bilevel.primitives.models import BilevelModel
+from bilevel.primitives.params import HEAD_WEIGHT, Params
 from bilevel.validate import INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, Range
 
 

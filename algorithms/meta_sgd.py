@@ -7,7 +7,7 @@ Inner loop, ``T`` steps over the whole network from ``(θ_0, W_0, b_0)``:
 
 The head's rate is a scalar so that its update stays ``head_write(state, Φ_t, −α_h ∂L_S/∂Z_S)``:
 the trace form of docs/theory.md §2 holds exactly, and the decomposition, the execution paths
-(vmap, loop) and evaluation come from :class:`~bilevel.unrolled.UnrolledAlgorithm`. (A per-element
+(vmap, loop) and evaluation come from :class:`~bilevel.hypergrad.unrolled.UnrolledAlgorithm`. (A per-element
 head rate would write ``(α_W ⊙ Gᵀ) Φ``, which is not of the form ``AᵀΦ``.)
 
 The rates are meta-parameters beyond the network's: :meth:`MetaSGD.meta_parameters` adds
@@ -27,11 +27,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from bilevel.head import HeadState, head_write, init_head, readout
-from bilevel.inner import InnerResult, encoder_pullback
-from bilevel.losses import cross_entropy_logits_grad
-from bilevel.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
-from bilevel.unrolled import ORDERS, UnrolledAlgorithm, UnrolledConfig
+from bilevel.primitives.head import HeadState, head_write, init_head, readout
+from bilevel.solvers.sgd import InnerResult, encoder_pullback
+from bilevel.primitives.losses import cross_entropy_logits_grad
+from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
+from bilevel.hypergrad.unrolled import ORDERS, UnrolledAlgorithm, UnrolledConfig
 from bilevel.validate import INNER_LOOP, Check, OneOf
 
 LR_PREFIX = "meta_sgd.lr."

@@ -8,7 +8,7 @@ engine's kernel ``K = ΦΦᵀ + 1`` (``k(s, q) = ⟨φ_s, φ_q⟩ + 1``, docs/th
 
 with ``s`` a fixed logit scale. That is eq. (1) of docs/theory.md §2 with one entry ``(Φ, A)``
 and nothing else, so the trace is exact by construction and the decomposition, the execution
-paths (vmap, loop, shared) and evaluation come from :class:`~bilevel.unrolled.UnrolledAlgorithm`.
+paths (vmap, loop, shared) and evaluation come from :class:`~bilevel.hypergrad.unrolled.UnrolledAlgorithm`.
 The hypergradient is backprop through ``torch.linalg.solve`` (``second_order``), or with ``A`` and
 ``Φ`` held constant in the head (``first_order``: a one-sided contrastive learner).
 
@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 
 from bilevel.algorithm import AlgorithmConfig
-from bilevel.head import HeadState, head_write, init_head
-from bilevel.inner import InnerResult
-from bilevel.params import HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part
-from bilevel.unrolled import ORDERS, UnrolledAlgorithm
+from bilevel.primitives.head import HeadState, head_write, init_head
+from bilevel.solvers.sgd import InnerResult
+from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part
+from bilevel.hypergrad.unrolled import ORDERS, UnrolledAlgorithm
 from bilevel.validate import POSITIVE, Check, OneOf
 
 

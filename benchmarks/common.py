@@ -30,7 +30,7 @@ import time
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from bilevel.allocator import ALLOCATORS, ensure_allocator
+from bilevel.execution.allocator import ALLOCATORS, ensure_allocator
 
 if TYPE_CHECKING:
     from bilevel.data.batch import TaskBatch

@@ -125,7 +125,7 @@ class AutogradLoop:
         import torch.nn.functional as F
         from torch.func import functional_call
 
-        from bilevel.params import HEAD_BIAS, HEAD_WEIGHT, encoder_part
+        from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, encoder_part
 
         for p in self.params.values():
             p.grad = None

@@ -4,7 +4,7 @@
 (no running buffers), ``ReLU`` before ``MaxPool2d``. Its parameter names match
 :class:`bilevel.BilevelModel` and it is loaded with the same values, so a baseline built on it
 computes the same meta-gradient as ours (the benchmarks check it); what differs is only how the
-layers are executed (see ``bilevel.models.ConvBlock``). Imported after torch is set up.
+layers are executed (see ``bilevel.primitives.models.ConvBlock``). Imported after torch is set up.
 """
 from __future__ import annotations
 

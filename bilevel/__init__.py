@@ -1,18 +1,29 @@
 """bilevel: min-min bi-level learning with exact contrastive / interference decomposition.
 
-The public API: models and parameters, the head primitives that record the trace
-(eq. (1) of docs/theory.md), the inner solvers (SGD/momentum/proximal, Langevin chains, proximal
-solves with implicit differentiation), the algorithm base class and registry, the
-decomposition, ablation, and execution helpers, the terms that vanish by construction, the
-evaluation protocol (fixed task prefix, time budget, 95 % CIs), the one list of algorithms, the
-declarative config checks plugins use (``Range``, ``OneOf``, ...), the actionable errors with
-their exit statuses, and the pieces of a run over many processes (``Launch``, ``Replicas``,
-``detect_launch``, ``task_share``). ``bilevel.data``
-holds the data sets and the task sampler; ``bilevel.train`` the Hydra training app;
-``bilevel.report`` the run report.
+The layers, each a sub-package (lower layers never import higher ones):
+
+- ``bilevel.primitives`` — parameter dicts, the head and its trace (eq. (1) of docs/theory.md),
+  losses, conjugate gradient (and its fixed polynomial), pooling, models;
+- ``bilevel.solvers`` — inner solvers built from the head primitives: SGD steps (momentum,
+  proximal), SGD/Langevin chains, proximal solves;
+- ``bilevel.decomposition`` — the terms' node cotangents, the per-task result and the one
+  assembly of a meta-step (``Want``, ``TaskResult``, ``assemble``), the identity and
+  reconstruction checks, ablation, terms zero by construction;
+- ``bilevel.execution`` — how the tasks of a meta-batch run (vmap / loop) and how a run's path
+  is chosen;
+- ``bilevel.hypergrad`` — the hypergradient rules: unrolled (``UnrolledAlgorithm``), implicit
+  (``ImplicitAlgorithm``, exact at any CG budget), chain (``ChainAlgorithm``), and the
+  node-pullback rows they share;
+- ``bilevel.algorithm`` — the plugin interface (``BilevelAlgorithm``) and the registry
+  (entry-point group ``bilevel.algorithms``; the engine imports no plugin);
+- ``bilevel.app`` — the Hydra trainer (``bilevel-train``), config, logging, checkpoints,
+  evaluation, distributed runs, the report (``bilevel-report``); ``bilevel.data`` — data sets
+  and the task sampler.
+
+Everything a plugin needs is re-exported here.
 """
-from .ablation import Ablation, resolve_ablation
-from .algorithm import (
+from bilevel.decomposition.ablation import Ablation, resolve_ablation
+from bilevel.algorithm import (
     AlgorithmConfig,
     BilevelAlgorithm,
     available_algorithms,
@@ -20,12 +31,14 @@ from .algorithm import (
     get_algorithm,
     register,
 )
-from .catalog import algorithm_choices
-from .cg import CGResult, cg_polynomial, conjugate_gradient
-from .chain import ChainAlgorithm, ChainConfig, ChainSpec, decompose_chain, run_chain
-from .decompose import TERMS, Decomposition, Nodes, stack_nodes, sum_nodes, term_cotangents
-from .distributed import Launch, Replicas, detect_launch, task_share
-from .errors import (
+from bilevel.app.catalog import algorithm_choices
+from bilevel.primitives.cg import CGResult, cg_polynomial, conjugate_gradient
+from bilevel.hypergrad.chain import ChainAlgorithm, ChainConfig, decompose_chain
+from bilevel.solvers.chain import ChainSpec, run_chain
+from bilevel.decomposition.cotangents import TERMS, Nodes, stack_nodes, sum_nodes, term_cotangents
+from bilevel.decomposition.record import Decomposition
+from bilevel.app.distributed import Launch, Replicas, detect_launch, task_share
+from bilevel.errors import (
     BilevelError,
     ConfigError,
     CorruptFileError,
@@ -35,9 +48,9 @@ from .errors import (
     RunDirectoryBusy,
     RunInterrupted,
 )
-from .evaluation import Evaluation, TaskSet, ci95, headline_step
-from .execution import choose_execution, map_meta_steps, map_tasks
-from .head import (
+from bilevel.app.evaluation import Evaluation, TaskSet, ci95, headline_step
+from bilevel.execution.mapping import choose_execution, map_meta_steps, map_tasks
+from bilevel.primitives.head import (
     HeadState,
     HeadTrace,
     head_add_noise,
@@ -49,35 +62,25 @@ from .head import (
     readout,
     reconstruct_logits,
 )
-from .hypergradient import (
-    Forward,
-    MetaStep,
-    TaskResult,
-    Want,
-    ablated_row,
-    assemble,
-    mean_over_tasks,
-    node_rows,
-    plain_row,
-    term_rows,
-)
-from .implicit import (
+from bilevel.hypergrad.rows import Forward, ablated_row, node_rows, plain_row, term_rows
+from bilevel.decomposition.assembly import MetaStep, TaskResult, Want, assemble, mean_over_tasks
+from bilevel.hypergrad.implicit import (
     ImplicitAlgorithm,
     ImplicitSystem,
     implicit_task,
     implicit_vjp,
     linearize_stationarity,
-    proximal_solve,
     solve_error,
     stationarity_residual,
 )
-from .inner import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
-from .models import BilevelModel, ModelConfig, build_model
-from .pooling import max_pool2x2
-from .params import Params
-from .structural import structural_zeros
-from .unrolled import UnrolledAlgorithm, UnrolledConfig
-from .validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared
+from bilevel.solvers.proximal import proximal_solve
+from bilevel.solvers.sgd import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
+from bilevel.primitives.models import BilevelModel, ModelConfig, build_model
+from bilevel.primitives.pooling import max_pool2x2
+from bilevel.primitives.params import Params
+from bilevel.decomposition.structural import structural_zeros
+from bilevel.hypergrad.unrolled import UnrolledAlgorithm, UnrolledConfig
+from bilevel.validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared
 
 __all__ = [
     "Ablation", "resolve_ablation", "AlgorithmConfig", "BilevelAlgorithm", "MetaStep",

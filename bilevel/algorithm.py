@@ -1,7 +1,7 @@
 """The abstract bi-level algorithm, its typed configuration and the plugin registry.
 
 An algorithm maps ``(params, TaskBatch)`` to a meta-gradient (what the outer optimiser
-follows) and, on request, to its :class:`~bilevel.decompose.Decomposition`. Plugins
+follows) and, on request, to its :class:`~bilevel.decomposition.cotangents.Decomposition`. Plugins
 subclass :class:`BilevelAlgorithm`, declare a config dataclass, and register by name with
 :func:`register` or through the ``bilevel.algorithms`` entry-point group, so an external
 package adds an algorithm without touching the engine.
@@ -20,12 +20,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
-from .data.batch import TaskBatch
-from .hypergradient import MetaStep, Want
-from .errors import ConfigError
-from .models import BilevelModel
-from .params import Params
-from .validate import NON_NEGATIVE, Check, check_declared
+from bilevel.data.batch import TaskBatch
+from bilevel.decomposition.assembly import MetaStep, Want
+from bilevel.errors import ConfigError
+from bilevel.primitives.models import BilevelModel
+from bilevel.primitives.params import Params
+from bilevel.validate import NON_NEGATIVE, Check, check_declared
 
 ENTRY_POINT_GROUP = "bilevel.algorithms"
 
@@ -101,7 +101,7 @@ class BilevelAlgorithm(ABC):
     @abstractmethod
     def meta_step(self, params: Params, batch: TaskBatch, want: Want = Want()) -> MetaStep:
         """The meta-step of the mean query loss over ``batch``: the plain, ablated or decomposed
-        meta-gradient as ``want`` says (:mod:`bilevel.hypergradient`)."""
+        meta-gradient as ``want`` says (:mod:`bilevel.hypergrad.rows`)."""
 
     def meta_grad(self, params: Params, batch: TaskBatch, decompose: bool = False) -> MetaStep:
         """The plain meta-gradient, with the decomposition into :attr:`terms` when ``decompose``."""
@@ -180,7 +180,7 @@ def get_algorithm(name: str) -> type[BilevelAlgorithm]:
     """The algorithm class registered under ``name``; a clear error when there is none."""
     _load_plugins()
     if name not in _REGISTRY:
-        from .catalog import unknown_algorithm_message  # the catalog lists presets too
+        from bilevel.app.catalog import unknown_algorithm_message  # the catalog lists presets too
 
         raise ConfigError(unknown_algorithm_message(name, "algorithm.name"))
     return _REGISTRY[name]

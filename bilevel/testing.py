@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from .algorithm import BilevelAlgorithm, build_algorithm
-from .data.batch import TaskBatch
-from .models import BilevelModel, ModelConfig, build_model
-from .params import HEAD_BIAS, HEAD_WEIGHT, Params, is_head
+from bilevel.algorithm import BilevelAlgorithm, build_algorithm
+from bilevel.data.batch import TaskBatch
+from bilevel.primitives.models import BilevelModel, ModelConfig, build_model
+from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, is_head
 
 INPUT_SHAPES = {"mlp": (4,), "conv4": (1, 16, 16)}
 """The default input shape of each tiny model."""

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from bilevel.errors import ConfigError
 
 
 def _number(x: float) -> str:

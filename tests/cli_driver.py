@@ -3,9 +3,9 @@
     python tests/cli_driver.py < cases.json > results.json
 
 ``cases.json``: a list of ``{"args": [...], "cwd": "..."}``. Each child changes to ``cwd``, sends
-its stdout and stderr to files there, runs :func:`bilevel.train.main` with ``args`` as the
+its stdout and stderr to files there, runs :func:`bilevel.app.train.main` with ``args`` as the
 command line and exits with its status (an uncaught exception prints its traceback, status 1),
-exactly as ``python -m bilevel.train ARGS`` would after its imports. Output: a list of
+exactly as ``python -m bilevel.app.train ARGS`` would after its imports. Output: a list of
 ``{"status", "stdout", "stderr"}`` in the order of the cases. Run with
 ``BILEVEL_ALLOCATOR=default`` (no re-exec).
 """
@@ -25,7 +25,7 @@ def run_child(args: list[str], cwd: Path) -> None:
     sys.argv = ["bilevel-train", *args]
     status = 0
     try:
-        from bilevel.train import main
+        from bilevel.app.train import main
 
         main()
     except SystemExit as stop:
@@ -39,7 +39,7 @@ def run_child(args: list[str], cwd: Path) -> None:
 
 
 def main() -> None:
-    import bilevel.train  # noqa: F401  (the imports every child shares)
+    import bilevel.app.train  # noqa: F401  (the imports every child shares)
 
     results = []
     for case in json.load(sys.stdin):

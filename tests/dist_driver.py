@@ -29,8 +29,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bilevel.ablation import Ablation
-from bilevel.distributed import Replicas
+from bilevel.decomposition.ablation import Ablation
+from bilevel.app.distributed import Replicas
 
 
 def _detached(tree: Any) -> Any:
@@ -125,7 +125,7 @@ def main() -> None:
     atexit.register(probe.dump)
     probe.watch_writes()
     sys.argv = ["bilevel-train", *sys.argv[1:]]
-    from bilevel.train import main as train_main
+    from bilevel.app.train import main as train_main
 
     train_main()
 

@@ -31,7 +31,7 @@ def main() -> None:
 
     cls.outer_step_done = outer_step_done
     sys.argv = ["bilevel-train", *overrides]
-    from bilevel.train import main as train_main
+    from bilevel.app.train import main as train_main
 
     train_main()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bilevel import Want
-from bilevel.ablation import resolve_ablation
+from bilevel.decomposition.ablation import resolve_ablation
 from bilevel.testing import rel_err
 
 

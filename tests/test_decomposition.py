@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel.params import ENCODER_PREFIX, encoder_part
+from bilevel.primitives.params import ENCODER_PREFIX, encoder_part
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,4 +1,4 @@
-"""Distributed meta-training (``bilevel/distributed.py``): one run over many processes, with the
+"""Distributed meta-training (``bilevel/app/distributed.py``): one run over many processes, with the
 result of one process.
 
 Multi-process runs use gloo on 127.0.0.1 only: processes started with a launcher's environment
@@ -26,13 +26,13 @@ import torch
 from hydra import compose, initialize_config_module
 
 from bilevel import ModelConfig, build_algorithm, build_model
-from bilevel.checkpoint import load_checkpoint
-from bilevel.config import register_configs
+from bilevel.app.checkpoint import load_checkpoint
+from bilevel.app.config import register_configs
 from bilevel.data import DataConfig, TaskSampler, build_dataset
-from bilevel.distributed import Launch, check_command_line, detect_launch, task_share
+from bilevel.app.distributed import Launch, check_command_line, detect_launch, task_share
 from bilevel.errors import ConfigError
 from bilevel.testing import rel_err
-from bilevel.train import train
+from bilevel.app.train import train
 from dist_driver import Probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -446,7 +446,7 @@ def test_execution_auto_is_settled_by_rank_0_for_every_process(tmp_path):
 
 
 def test_a_refused_start_ends_every_process_with_rank_0s_message(tmp_path):
-    from bilevel.files import FileLock
+    from bilevel.app.files import FileLock
 
     with FileLock(tmp_path / "run" / "run.lock"):
         run = processes(tmp_path, 2, BASE + ALGORITHMS["maml"])
@@ -507,14 +507,14 @@ def test_joblib_sweep_of_two_jobs_completes_and_bilevel_report_reads_it(tmp_path
     env = base_env(tmp_path / "record", tmp_path / "cache")
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, "-m", "bilevel.train", "-m", "hydra/launcher=joblib", "seed=0,1", *BASE,
+        [sys.executable, "-m", "bilevel.app.train", "-m", "hydra/launcher=joblib", "seed=0,1", *BASE,
          "train.steps=2", "train.decompose_every=1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Joblib" in result.stdout + result.stderr
     jobs = sorted(p.parent for p in sweep.rglob("metrics.json"))
     assert len(jobs) == 2
-    report = subprocess.run([sys.executable, "-m", "bilevel.report", str(sweep), "--json", str(tmp_path / "r.json")],
+    report = subprocess.run([sys.executable, "-m", "bilevel.app.report", str(sweep), "--json", str(tmp_path / "r.json")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     (setting,) = json.loads((tmp_path / "r.json").read_text())

@@ -1,6 +1,6 @@
 """Entropy-SGD plugin and the chain's decomposition (docs/theory.md §6), in float64 on tiny problems.
 
-References are independent of ``bilevel.chain``: a literal Algorithm 1 (``x'``, ``μ`` kept as
+References are independent of ``bilevel.hypergrad.chain``: a literal Algorithm 1 (``x'``, ``μ`` kept as
 parameters, gradients by ``torch.autograd`` through ``functional_call`` of the whole model
 and ``F.cross_entropy``), closed-form noise statistics, and autograd of the one-sided
 contrastive surrogate.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from bilevel import build_algorithm
-from bilevel.params import HEAD_BIAS, HEAD_WEIGHT, encoder_part, is_head
+from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, encoder_part, is_head
 from bilevel.testing import rel_err, seeded_problem
 
 DT = torch.float64

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bilevel.algorithm import available_algorithms, get_algorithm
-from bilevel.config import TrainConfig
+from bilevel.app.config import TrainConfig
 from bilevel.validate import declared_checks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def cli_env(pythonpath: str, cache: Path) -> dict[str, str]:
 
 
 def bilevel_train(args: list[str], cwd: Path, pythonpath: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bilevel.train", *args], cwd=cwd, env=cli_env(pythonpath, cwd / "cache"),
+    return subprocess.run([sys.executable, "-m", "bilevel.app.train", *args], cwd=cwd, env=cli_env(pythonpath, cwd / "cache"),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -109,7 +109,7 @@ def test_a_refused_command_line_exits_2_with_one_paragraph_and_leaves_nothing(re
 def test_a_bug_keeps_its_traceback(tmp_path, plugin_path):
     """Not every failure is the user's: one that is not a refusal keeps its traceback (exit 1)."""
     (tmp_path / "sitecustomize.py").write_text(
-        "import bilevel.evaluation as e\n"
+        "import bilevel.app.evaluation as e\n"
         "def broken(*args, **kwargs):\n    raise RuntimeError('a bug')\n"
         "e.headline_step = broken\n")
     result = bilevel_train(FAST, tmp_path, os.pathsep.join([str(tmp_path), plugin_path]))

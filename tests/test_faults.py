@@ -28,14 +28,14 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 import bilevel.algorithm as engine
 import bilevel.data.glyphs as glyphs
 from bilevel.algorithm import get_algorithm, register
-from bilevel.checkpoint import load_checkpoint
-from bilevel.config import register_configs, typed_config
+from bilevel.app.checkpoint import load_checkpoint
+from bilevel.app.config import register_configs, typed_config
 from bilevel.errors import ConfigError, CorruptFileError, NonFiniteError, ResumeError, RunDirectoryBusy
-from bilevel.files import FileLock, save_checked
-from bilevel.memory import check_meta_step_memory
-from bilevel.models import build_model
-from bilevel.tb import event_files
-from bilevel.train import train
+from bilevel.app.files import FileLock, save_checked
+from bilevel.execution.memory import check_meta_step_memory
+from bilevel.primitives.models import build_model
+from bilevel.app.tb import event_files
+from bilevel.app.train import train
 from algorithms.maml import MAML
 from bilevel import Want
 
@@ -279,7 +279,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_exact(tmp_path, cache, algor
                       f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, cache)
     assert killed.returncode == -9, killed.stderr
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == step - 1
-    resumed = run_cli(["-m", "bilevel.train", *args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'run'}"],
+    resumed = run_cli(["-m", "bilevel.app.train", *args, "train.resume=auto", f"hydra.run.dir={tmp_path / 'run'}"],
                       tmp_path, cache)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {tmp_path / 'run' / 'checkpoint.pt'} at step {step - 1}" in resumed.stdout
@@ -401,7 +401,7 @@ def test_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(tmp_
     command = stopped.stderr.split("resume with: ", 1)[1].strip()
     assert command.startswith("bilevel-train ") and f"train.resume=auto hydra.run.dir={run_dir}" in command
     if name == "TERM":  # the printed command continues the run, bit for bit
-        resumed = run_cli(["-m", "bilevel.train", *shlex.split(command)[1:]], tmp_path, cache)
+        resumed = run_cli(["-m", "bilevel.app.train", *shlex.split(command)[1:]], tmp_path, cache)
         assert resumed.returncode == 0, resumed.stderr
         train(config("execution=loop", "train.checkpoint_every=4", algorithm="entropy_sgd"), tmp_path / "straight",
               show_progress=False)
@@ -451,7 +451,7 @@ def test_memory_estimate_admits_the_default_runs(preset):
 
 
 def test_cli_prints_a_config_error_without_traceback_and_exits_2(tmp_path, cache):
-    result = run_cli(["-m", "bilevel.train", *cli_overrides("maml", "model.hidden=0"), f"hydra.run.dir={tmp_path / 'run'}"],
+    result = run_cli(["-m", "bilevel.app.train", *cli_overrides("maml", "model.hidden=0"), f"hydra.run.dir={tmp_path / 'run'}"],
                      tmp_path, cache)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: model.hidden must be >= 1, got 0"

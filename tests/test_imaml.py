@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from bilevel import ModelConfig, Want, build_algorithm, build_model
-from bilevel.cg import conjugate_gradient
-from bilevel.implicit import proximal_solve
-from bilevel.models import BilevelModel
+from bilevel.primitives.cg import conjugate_gradient
+from bilevel.solvers.proximal import proximal_solve
+from bilevel.primitives.models import BilevelModel
 from bilevel.data.batch import TaskBatch
-from bilevel.params import is_head
+from bilevel.primitives.params import is_head
 from bilevel.testing import rel_err, seeded_batch
 from theory_checks.imaml_claims import adapted_keys, dense_implicit_gradient, inner_solution
 

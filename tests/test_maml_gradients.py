@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from bilevel import build_algorithm
-from bilevel.head import readout
-from bilevel.inner import sgd_steps
-from bilevel.losses import cross_entropy
-from bilevel.params import encoder_part
+from bilevel.primitives.head import readout
+from bilevel.solvers.sgd import sgd_steps
+from bilevel.primitives.losses import cross_entropy
+from bilevel.primitives.params import encoder_part
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

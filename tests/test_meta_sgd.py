@@ -19,11 +19,11 @@ from torch.func import functional_call
 import bilevel.algorithm as engine
 from algorithms.meta_sgd import LR_HEAD, LR_PREFIX, MetaSGD
 from bilevel.algorithm import algorithm_config, register
-from bilevel.checkpoint import load_checkpoint
-from bilevel.config import register_configs
+from bilevel.app.checkpoint import load_checkpoint
+from bilevel.app.config import register_configs
 from bilevel.errors import ConfigError
-from bilevel.params import ENCODER_PREFIX, is_head
-from bilevel.train import train
+from bilevel.primitives.params import ENCODER_PREFIX, is_head
+from bilevel.app.train import train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 LR = 0.4

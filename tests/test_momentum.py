@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel.head import reconstruct_logits
-from bilevel.inner import sgd_steps
+from bilevel.primitives.head import reconstruct_logits
+from bilevel.solvers.sgd import sgd_steps
 
 MU, LAM = 0.7, 0.5
 

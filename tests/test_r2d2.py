@@ -18,10 +18,10 @@ from torch.func import functional_call
 import bilevel.algorithm as engine
 from algorithms.r2d2 import R2D2, ridge_coefficients
 from bilevel.algorithm import algorithm_config, register
-from bilevel.checkpoint import load_checkpoint
-from bilevel.config import register_configs
-from bilevel.train import setup, train
-from bilevel.params import ENCODER_PREFIX, encoder_part, is_head
+from bilevel.app.checkpoint import load_checkpoint
+from bilevel.app.config import register_configs
+from bilevel.app.train import setup, train
+from bilevel.primitives.params import ENCODER_PREFIX, encoder_part, is_head
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 LAM, SCALE = 0.7, 2.5
@@ -185,7 +185,7 @@ def test_training_runs_and_leaves_the_meta_head_alone(tmp_path, r2d2):
 
 
 def test_structural_zeros_describe_r2d2(make_problem, r2d2):
-    from bilevel.structural import structural_zeros
+    from bilevel.decomposition.structural import structural_zeros
 
     p = make_problem("mlp", shots=2, head="zero")
     algo = r2d2(p.model)

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import bilevel.algorithm as engine
 from bilevel import register
 from reference_meta_grads import CASES, DATA, ROOT, compute
 
@@ -24,12 +25,17 @@ SAME_KERNELS = (
 
 @pytest.fixture(scope="module", autouse=True)
 def reptile_registered():
+    """The example plugin, registered for this module only (the registry and the import undone)."""
+    saved = dict(engine._REGISTRY)
     sys.path.insert(0, str(ROOT / "examples" / "reptile_plugin"))
     from reptile_plugin import Reptile
 
     register("reptile")(Reptile)
     yield
+    engine._REGISTRY.clear()
+    engine._REGISTRY.update(saved)
     sys.path.remove(str(ROOT / "examples" / "reptile_plugin"))
+    sys.modules.pop("reptile_plugin", None)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

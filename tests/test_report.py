@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from bilevel.report import RunRecord, find_runs, group_runs, load_run, main, summarise
+from bilevel.app.report import RunRecord, find_runs, group_runs, load_run, main, summarise
 
 STEPS = (10, 20, 30)
 # setting -> seed -> known values

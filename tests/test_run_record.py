@@ -15,11 +15,11 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from bilevel.evaluation import ci95
-from bilevel.tb import event_files
-from bilevel.tb_hparams import HPARAM_KEYS
-from bilevel.naming import Naming
-from bilevel.train import HPARAM_METRICS, train
+from bilevel.app.evaluation import ci95
+from bilevel.app.tb import event_files
+from bilevel.app.tb_hparams import HPARAM_KEYS
+from bilevel.app.naming import Naming
+from bilevel.app.train import HPARAM_METRICS, train
 from test_errors import cli_env
 from test_train import config
 
@@ -39,7 +39,7 @@ def test_cli_prints_a_summary_and_keeps_what_it_printed_in_train_log(tmp_path):
     env = cli_env(str(ROOT), tmp_path / "cache")
     args = ["data=synthetic", "model=mlp", "model.hidden=8", "algorithm.inner_steps=2", "train.steps=4",
             "train.eval_every=2", "eval.tasks=6", "eval.batch=3", "eval.final_tasks=9", "device=cpu"]
-    done = subprocess.run([sys.executable, "-m", "bilevel.train", *args], cwd=tmp_path, env=env,
+    done = subprocess.run([sys.executable, "-m", "bilevel.app.train", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     run_dir = next((tmp_path / "outputs").glob("*/*"))  # outputs/<date>/<time>: one clock reading
@@ -131,7 +131,7 @@ def test_an_ablation_of_only_zero_terms_warns(tmp_path, caplog):
 
 
 def test_the_swept_keys_come_from_the_command_line_and_the_sweeper():
-    from bilevel.naming import sweep_keys
+    from bilevel.app.naming import sweep_keys
 
     argv = ["-m", "head.policy=random,zeroing", "train.steps=5", "algorithm=fomaml,maml"]
     assert sweep_keys(argv, {"seed": "0,1", "data.shots": "1"}) == ["head.policy", "algorithm", "seed"]

@@ -1,13 +1,13 @@
-"""Structurally zero terms (``bilevel.structural``): every term the rules call zero is exactly 0
+"""Structurally zero terms (``bilevel.decomposition.structural``): every term the rules call zero is exactly 0
 in a real decomposition, and every other term is not — for every algorithm and head policy."""
 from __future__ import annotations
 
 import pytest
 
 from bilevel import Want, build_algorithm
-from bilevel.ablation import resolve_ablation
-from bilevel.params import is_head
-from bilevel.structural import idle_ablation_warning, structural_zeros
+from bilevel.decomposition.ablation import resolve_ablation
+from bilevel.primitives.params import is_head
+from bilevel.decomposition.structural import idle_ablation_warning, structural_zeros
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -12,10 +12,10 @@ import math
 
 import pytest
 
-import bilevel.inner
-import bilevel.hypergradient
-from bilevel.decompose import Nodes, term_cotangents
-from bilevel.head import HeadState, head_write
+import bilevel.solvers.sgd
+import bilevel.hypergrad.rows
+from bilevel.decomposition.cotangents import Nodes, term_cotangents
+from bilevel.primitives.head import HeadState, head_write
 from theory_checks import __main__ as runner
 from theory_checks import maml_claims
 from theory_checks.core import ClaimResult
@@ -55,7 +55,7 @@ def _scaled_contrastive(*args, **kwargs) -> dict[str, Nodes]:
 
 
 def test_broken_contrastive_term_fails_identity(monkeypatch, capsys):
-    monkeypatch.setattr(bilevel.hypergradient, "term_cotangents", _scaled_contrastive)
+    monkeypatch.setattr(bilevel.hypergrad.rows, "term_cotangents", _scaled_contrastive)
     rows = maml_claims.claim2_identity()
     assert len(rows) == 8 and not any(r.passed for r in rows)
     assert min(r.value for r in rows) > 1e-4
@@ -71,7 +71,7 @@ def test_misrecorded_trace_fails_reconstruction(monkeypatch):
         wrong = head_write(state, features, 1.01 * coeff)
         return HeadState(written.weight, written.bias, wrong.trace)
 
-    monkeypatch.setattr(bilevel.inner, "head_write", misrecorded)
+    monkeypatch.setattr(bilevel.solvers.sgd, "head_write", misrecorded)
     rows = maml_claims.claim1_reconstruction()
     assert len(rows) == 8 and not any(r.passed for r in rows)
 

@@ -11,11 +11,11 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
 from bilevel.algorithm import register
-from bilevel.checkpoint import load_checkpoint
-from bilevel.config import register_configs
+from bilevel.app.checkpoint import load_checkpoint
+from bilevel.app.config import register_configs
 from bilevel.errors import NonFiniteError
-from bilevel.tb import event_files
-from bilevel.train import setup, train
+from bilevel.app.tb import event_files
+from bilevel.app.train import setup, train
 from algorithms.maml import MAML
 from bilevel import Want
 

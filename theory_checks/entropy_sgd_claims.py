@@ -1,6 +1,6 @@
 """The Entropy-SGD claims of docs/theory.md §7 (2 and 9), measured on small float64 problems.
 
-References are independent of ``bilevel.chain``: the direction of the plain algorithm
+References are independent of ``bilevel.hypergrad.chain``: the direction of the plain algorithm
 (``meta_grad`` without decomposition, same noise) for the identity, and ``torch.autograd``
 through ``functional_call`` of the whole model with ``F.cross_entropy`` for the SGD limit.
 Problem: an MLP encoder (6 → 8 → 8, ReLU), N = 3 ways, 2 shots, 2 queries, 2 tasks, pooled
@@ -14,8 +14,8 @@ from torch.func import functional_call
 
 from bilevel import build_algorithm
 from bilevel.data.batch import TaskBatch
-from bilevel.models import BilevelModel
-from bilevel.params import Params
+from bilevel.primitives.models import BilevelModel
+from bilevel.primitives.params import Params
 from bilevel.testing import rel_err, seeded_problem
 
 from .core import ClaimResult, check

@@ -18,9 +18,9 @@ from torch import Tensor
 from torch.func import functional_call, hessian
 
 from bilevel import build_algorithm
-from bilevel.models import BilevelModel
+from bilevel.primitives.models import BilevelModel
 from bilevel.data.batch import TaskBatch
-from bilevel.params import Params, is_head
+from bilevel.primitives.params import Params, is_head
 from bilevel.testing import rel_err, seeded_problem
 
 from .core import ClaimResult, check

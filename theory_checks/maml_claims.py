@@ -18,9 +18,9 @@ from torch.func import functional_call
 
 from bilevel import MetaStep, build_algorithm, sgd_steps
 from bilevel.data.batch import TaskBatch
-from bilevel.head import readout, reconstruct_logits
-from bilevel.models import BilevelModel
-from bilevel.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, is_head
+from bilevel.primitives.head import readout, reconstruct_logits
+from bilevel.primitives.models import BilevelModel
+from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, is_head
 from bilevel.testing import labelled_batch, reference_adapt, reference_meta_grad, rel_err, seeded_problem
 
 from .core import ClaimResult, check, max_abs

@@ -1,13 +1,13 @@
 """Few-shot task data: class pools (glyphs, synthetic, Omniglot, mini-ImageNet) and the task sampler."""
-from .batch import TaskBatch
-from .build import DATASETS, build_dataset, build_sampler, input_shape
-from .config import DataConfig
-from .dataset import SPLITS, ClassDataset
-from .glyphs import GlyphDataset, GlyphInfo
-from .miniimagenet import MiniImageNetDataset
-from .omniglot import OmniglotDataset
-from .sampler import TaskSampler
-from .synthetic import SyntheticDataset
+from bilevel.data.batch import TaskBatch
+from bilevel.data.build import DATASETS, build_dataset, build_sampler, input_shape
+from bilevel.data.config import DataConfig
+from bilevel.data.dataset import SPLITS, ClassDataset
+from bilevel.data.glyphs import GlyphDataset, GlyphInfo
+from bilevel.data.miniimagenet import MiniImageNetDataset
+from bilevel.data.omniglot import OmniglotDataset
+from bilevel.data.sampler import TaskSampler
+from bilevel.data.synthetic import SyntheticDataset
 
 __all__ = [
     "TaskBatch", "ClassDataset", "TaskSampler", "DataConfig", "build_dataset", "build_sampler", "input_shape",

@@ -1,13 +1,13 @@
 """Builds data sets and task samplers from a :class:`DataConfig`."""
 from __future__ import annotations
 
-from .config import DataConfig
-from .dataset import ClassDataset, check_split
-from .glyphs import glyph_dataset
-from .miniimagenet import SIDE, MiniImageNetDataset
-from .omniglot import OmniglotDataset
-from .sampler import TaskSampler
-from .synthetic import SyntheticDataset
+from bilevel.data.config import DataConfig
+from bilevel.data.dataset import ClassDataset, check_split
+from bilevel.data.glyphs import glyph_dataset
+from bilevel.data.miniimagenet import SIDE, MiniImageNetDataset
+from bilevel.data.omniglot import OmniglotDataset
+from bilevel.data.sampler import TaskSampler
+from bilevel.data.synthetic import SyntheticDataset
 
 DATASETS = ("glyphs", "synthetic", "omniglot", "miniimagenet")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
-from ..validate import AT_LEAST_1, NON_NEGATIVE, Check, Range
+from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, Check, Range
 
 
 @dataclass

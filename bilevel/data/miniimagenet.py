@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dataset import check_split
+from bilevel.data.dataset import check_split
 
 SIDE = 84
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .dataset import check_split, evaluation_half
+from bilevel.data.dataset import check_split, evaluation_half
 
 FOLDERS = {"train": "images_background", "val": "images_evaluation", "test": "images_evaluation"}
 

@@ -6,8 +6,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from .batch import TaskBatch
-from .dataset import ClassDataset
+from bilevel.data.batch import TaskBatch
+from bilevel.data.dataset import ClassDataset
 
 
 def task_seed(seed: int, step: int, task: int) -> int:
@@ -125,7 +125,7 @@ class TaskSampler:
 
     def share(self, tasks: range) -> "TaskSampler":
         """A sampler at the same position that draws only the tasks ``tasks`` of every meta-batch
-        (one process's share: :func:`bilevel.distributed.task_share`)."""
+        (one process's share: :func:`bilevel.app.distributed.task_share`)."""
         shared = TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, self.seed,
                              self.fixed_labels, tasks)
         shared.step = self.step

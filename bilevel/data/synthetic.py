@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .dataset import SPLITS, check_split
+from bilevel.data.dataset import SPLITS, check_split
 
 SAMPLES_PER_CLASS = 40
 

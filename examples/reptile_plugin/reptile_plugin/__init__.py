@@ -10,10 +10,10 @@ the mean of the inner gradients along the trajectory, averaged over the tasks (t
 ``θ − θ_T`` is ``α T d``; with SGD of step ``β`` the update is Reptile's interpolation
 ``θ ← θ + (β / (α T)) (θ_T − θ)``; the default outer optimiser is the trainer's Adam).
 
-Composition: Reptile is ``bilevel.chain`` with no coupling (γ = 0), no noise (ε = 0) and
+Composition: Reptile is ``bilevel.hypergrad.chain`` with no coupling (γ = 0), no noise (ε = 0) and
 ``μ`` the last iterate (EMA weight ``a = 1``), scaled by ``s = 1/(α T)``. Everything else,
 the vmap/loop paths, evaluation and the decomposition into ``init`` + one-sided
-``contrastive`` (docs/theory.md §6), comes from :class:`bilevel.chain.ChainAlgorithm`. Registered
+``contrastive`` (docs/theory.md §6), comes from :class:`bilevel.hypergrad.chain.ChainAlgorithm`. Registered
 through the ``bilevel.algorithms`` entry point ``reptile`` (see ``pyproject.toml``).
 """
 from __future__ import annotations
@@ -21,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bilevel.chain import ChainAlgorithm, ChainConfig, ChainSpec
+from bilevel.hypergrad.chain import ChainAlgorithm, ChainConfig
+
+from bilevel.solvers.chain import ChainSpec
 from bilevel.validate import INNER_LOOP, Check
 
 __all__ = ["Reptile", "ReptileConfig"]

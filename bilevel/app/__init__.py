@@ -1,0 +1,1 @@
+"""The application: the Hydra trainer, its config, logging, checkpoints, evaluation, reports."""

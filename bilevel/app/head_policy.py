@@ -1,0 +1,48 @@
+"""Head policies (docs/theory.md §4), orthogonal to the algorithm.
+
+``random``: the Kaiming init of ``nn.Linear``; ``scaled``: that init × ``scale``;
+``zero_init``: W = b = 0 once; ``zeroing`` (the zeroing trick): W = b = 0 before every
+outer step — the outer optimiser still updates them, and they are re-zeroed. Test-time
+zeroing evaluates a copy whose head is zeroed before adaptation.
+"""
+from __future__ import annotations
+
+import torch
+
+from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params
+
+HEAD_POLICIES = ("random", "scaled", "zero_init", "zeroing")
+
+
+def check_policy(policy: str) -> None:
+    """A clear error for an unknown policy name."""
+    if policy not in HEAD_POLICIES:
+        raise ValueError(f"unknown head policy {policy!r}; choose one of {', '.join(HEAD_POLICIES)}")
+
+
+@torch.no_grad()
+def initialise_head(params: Params, policy: str, scale: float) -> None:
+    """Apply the policy to freshly initialised parameters (in place)."""
+    check_policy(policy)
+    if policy == "scaled":
+        params[HEAD_WEIGHT].mul_(scale)
+        params[HEAD_BIAS].mul_(scale)
+    elif policy in ("zero_init", "zeroing"):
+        params[HEAD_WEIGHT].zero_()
+        params[HEAD_BIAS].zero_()
+
+
+@torch.no_grad()
+def before_outer_step(params: Params, policy: str) -> None:
+    """The zeroing trick: W = b = 0 before the meta-gradient is computed (in place)."""
+    if policy == "zeroing":
+        params[HEAD_WEIGHT].zero_()
+        params[HEAD_BIAS].zero_()
+
+
+def zeroed_head(params: Params) -> Params:
+    """A copy of ``params`` whose head is zero (test-time zeroing); the encoder is shared."""
+    out = dict(params)
+    out[HEAD_WEIGHT] = torch.zeros_like(params[HEAD_WEIGHT])
+    out[HEAD_BIAS] = torch.zeros_like(params[HEAD_BIAS])
+    return out

@@ -1,0 +1,481 @@
+"""Report over training runs: ``bilevel-report RUN_DIR... [--out DIR] [--markdown PATH] [--json PATH]``.
+
+A *run directory* (written by :func:`bilevel.app.train.train`) holds ``config.yaml`` and the
+TensorBoard events ``tb/``; ``metrics.json`` is optional. Every given path is either a run
+directory or a directory searched at any depth for them (a Hydra multirun sweep).
+
+Runs whose flattened configs are equal except :data:`RUN_KEYS` (the seed and run-specific
+keys: the resume mode, the execution path) form a *setting*. A setting is labelled by the keys that differ between settings,
+``key=value`` in key order; a key ``P.k`` is left out of labels when ``P.name`` also differs
+and determines it (a Hydra group option is named by ``name``: ``ablation.name=no_init``
+stands for its ``keep``/``drop``).
+
+Statistics over the seeds of a setting are the mean and the sample standard deviation
+(``ddof = 1``; none for a single seed). "Final" is a run's value at its last logged step;
+"best" is its maximum over steps. Curves are averaged over the steps that every run of the
+setting logged. Test accuracies come from ``metrics.json``: the headline (after ``k`` inner
+steps, the step count training used) and the accuracy after every test step, so settings
+that test after different step counts are compared step by step, not headline to headline.
+Runs shorter than their ``train.decompose_every`` are named in a warning (their
+decomposition is a point or two, not a curve).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing import event_accumulator
+
+from bilevel import tags
+from bilevel.app.config import flatten
+from bilevel.app.tb import EVENTS_DIR, event_files
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+RUN_KEYS = ("seed", "train.resume", "execution")
+RUN_DIR_CONTENTS = f"a run directory must contain {CONFIG_FILE} and a {EVENTS_DIR}/ folder of TensorBoard events"
+
+EVAL_ACCURACY = tags.accuracy(tags.EVAL)
+COS_SAME, COS_DIFF = tags.COS_SAME_CLASS, tags.COS_DIFF_CLASS
+SHARE_PREFIX, SHARE_SUFFIX = tags.TERMS_PREFIX, f"/{tags.SHARE}"
+HEADLINE_STEP = tags.HEADLINE_STEP_METRIC
+TEST_ACCURACY = tags.metric_key(tags.accuracy(tags.TEST))
+TEST_ZEROED_ACCURACY = tags.metric_key(tags.accuracy(tags.zeroed(tags.TEST)))
+
+Curve = tuple[np.ndarray, np.ndarray]
+
+
+class NoRunsError(ValueError):
+    """A path holds no run directory."""
+
+
+@dataclass
+class RunRecord:
+    """One training run: its config (nested dict), scalars ``{tag: (steps, values)}`` sorted
+    by step (one value per step: the last one written, so a resumed run overrides), and the
+    final metrics (empty when ``metrics.json`` is missing)."""
+
+    path: Path
+    config: dict[str, Any]
+    scalars: dict[str, Curve]
+    metrics: dict[str, float]
+
+    def final(self, tag: str) -> Optional[float]:
+        """The value at the last logged step of ``tag`` (None when not logged)."""
+        return float(self.scalars[tag][1][-1]) if tag in self.scalars else None
+
+    def best(self, tag: str) -> Optional[float]:
+        """The maximum over steps of ``tag`` (None when not logged)."""
+        return float(self.scalars[tag][1].max()) if tag in self.scalars else None
+
+    @property
+    def last_step(self) -> int:
+        """The last step at which anything was logged."""
+        return max((int(steps[-1]) for steps, _ in self.scalars.values()), default=0)
+
+
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` holds ``config.yaml`` and ``tb/``."""
+    return (path / CONFIG_FILE).is_file() and (path / EVENTS_DIR).is_dir()
+
+
+def load_scalars(run_dir: Path) -> dict[str, Curve]:
+    """Every scalar of the run's event files (any depth under ``tb/``), one value per step (the
+    last written)."""
+    by_tag: dict[str, dict[int, float]] = {}
+    for folder in sorted({p.parent for p in event_files(run_dir)}):
+        acc = event_accumulator.EventAccumulator(
+            str(folder), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 1}
+        )
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            by_tag.setdefault(tag, {}).update({event.step: event.value for event in acc.Scalars(tag)})
+    out: dict[str, Curve] = {}
+    for tag, by_step in by_tag.items():
+        steps = np.array(sorted(by_step), dtype=np.int64)
+        out[tag] = steps, np.array([by_step[s] for s in steps], dtype=np.float64)
+    return out
+
+
+def load_run(path: str | Path) -> RunRecord:
+    """Read one run directory (config, TensorBoard scalars, final metrics)."""
+    path = Path(path)
+    if not is_run_dir(path):
+        raise NoRunsError(f"{path} is not a run directory: {RUN_DIR_CONTENTS}")
+    config = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=False)
+    metrics_path = path / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return RunRecord(path, config, load_scalars(path), {k: float(v) for k, v in metrics.items()})
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
+    """The run directories at or below each path (any depth), each loaded once, sorted by path.
+
+    Raises :class:`NoRunsError` naming the first path that holds none.
+    """
+    found: dict[Path, None] = {}
+    for given in map(Path, paths):
+        if not given.is_dir():
+            raise NoRunsError(f"{given} is not a directory: {RUN_DIR_CONTENTS}")
+        candidates = [given] if is_run_dir(given) else [c.parent for c in sorted(given.rglob(CONFIG_FILE))]
+        runs = [c.resolve() for c in candidates if is_run_dir(c)]
+        if not runs:
+            raise NoRunsError(f"no run directory in {given}: {RUN_DIR_CONTENTS}")
+        found.update(dict.fromkeys(runs))
+    return [load_run(p) for p in sorted(found)]
+
+
+def format_value(value: Any) -> str:
+    """A config value as on a Hydra command line (``null``, ``true``, ``[a,b]``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ",".join(map(format_value, value)) + "]"
+    return str(value)
+
+
+@dataclass
+class Group:
+    """The runs of one setting; ``setting`` maps the label's keys to their values."""
+
+    label: str
+    setting: dict[str, Any]
+    runs: list[RunRecord]
+
+
+def _label_keys(settings: list[dict[str, Any]]) -> list[str]:
+    """Keys whose value differs between settings, minus those determined by a differing ``P.name``."""
+    keys = sorted({k for s in settings for k in s})
+    differing = [k for k in keys if len({format_value(s.get(k)) for s in settings}) > 1]
+
+    def determined(key: str) -> bool:
+        parent = key.rpartition(".")[0]
+        name_key = f"{parent}.name"
+        if not parent or key == name_key or name_key not in differing:
+            return False
+        by_name: dict[str, set[str]] = {}
+        for s in settings:
+            by_name.setdefault(format_value(s.get(name_key)), set()).add(format_value(s.get(key)))
+        return all(len(values) == 1 for values in by_name.values())
+
+    return [k for k in differing if not determined(k)]
+
+
+def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
+    """Runs with equal configs except :data:`RUN_KEYS`, in order of first appearance."""
+    buckets: dict[str, tuple[dict[str, Any], list[RunRecord]]] = {}
+    for run in runs:
+        setting = {k: v for k, v in flatten(run.config).items() if k not in RUN_KEYS}
+        key = json.dumps({k: format_value(v) for k, v in setting.items()}, sort_keys=True)
+        buckets.setdefault(key, (setting, []))[1].append(run)
+    settings = [s for s, _ in buckets.values()]
+    keys = _label_keys(settings)
+    groups = []
+    for setting, members in buckets.values():
+        shown = {k: setting.get(k) for k in keys}
+        label = " ".join(f"{k}={format_value(v)}" for k, v in shown.items()) or "all runs"
+        groups.append(Group(label, shown, members))
+    return groups
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (None for one value) over ``n`` seeds."""
+
+    mean: float
+    sd: Optional[float]
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[Optional[float]]) -> Optional["Stat"]:
+        """Over the values that are present; None when none is."""
+        xs = np.array([v for v in values if v is not None], dtype=np.float64)
+        if xs.size == 0:
+            return None
+        return cls(float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else None, int(xs.size))
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f}" if self.sd is None else f"{self.mean:.3f} ± {self.sd:.3f}"
+
+
+@dataclass
+class Summary:
+    """One row of the report."""
+
+    label: str
+    setting: dict[str, Any]
+    runs: list[str]
+    seeds: int
+    steps: list[int]
+    final_eval_accuracy: Optional[Stat]
+    best_eval_accuracy: Optional[Stat]
+    headline_steps: list[int]
+    test_accuracy: Optional[Stat]
+    test_accuracy_per_step: list[Optional[Stat]]
+    test_zeroed_accuracy: Optional[Stat]
+    cos_same_class: Optional[Stat]
+    cos_diff_class: Optional[Stat]
+
+
+def summarise(group: Group) -> Summary:
+    """The table row of a group (statistics over its seeds)."""
+    runs = group.runs
+    return Summary(
+        label=group.label,
+        setting={k: format_value(v) for k, v in group.setting.items()},
+        runs=[str(r.path) for r in runs],
+        seeds=len(runs),
+        steps=[r.last_step for r in runs],
+        final_eval_accuracy=Stat.of(r.final(EVAL_ACCURACY) for r in runs),
+        best_eval_accuracy=Stat.of(r.best(EVAL_ACCURACY) for r in runs),
+        headline_steps=sorted({int(r.metrics[HEADLINE_STEP]) for r in runs if HEADLINE_STEP in r.metrics}),
+        test_accuracy=Stat.of(r.metrics.get(TEST_ACCURACY) for r in runs),
+        test_accuracy_per_step=[Stat.of(r.metrics.get(_test_accuracy_step(k)) for r in runs)
+                                for k in range(_test_steps(runs))],
+        test_zeroed_accuracy=Stat.of(r.metrics.get(TEST_ZEROED_ACCURACY) for r in runs),
+        cos_same_class=Stat.of(r.final(COS_SAME) for r in runs),
+        cos_diff_class=Stat.of(r.final(COS_DIFF) for r in runs),
+    )
+
+
+def _test_accuracy_step(step: int) -> str:
+    """The ``metrics.json`` key of the final test's accuracy after ``step`` inner steps."""
+    return tags.metric_key(tags.accuracy_step(tags.TEST, step))
+
+
+def _test_steps(runs: Sequence[RunRecord]) -> int:
+    """How many test steps (0, 1, ...) the runs' ``metrics.json`` report accuracies for."""
+    prefix = _test_accuracy_step(0).removesuffix("0")  # the key without its step number
+    return max((int(k[len(prefix):]) + 1 for r in runs for k in r.metrics if k.startswith(prefix)), default=0)
+
+
+def _per_step(stats: list[Optional[Stat]]) -> str:
+    return " / ".join("—" if st is None else f"{st.mean:.3f}" for st in stats) or "—"
+
+
+COLUMNS = (
+    ("setting", lambda s: s.label),
+    ("seeds", lambda s: str(s.seeds)),
+    ("steps", lambda s: _span(s.steps)),
+    ("final eval acc", lambda s: _cell(s.final_eval_accuracy)),
+    ("best eval acc", lambda s: _cell(s.best_eval_accuracy)),
+    ("test acc after k steps", lambda s: _cell(s.test_accuracy)),
+    ("k", lambda s: _span(s.headline_steps) if s.headline_steps else "—"),
+    ("test acc per step 0 / 1 / ...", lambda s: _per_step(s.test_accuracy_per_step)),
+    ("test acc (zeroed head)", lambda s: _cell(s.test_zeroed_accuracy)),
+    ("cos same class", lambda s: _cell(s.cos_same_class, sd=False)),
+    ("cos diff class", lambda s: _cell(s.cos_diff_class, sd=False)),
+)
+
+
+def _span(steps: list[int]) -> str:
+    lo, hi = min(steps), max(steps)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def _cell(stat: Optional[Stat], sd: bool = True) -> str:
+    if stat is None:
+        return "—"
+    return str(stat) if sd else f"{stat.mean:.3f}"
+
+
+def markdown_table(summaries: Sequence[Summary]) -> str:
+    """A Markdown table (columns padded, so it also reads as plain text)."""
+    rows = [[name for name, _ in COLUMNS]] + [[cell(s) for _, cell in COLUMNS] for s in summaries]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines) + "\n"
+
+
+def mean_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(steps, mean, sd)`` of ``tag`` over the steps every run logged (sd 0 for one run)."""
+    curves = [r.scalars[tag] for r in runs if tag in r.scalars]
+    if not curves:
+        return None
+    steps = curves[0][0]
+    for s, _ in curves[1:]:
+        steps = np.intersect1d(steps, s)
+    values = np.stack([v[np.searchsorted(s, steps)] for s, v in curves])
+    sd = values.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+    return steps, values.mean(0), sd
+
+
+def _band(ax: Any, curve: tuple[np.ndarray, np.ndarray, np.ndarray], label: str, color: Any = None) -> None:
+    steps, mean, sd = curve
+    (line,) = ax.plot(steps, mean, label=label, color=color, marker="." if len(steps) < 30 else None)
+    ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _panels(count: int, title: str) -> tuple[Figure, list[Any]]:
+    cols = min(3, count)
+    rows = math.ceil(count / cols)
+    fig = Figure(figsize=(4.8 * cols, 3.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, list(axes[:count])
+
+
+def accuracy_figure(groups: Sequence[Group]) -> Optional[Figure]:
+    """Evaluation accuracy vs outer step, one line per setting (mean ± sd band over seeds)."""
+    curves = [(g.label, mean_curve(g.runs, EVAL_ACCURACY)) for g in groups]
+    curves = [(label, c) for label, c in curves if c is not None]
+    if not curves:
+        return None
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for label, curve in curves:
+        _band(ax, curve, label)
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("eval accuracy (query, after test-time adaptation)")
+    ax.set_title("Evaluation accuracy (mean ± sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def share_terms(runs: Sequence[RunRecord]) -> list[str]:
+    """The decomposition terms whose ``terms/<term>/share`` was logged, sorted."""
+    tags = {t for r in runs for t in r.scalars if t.startswith(SHARE_PREFIX) and t.endswith(SHARE_SUFFIX)}
+    return sorted(t[len(SHARE_PREFIX):-len(SHARE_SUFFIX)] for t in tags)
+
+
+def shares_figure(groups: Sequence[Group]) -> Optional[Figure]:
+    """Per setting, each term's share ``⟨term, total⟩ / ‖total‖²`` of the encoder meta-gradient."""
+    with_terms = [(g, share_terms(g.runs)) for g in groups]
+    with_terms = [(g, terms) for g, terms in with_terms if terms]
+    if not with_terms:
+        return None
+    all_terms = sorted({t for _, terms in with_terms for t in terms})
+    colors = {t: f"C{i % 10}" for i, t in enumerate(all_terms)}
+    fig, axes = _panels(len(with_terms), "Decomposition: share of each term in the encoder meta-gradient")
+    for ax, (group, terms) in zip(axes, with_terms):
+        for term in terms:
+            _band(ax, mean_curve(group.runs, f"{SHARE_PREFIX}{term}{SHARE_SUFFIX}"), term, colors[term])
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(group.label, fontsize="medium")
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("share ⟨term, total⟩ / ‖total‖²")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+def cosine_figure(groups: Sequence[Group]) -> Optional[Figure]:
+    """Per setting, mean feature cosine of same- vs different-class query–support pairs."""
+    panels = [(g, mean_curve(g.runs, COS_SAME), mean_curve(g.runs, COS_DIFF)) for g in groups]
+    panels = [p for p in panels if p[1] is not None or p[2] is not None]
+    if not panels:
+        return None
+    fig, axes = _panels(len(panels), "Feature cosine similarity of query–support pairs (mean ± sd over seeds)")
+    for ax, (group, same, diff) in zip(axes, panels):
+        for curve, label, color in ((same, "same class", "C0"), (diff, "different class", "C3")):
+            if curve is not None:
+                _band(ax, curve, label, color)
+        ax.set_title(group.label, fontsize="medium")
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("cosine similarity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return fig
+
+
+FIGURES = (
+    ("accuracy.png", accuracy_figure),
+    ("decomposition_shares.png", shares_figure),
+    ("feature_cosines.png", cosine_figure),
+)
+
+
+def write_figures(groups: Sequence[Group], out: Path) -> list[Path]:
+    """Write the figures whose scalars were logged; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = ((name, build(groups)) for name, build in FIGURES)
+    return [_save(fig, out / name) for name, fig in made if fig is not None]
+
+
+def report_json(summaries: Sequence[Summary]) -> str:
+    """The summaries as JSON (statistics as ``{mean, sd, n}`` or null)."""
+    return json.dumps([asdict(s) for s in summaries], indent=2)
+
+
+def short_run_warning(runs: Sequence[RunRecord]) -> Optional[str]:
+    """A warning naming the runs shorter than their ``train.decompose_every``: their decomposition
+    curves are a point or two (step 0, and the last step of a run without ablation), not curves."""
+    def cadence(run: RunRecord) -> tuple[int, int]:
+        train = run.config.get("train", {})
+        return int(train.get("decompose_every", 0)), int(train.get("steps", 0))
+
+    short = [r for r in runs if cadence(r)[1] < cadence(r)[0]]
+    if not short:
+        return None
+    every = sorted({cadence(r)[0] for r in short})
+    return (f"warning: {len(short)} of {len(runs)} runs are shorter than train.decompose_every "
+            f"({', '.join(map(str, every))}): their decomposition was logged at step 0 (and at the last step "
+            f"without an ablation) only, so its figures show points, not curves. Rerun with "
+            f"train.decompose_every=N below train.steps to see the terms evolve. Runs: "
+            + ", ".join(str(r.path) for r in short))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``bilevel-report``."""
+    parser = argparse.ArgumentParser(
+        prog="bilevel-report",
+        description="Summarise training runs: one row per setting (runs that differ only in seed), "
+        "with accuracy, test-time-zeroing and feature-cosine statistics, and PNG figures.",
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="run directories or sweep directories (searched at any depth)")
+    parser.add_argument("--out", type=Path, help="figure directory (default: report/ under the first RUN_DIR)")
+    parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the summaries as JSON")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point ``bilevel-report``; exits with code 2 when a path holds no run."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        runs = find_runs(args.paths)
+    except NoRunsError as error:
+        parser.error(str(error))
+    warning = short_run_warning(runs)
+    if warning is not None:
+        print(warning, file=sys.stderr)
+    groups = group_runs(runs)
+    summaries = [summarise(g) for g in groups]
+    table = markdown_table(summaries)
+    sys.stdout.write(table)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(report_json(summaries))
+    out = args.out if args.out is not None else args.paths[0] / "report"
+    for path in write_figures(groups, out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

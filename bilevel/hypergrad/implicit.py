@@ -1,0 +1,256 @@
+"""Proximal inner problems and their implicit hypergradients (docs/theory.md §5).
+
+Inner problem over the adapted variables ``φ`` (``adapt="head"``: ``(W, b)``;
+``adapt="all"``: every parameter), anchored at ``φ_0`` (the meta-parameters' copy of
+``φ``) and depending on outer variables ``x`` (``head``: the encoder's features; ``all``:
+none):
+
+    φ*(x, φ_0) = argmin_φ  L_S(x, φ) + (λ/2)‖φ − φ_0‖²
+    stationarity  F = ∇_φ L_S(x, φ*) + λ (φ* − φ_0) = 0
+
+Implicit function theorem (H = ∇²_φ L_S at φ*, the *unregularised* support Hessian):
+
+    dφ*/dφ_0 = λ (λI + H)^{-1},     dφ*/dx = −(λI + H)^{-1} ∂²L_S/∂φ∂x
+
+so a cotangent ``φ̄`` on ``φ*`` maps to
+
+    φ̄_0 = u,   x̄ = −(∂²L_S/∂x∂φ) u/λ,   with   (I + H/λ) u = φ̄          (paper's system)
+
+``u`` is computed by conjugate gradient with Hessian-vector products of a linearisation
+taken once (``torch.func.vjp`` of ``∇_φ L_S``, which also yields the mixed term). The
+damped variant of the authors' code, ``((1 + c) I + H/(λ + e)) u = φ̄`` (and ``x̄`` with
+``u/(λ + e)``), is available through ``damping = c`` and ``lam_offset = e``; both default
+to 0 (the paper). The identity ``dW*/dp = dW_0 + d(A*ᵀΦ)`` used by the decomposition is
+the linearised stationarity ``dF = 0``, so it holds for the undamped system at whatever
+point ``φ*`` the solver returned, once CG has converged.
+
+**Exact at any solver budget.** Write ``M = I + H/λ`` for the stationarity system and ``P`` for
+the map the solver applies (``P ≈ M⁻¹``: a truncated CG run, or the damped system's). The
+decomposition pulls each term's node cotangent back to ``(x̄_k, φ̄_k)`` and maps it with the *same*
+fixed ``P`` — the CG polynomial of the plain run (:func:`~bilevel.primitives.cg.cg_polynomial`), linear — and
+the ``init`` term also carries the readout gradient ``h`` (the plain cotangent's head part)
+straight to the anchor. The node cotangents of all terms sum to ``φ̄ = v − M h`` (the linearised
+stationarity, which holds exactly at any ``φ*``), so the terms sum to
+``P v + (I − P M) h`` on the anchor where the meta-gradient is ``P v``. The difference is the
+``solve_error`` term,
+
+    anchor:  P M h − h,        x:  −(∂²L_S/∂x∂φ)(P M h/(λ + e) − h/λ)
+
+zero when the solver inverts ``M`` on ``h`` (converged CG, no damping), and with it the terms sum
+to the meta-gradient to round-off, whatever ``cg_iters``. It costs one CG-polynomial
+application and two linearisation products per task.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+from torch.func import grad, vjp
+from torch.utils import _pytree as pytree
+
+from bilevel.algorithm import BilevelAlgorithm
+from bilevel.primitives.cg import cg_polynomial, conjugate_gradient
+from bilevel.data.batch import TaskBatch
+from bilevel.decomposition.cotangents import Nodes
+from bilevel.execution.mapping import map_tasks
+from bilevel.primitives.head import HeadTrace, readout
+from bilevel.hypergrad.rows import Forward, node_rows
+from bilevel.decomposition.assembly import MetaStep, TaskResult, Want, assemble, mean_over_tasks
+from bilevel.solvers.sgd import ADAPTED_SETS
+from bilevel.primitives.losses import cross_entropy, cross_entropy_logits_grad
+from bilevel.primitives.models import BilevelModel
+from bilevel.primitives.params import (
+    ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, is_head, tree_add, tree_detach, tree_map, tree_norm,
+)
+
+SupportLoss = Callable[[Any, Params], Tensor]
+"""``L_S(x, φ)``: the unregularised support loss of outer variables ``x`` and adapted ``φ``."""
+
+Linearization = Callable[[Params], tuple[Any, Params]]
+"""``w ↦ ((∂²L_S/∂x∂φ) w, H w)`` at the inner solution."""
+
+Solver = Callable[[Params, Optional[Tensor], Tensor, Optional[Tensor]], Params]
+"""``(meta-parameters, support_x, support_y, support_features) ↦ φ*``: an inner solver of the
+proximal problem (``support_features`` given, ``support_x`` None, when only the head adapts)."""
+
+
+class ImplicitSystem(NamedTuple):
+    """The linear system of the implicit VJP: ``((1 + damping) I + H/(lam + lam_offset)) u = φ̄``
+    by ``cg_iters`` CG iterations; ``lam`` λ is the proximal strength of the inner problem."""
+
+    lam: float
+    cg_iters: int
+    damping: float = 0.0
+    lam_offset: float = 0.0
+
+
+class ImplicitVJP(NamedTuple):
+    """Cotangents on the anchor ``φ_0`` and the outer variables ``x``, the CG residual norms
+    (``[cg_iters + 1]``) and the CG step sizes (the polynomial ``P`` to apply to other cotangents)."""
+
+    anchor: Params
+    outer: Any
+    residual_norms: Tensor
+    alphas: Tensor
+    betas: Tensor
+
+
+def linearize_stationarity(support_loss: SupportLoss, outer: Any, inner: Params) -> tuple[Params, Linearization]:
+    """``∇_φ L_S(x, φ)`` at ``(outer, inner)`` and its linearisation ``w ↦ (x̄, H w)``
+    (reverse-over-reverse; built once, reused by every CG iteration and right-hand side)."""
+    return vjp(lambda x, phi: grad(support_loss, argnums=1)(x, phi), outer, inner)
+
+
+def stationarity_residual(support_grad: Params, inner: Params, anchor: Params, lam: float) -> Tensor:
+    """``‖∇_φ L_S(φ*) + λ (φ* − φ_0)‖`` (0 at the exact inner solution)."""
+    return tree_norm({k: support_grad[k] + lam * (inner[k] - anchor[k]) for k in inner})
+
+
+def _operator(linearization: Linearization, system: ImplicitSystem) -> Callable[[Params], Params]:
+    lam_h = system.lam + system.lam_offset
+    return lambda w: tree_add(tree_map(lambda t: (1.0 + system.damping) * t, w), linearization(w)[1], 1.0 / lam_h)
+
+
+def _outer(linearization: Linearization, u: Params, lam: float) -> Any:
+    """``−(∂²L_S/∂x∂φ) u/λ``: the outer variables' cotangent of an anchor cotangent ``u``."""
+    mixed, _ = linearization(tree_map(lambda t: t / lam, u))
+    return pytree.tree_map(lambda m: -m, mixed)
+
+
+def implicit_vjp(
+    linearization: Linearization, cotangent: Params, system: ImplicitSystem,
+    polynomial: Optional[tuple[Tensor, Tensor]] = None,
+) -> ImplicitVJP:
+    """Map a cotangent on ``φ*`` to the anchor and the outer variables (module docstring): by CG,
+    or, given the ``(alphas, betas)`` of an earlier run, by that run's fixed polynomial."""
+    matvec = _operator(linearization, system)
+    if polynomial is None:
+        solved = conjugate_gradient(matvec, cotangent, system.cg_iters)
+        solution, norms, alphas, betas = solved
+    else:
+        alphas, betas = polynomial
+        solution, norms = cg_polynomial(matvec, cotangent, alphas, betas), alphas.new_zeros(0)
+    outer = _outer(linearization, solution, system.lam + system.lam_offset)
+    return ImplicitVJP(solution, outer, norms, alphas, betas)
+
+
+def solve_error(linearization: Linearization, head_cotangent: Params, system: ImplicitSystem,
+                polynomial: tuple[Tensor, Tensor]) -> tuple[Params, Any]:
+    """The ``solve_error`` term on ``(anchor, x)`` (module docstring): ``P M h − h`` and
+    ``−(∂²L_S/∂x∂φ)(P M h/(λ + e) − h/λ)``, ``M = I + H/λ``, ``h`` the readout gradient."""
+    h = head_cotangent
+    mixed_h, hess_h = linearization(h)
+    p_mh = cg_polynomial(_operator(linearization, system), tree_add(h, hess_h, 1.0 / system.lam), *polynomial)
+    outer = pytree.tree_map(lambda a, b: a + b / system.lam, _outer(linearization, p_mh, system.lam + system.lam_offset),
+                            mixed_h)
+    return tree_add(p_mh, h, -1.0), outer
+
+
+def implicit_task(
+    model: BilevelModel, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *,
+    solve: Solver, system: ImplicitSystem, adapt: str, want: Want,
+) -> TaskResult:
+    """One task's implicit hypergradient around the inner solver ``solve`` (module docstring).
+
+    ``adapt="head"``: the outer variables are the encoder's features ``x = (Φ_S, φ_q)``, mapped to
+    the encoder by one VJP; ``"all"``: ``φ`` is every parameter and there are none. The forward
+    reads the nodes ``(φ_q, Φ_S, A* = −G_S*/λ, W_0, b_0)``; the trace's noise slot holds the
+    solver's residual ``R = W* − W_0 − A*ᵀΦ_S`` (the ``solver_residual`` term)."""
+    head_only = adapt == "head"
+    head0 = {HEAD_WEIGHT: params[HEAD_WEIGHT], HEAD_BIAS: params[HEAD_BIAS]}
+    if head_only:
+        (phi_s, phi_q), encoder_pull = vjp(lambda e: (model.encode(e, xs), model.encode(e, xq)), encoder_part(params))
+        outer: Any = (phi_s, phi_q)
+        inner, anchor = solve(params, None, ys, phi_s), head0
+    else:
+        outer, inner, anchor = (), solve(params, xs, ys, None), params
+
+    def features(x: Any, phi: Params) -> tuple[Tensor, Tensor]:
+        if head_only:
+            return x
+        encoder = encoder_part(phi)
+        return model.encode(encoder, xs), model.encode(encoder, xq)
+
+    def support_loss(x: Any, phi: Params) -> Tensor:
+        return cross_entropy(readout(features(x, phi)[0], phi[HEAD_WEIGHT], phi[HEAD_BIAS]), ys)
+
+    def forward(x: Any, phi: Params, w0: Params):
+        feats_s, feats_q = features(x, phi)
+        logits = readout(feats_q, phi[HEAD_WEIGHT], phi[HEAD_BIAS])
+        coeff = -cross_entropy_logits_grad(readout(feats_s, phi[HEAD_WEIGHT], phi[HEAD_BIAS]), ys) / system.lam
+        trace = HeadTrace(
+            w0[HEAD_WEIGHT], w0[HEAD_BIAS], (feats_s,), (coeff,),
+            phi[HEAD_WEIGHT] - w0[HEAD_WEIGHT] - coeff.transpose(-1, -2) @ feats_s,
+            phi[HEAD_BIAS] - w0[HEAD_BIAS] - coeff.sum(-2),
+        )
+        return (cross_entropy(logits, yq), Nodes.of(trace, feats_q)), (logits, trace)
+
+    (loss, nodes), pull, (logits, trace) = vjp(forward, outer, inner, head0, has_aux=True)
+    support_grad, linearization = linearize_stationarity(support_loss, outer, inner)
+
+    def to_meta(anchor_cot: Params, outer_cot: Any, head0_cot: Params) -> Params:
+        grad_ = {k: v + head0_cot[k] if is_head(k) else v for k, v in anchor_cot.items()}
+        if head_only:
+            (enc_grad,) = encoder_pull(outer_cot)
+            grad_.update({ENCODER_PREFIX + k: v for k, v in enc_grad.items()})
+        return grad_
+
+    def meta_gradient(pulled: tuple[Any, Params, Params], polynomial=None) -> tuple[Params, ImplicitVJP]:
+        x_bar, phi_bar, head0_bar = pulled
+        implicit = implicit_vjp(linearization, phi_bar, system, polynomial)
+        return to_meta(implicit.anchor, pytree.tree_map(torch.add, x_bar, implicit.outer), head0_bar), implicit
+
+    plain_pulled = pull((torch.ones_like(loss), nodes.zeros()))
+    plain_grad, plain = meta_gradient(plain_pulled)
+    polynomial = (plain.alphas, plain.betas)
+    direct = {}
+    if "solve_error" in want.terms + (want.keep or ()):
+        head_cot = {k: v if is_head(k) else torch.zeros_like(v) for k, v in plain_pulled[1].items()}
+        anchor_err, outer_err = solve_error(linearization, head_cot, system, polynomial)
+        direct["solve_error"] = to_meta(anchor_err, outer_err, tree_map(torch.zeros_like, head0))
+    norms = plain.residual_norms
+    forward_ = Forward(loss, logits, yq, nodes, trace, lambda c: meta_gradient(pull(c), polynomial)[0])
+    result = node_rows(forward_, want, grad=plain_grad, direct=direct)
+    return result._replace(grad=plain_grad, extras={
+        "cg_residual": norms[-1] / norms[0].clamp_min(torch.finfo(norms.dtype).tiny),
+        "stationarity": stationarity_residual(support_grad, inner, anchor, system.lam),
+    })
+
+
+class ImplicitAlgorithm(BilevelAlgorithm):
+    """Base for algorithms whose meta-gradient is implicit around a solver of the proximal inner
+    problem ``argmin_φ L_S(φ) + (λ/2)‖φ − φ_0‖²`` over the adapted set (``config.adapt``).
+
+    Subclasses implement :meth:`solve` (φ*) and :meth:`system` (λ and the CG budget) and
+    :meth:`evaluate`; the meta-gradient, its exact decomposition (with ``solve_error``) and the
+    execution paths come with the base. Extras ``<name>/cg_residual`` (relative) and
+    ``<name>/stationarity`` (``‖∇L_S + λ(φ* − φ_0)‖``) are means over tasks."""
+
+    terms = ("contrastive", "init", "coefficient", "solver_residual", "solve_error")
+    splits_contrastive = True
+    executions = ("vmap", "loop")
+
+    def __init__(self, model: BilevelModel, config: Any, execution: Optional[str] = None) -> None:
+        if config.adapt not in ADAPTED_SETS:
+            raise ValueError(f"adapt must be one of {ADAPTED_SETS}, got {config.adapt!r}")
+        super().__init__(model, config, execution)
+
+    @abstractmethod
+    def solve(self, params: Params, support_x: Optional[Tensor], support_y: Tensor,
+              support_features: Optional[Tensor]) -> Params:
+        """The inner solution ``φ*`` (adapted keys only; :data:`Solver`)."""
+
+    @abstractmethod
+    def system(self) -> ImplicitSystem:
+        """The implicit VJP's linear system."""
+
+    def meta_step(self, params: Params, batch: TaskBatch, want: Want = Want()) -> MetaStep:
+        def task(p, xs, ys, xq, yq) -> TaskResult:
+            return implicit_task(self.model, p, xs, ys, xq, yq, solve=self.solve, system=self.system(),
+                                 adapt=self.config.adapt, want=want)
+
+        result = mean_over_tasks(map_tasks(task, self.execution, tree_detach(params), batch.support_x,
+                                           batch.support_y, batch.query_x, batch.query_y))
+        return assemble(result._replace(extras={f"{self.name}/{k}": v for k, v in result.extras.items()}), batch, want)

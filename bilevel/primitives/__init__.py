@@ -1,0 +1,1 @@
+"""Primitives: parameter dicts, the head and its trace (eq. 1), losses, conjugate gradient, pooling, models."""

@@ -1,0 +1,1 @@
+"""Inner solvers built from the head primitives: SGD steps (momentum, proximal), chains, proximal solves."""
