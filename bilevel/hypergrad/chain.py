@@ -1,4 +1,4 @@
-"""SGD / Langevin chains on one task and their first-order decomposition (docs/theory.md §2, §6).
+"""The chain hypergradient (the ``prox_mean`` direction of a chain, run by :mod:`bilevel.solvers.chain`) and its first-order decomposition (docs/theory.md §2, §6).
 
 **The chain.** On the parameters ``x = (θ, W, b)`` restricted to the adapted set
 (``"all"``, or ``"head"``: the encoder stays at ``θ``), for ``ℓ = 1 … L`` on the task's
