@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from .catalog import register_plugin_presets
+from .cosine_protocol import CosineConfig
 from .data import DataConfig
 from .data.dataset import SPLITS
 from .execution import EXECUTIONS
@@ -145,6 +146,7 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    cosine: CosineConfig = field(default_factory=CosineConfig)
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"

@@ -48,6 +48,7 @@ from .algorithm import BilevelAlgorithm, build_algorithm
 from .checkpoint import LATEST, save_checkpoint
 from .cli_errors import explain, override_words
 from .console import log_file, log_started, silence_run_log
+from .cosine_protocol import CosineProbe
 from .config import DEVICES, flatten, register_configs, typed_config, validate
 from .data import TaskSampler, build_sampler, input_shape
 from .distributed import (
@@ -238,6 +239,10 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
     logger.text("run/execution", choice.reason, start)
     guard = FiniteGuard(run.device, checked_until=start)
     eval_seconds = 0.0
+    probe = CosineProbe(cfg.cosine, cfg.data, run.model, directory.path if run.replicas.writer else None,
+                        run.device, run.dtype)  # the paper's cosine measurement (cfg.cosine.steps; none: off)
+    if start == 0:
+        probe.after_update(0, params)
 
     def save(step: int) -> None:
         nonlocal last_good
@@ -270,6 +275,7 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
                     p.grad = update[k]
                 optimizer.step()
                 algorithm.outer_step_done()
+                probe.after_update(done, params)
                 guard.observe(done, step_tensors(result.loss, update, params, optimizer))
                 run.replicas.check_replicas(done, lambda: run_state(run, optimizer, done, choice.path), ignore=("time",))
                 loss_sum, acc_sum, count = loss_sum + result.loss.detach(), acc_sum + result.accuracy.detach(), count + 1
