@@ -57,7 +57,8 @@ class CosineConfig:
 def class_pair_means(sims: Tensor, row_labels: Tensor, col_labels: Tensor, ways: int,
                      exclude_self: bool = False) -> Tensor:
     """``M[i, j]`` = mean of ``sims[a, b]`` over rows ``a`` of label ``i`` and columns ``b`` of label
-    ``j`` (with ``exclude_self`` the diagonal ``a == b`` of a square ``sims`` is left out)."""
+    ``j`` (with ``exclude_self`` the diagonal ``a == b`` of a square ``sims`` is left out); NaN
+    where no pair exists."""
     rows = torch.nn.functional.one_hot(row_labels, ways).to(sims.dtype)
     cols = torch.nn.functional.one_hot(col_labels, ways).to(sims.dtype)
     mask = torch.ones_like(sims)
@@ -65,7 +66,7 @@ def class_pair_means(sims: Tensor, row_labels: Tensor, col_labels: Tensor, ways:
         mask.fill_diagonal_(0.0)
     sums = rows.T @ (sims * mask) @ cols
     counts = rows.T @ mask @ cols
-    return sums / counts.clamp_min(1.0)
+    return torch.where(counts > 0, sums / counts.clamp_min(1.0), torch.full_like(sums, float("nan")))
 
 
 def heat_maps(support: Tensor, query: Tensor, support_y: Tensor, query_y: Tensor, ways: int) -> dict[str, Tensor]:

@@ -82,7 +82,7 @@ class Paired:
 def paired(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Paired]:
     """Compare ``b`` with ``a`` over their common seeds (dicts seed → value); None with fewer than 2.
 
-    The t test of all-equal differences (sd 0) is undefined: its p-value is 1.0 when every
+    The t test of all-equal differences (sd 0, up to 1e-12) is undefined: its p-value is 1.0 when every
     difference is 0 and 0.0 otherwise (a constant non-zero shift). Wilcoxon with every
     difference 0 has p 1.0."""
     seeds = tuple(sorted(set(a) & set(b)))
@@ -93,7 +93,7 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Paired]:
     d = xb - xa
     diff = seed_stat(d)
     assert diff is not None
-    if diff.sd == 0.0:
+    if diff.sd <= 1e-12:  # constant differences (up to round-off): t is undefined
         t, p_t = None, (1.0 if np.all(d == 0) else 0.0)
     else:
         result = sps.ttest_rel(xb, xa)
