@@ -9,7 +9,8 @@ CI over seeds; paired t and Wilcoxon signed-rank).
   zeroing; the validation accuracy — its last value and its best over the run (the only
   "best" the report selects, and it is selected on the validation split); and the change of
   the validation curve over the last quarter of training (its last value minus its value a
-  quarter of the steps earlier: near 0 when the curve has flattened).
+  quarter of the steps earlier: near 0 when the curve has flattened), and the mean wall time of
+  a run (``metrics.json``'s ``wall_seconds``: a resumed run's last attempt only).
 * **Comparisons.** Every two arms whose settings differ in exactly one key are compared
   paired by seed on the headline test accuracy, ``b − a`` with ``a`` the arm listed first.
 * **Test-time zeroing.** Within every arm, zeroed minus as-trained test accuracy, paired
@@ -79,6 +80,7 @@ class ArmRow:
     val_final: Optional[SeedStat]
     val_best: Optional[SeedStat]
     val_change_last_quarter: Optional[SeedStat]
+    wall_seconds: Optional[SeedStat]
 
 
 def test_steps(group: Group) -> int:
@@ -104,6 +106,7 @@ def arm_row(group: Group) -> ArmRow:
         val_final=seed_stat(by_seed(group, lambda r: r.final(EVAL_ACCURACY)).values()),
         val_best=seed_stat(by_seed(group, lambda r: r.best(EVAL_ACCURACY)).values()),
         val_change_last_quarter=seed_stat(by_seed(group, val_change).values()),
+        wall_seconds=seed_stat(by_seed(group, metric("wall_seconds")).values()),
     )
 
 
@@ -259,10 +262,11 @@ PAIRED_HEADER = ["seeds", "mean b − a [95% CI]", "paired t p", "Wilcoxon p", "
 def arms_markdown(rows: Sequence[ArmRow]) -> str:
     """The arms table: test after k steps (mean ± sd [95 % CI] over seeds), per step, zeroed, val."""
     header = ["arm", "seeds (finished)", "test tasks", "k", "test acc after k steps", "test acc per step 0 / 1 / …",
-              "test acc, zeroed head", "val acc (last)", "val acc (best)", "Δ val, last quarter"]
+              "test acc, zeroed head", "val acc (last)", "val acc (best)", "Δ val, last quarter", "wall s / run"]
     body = [[r.label, f"{len(r.seeds)} ({r.finished})", _span(r.test_tasks), _span(r.headline_steps), _stat(r.test),
              " / ".join("—" if s is None else f"{s.mean:.3f}" for s in r.test_per_step) or "—",
-             _stat(r.test_zeroed), _stat(r.val_final), _stat(r.val_best), _stat(r.val_change_last_quarter)]
+             _stat(r.test_zeroed), _stat(r.val_final), _stat(r.val_best), _stat(r.val_change_last_quarter),
+             "—" if r.wall_seconds is None else f"{r.wall_seconds.mean:.0f}"]
             for r in rows]
     return _table(header, body)
 
