@@ -251,8 +251,14 @@ def _span(values: list[int]) -> str:
     return "—" if not values else (str(values[0]) if len(set(values)) == 1 else f"{min(values)}–{max(values)}")
 
 
+def signed(x: float) -> str:
+    """``+0.012``; differences below 0.0005 in size (e.g. round-off between equal updates) in
+    scientific notation, ``-3.2e-06``, so that they do not read as exactly 0."""
+    return f"{x:+.1e}" if x != 0 and abs(x) < 5e-4 else f"{x:+.3f}"
+
+
 def _paired_cells(p: Paired) -> list[str]:
-    return [str(p.n), f"{p.diff.mean:+.3f} [{p.diff.ci_low:+.3f}, {p.diff.ci_high:+.3f}]", format_p(p.p_t),
+    return [str(p.n), f"{signed(p.diff.mean)} [{signed(p.diff.ci_low)}, {signed(p.diff.ci_high)}]", format_p(p.p_t),
             format_p(p.p_wilcoxon), f"{p.wins}/{p.n}"]
 
 

@@ -127,6 +127,11 @@ def test_cosine_rows_and_gap_comparisons(sweep: Path) -> None:
     assert all(c.result.diff.mean == pytest.approx(0.1) and c.result.n == 5 for _, c in compared)
 
 
+def test_small_differences_are_not_printed_as_zero() -> None:
+    from bilevel.study import signed
+    assert (signed(0.0123), signed(-3.2e-6), signed(0.0)) == ("+0.012", "-3.2e-06", "+0.000")
+
+
 def test_side_by_side_map_is_ways_by_2ways_plus_1() -> None:
     m = side_by_side(np.ones((5, 5)), np.zeros((5, 5)))
     assert m.shape == (5, 11) and np.isnan(m[:, 5]).all() and m[:, :5].sum() == 25 and m[:, 6:].sum() == 0
