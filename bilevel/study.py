@@ -15,6 +15,9 @@ CI over seeds; paired t and Wilcoxon signed-rank).
   paired by seed on the headline test accuracy, ``b − a`` with ``a`` the arm listed first.
 * **Test-time zeroing.** Within every arm, zeroed minus as-trained test accuracy, paired
   within each run (the same tasks, the same parameters).
+* **Decomposition.** Per arm, each term's share of the encoder meta-gradient and the
+  same/different-class pair weights, each averaged over the steps a run logged them, then over
+  seeds; the head's norm at the end (the paper's second interference source).
 * **Cosines.** Runs with the paper's cosine probe (:mod:`bilevel.cosine_protocol`): per probe
   step, the mean same-class (diagonal) and different-class (off-diagonal) query–support cosine
   and their gap, over seeds; the gaps of arms differing in one key are compared paired by
@@ -22,6 +25,7 @@ CI over seeds; paired t and Wilcoxon signed-rank).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -234,6 +238,62 @@ def cosine_comparisons(groups: Sequence[Group], quantity: str = "gap") -> list[t
     return out
 
 
+# ---- decomposition over training ------------------------------------------------------------
+
+SHARE_TAG = re.compile(r"^terms/([^/]+)/share$")
+PAIR_TAGS = ("pairs/same_class_weight", "pairs/diff_class_weight")
+HEAD_NORM = "train/head_norm"
+
+
+def mean_over_training(run: RunRecord, tag: str) -> Optional[float]:
+    """The mean of ``tag`` over every step the run logged it (None when never logged)."""
+    return float(run.scalars[tag][1].mean()) if tag in run.scalars else None
+
+
+@dataclass
+class DecompositionRow:
+    """One arm: per decomposition term, its share ``⟨term, total⟩ / ‖total‖²`` of the encoder
+    meta-gradient averaged over the logged steps of each run; the same/different-class pair
+    weights averaged likewise (negative: the pairs attract); the head's norm at the end."""
+
+    label: str
+    shares: dict[str, Optional[SeedStat]]
+    pair_weights: dict[str, Optional[SeedStat]]
+    head_norm_last: Optional[SeedStat]
+
+
+def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
+    """A row per arm that logged a decomposition (statistics over seeds of per-run means)."""
+    terms = sorted({m.group(1) for g in groups for r in g.runs for t in r.scalars if (m := SHARE_TAG.match(t))})
+    rows = []
+    for g in groups:
+        if not any(SHARE_TAG.match(t) for r in g.runs for t in r.scalars):
+            continue
+        shares = {t: seed_stat(by_seed(g, lambda r, t=t: mean_over_training(r, f"terms/{t}/share")).values())
+                  for t in terms}
+        pairs = {tag.split("/")[1]: seed_stat(by_seed(g, lambda r, tag=tag: mean_over_training(r, tag)).values())
+                 for tag in PAIR_TAGS}
+        rows.append(DecompositionRow(g.label, shares, pairs, seed_stat(by_seed(g, lambda r: r.final(HEAD_NORM)).values())))
+    return rows
+
+
+def _sd_cell(stat: Optional[SeedStat]) -> str:
+    if stat is None:
+        return "—"
+    return f"{stat.mean:+.3f}" if stat.sd is None else f"{stat.mean:+.3f} ± {stat.sd:.3f}"
+
+
+def decomposition_markdown(rows: Sequence[DecompositionRow]) -> str:
+    """Term shares, pair weights and head norm per arm (mean ± sd over seeds)."""
+    terms = sorted({t for r in rows for t in r.shares})
+    header = ["arm"] + [f"{t} share" for t in terms] + ["same-class pair weight", "diff-class pair weight",
+                                                         "head norm (last)"]
+    body = [[r.label] + [_sd_cell(r.shares.get(t)) for t in terms]
+            + [_sd_cell(r.pair_weights.get(k)) for k in ("same_class_weight", "diff_class_weight")]
+            + [_sd_cell(r.head_norm_last)] for r in rows]
+    return _table(header, body)
+
+
 # ---- output ------------------------------------------------------------------------------------
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -313,6 +373,10 @@ def study_markdown(groups: Sequence[Group]) -> str:
     if zeroing:
         parts.append("### Test-time zeroing (zeroed − as trained, paired within each run)\n\n"
                      + zeroing_markdown(zeroing))
+    decomposition = decomposition_rows(groups)
+    if decomposition:
+        parts.append("### Decomposition over training (per run: mean over the logged steps; then mean ± sd over seeds)\n\n"
+                     + decomposition_markdown(decomposition))
     rows = cosine_rows(groups)
     if rows:
         parts.append("### Cosine probe (features of the meta-parameters, fixed task)\n\n"
@@ -326,6 +390,7 @@ def study_dict(groups: Sequence[Group]) -> dict[str, Any]:
         "arms": [asdict(arm_row(g)) for g in groups],
         "comparisons": [asdict(c) for c in comparisons(groups)],
         "test_time_zeroing": [{"arm": label, **asdict(p)} for label, p in zeroing_effects(groups)],
+        "decomposition": [asdict(r) for r in decomposition_rows(groups)],
         "cosine": [asdict(r) for r in cosine_rows(groups)],
         "cosine_comparisons": [{"step": s, **asdict(c)} for s, c in cosine_comparisons(groups)],
     }

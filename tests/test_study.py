@@ -47,6 +47,10 @@ def probe(policy: str, seed: int) -> dict:
                                                               "query_query": qs.tolist()}}}
 
 
+def share_value(seed: int, step: int) -> float:
+    return 0.25 + 0.01 * seed - 0.001 * step
+
+
 def write_run(path: Path, order: str, policy: str, seed: int) -> None:
     (path / "tb").mkdir(parents=True)
     cfg = {"algorithm": {"name": "maml", "order": order}, "head": {"policy": policy}, "train": {"steps": 40},
@@ -61,6 +65,10 @@ def write_run(path: Path, order: str, policy: str, seed: int) -> None:
     writer = SummaryWriter(str(path / "tb"))
     for step, acc in zip((10, 20, 30, 40), val_curve(order, policy, seed)):
         writer.add_scalar("eval/accuracy", acc, step)
+        if policy == "random":
+            writer.add_scalar("terms/init/share", share_value(seed, step), step)
+            writer.add_scalar("pairs/same_class_weight", -0.5 * seed, step)
+        writer.add_scalar("train/head_norm", 0.1 * step, step)
     writer.close()
 
 
@@ -125,6 +133,17 @@ def test_cosine_rows_and_gap_comparisons(sweep: Path) -> None:
     compared = [(s, c) for s, c in cosine_comparisons(groups) if c.key == "head.policy"]
     assert {s for s, _ in compared} == {1, 11}
     assert all(c.result.diff.mean == pytest.approx(0.1) and c.result.n == 5 for _, c in compared)
+
+
+def test_decomposition_rows_average_over_training_then_seeds(sweep: Path) -> None:
+    from bilevel.study import decomposition_rows
+    rows = {r.label: r for r in decomposition_rows(list(groups_of(sweep).values()))}
+    assert set(rows) == {"algorithm.order=first_order head.policy=random", "algorithm.order=second_order head.policy=random"}
+    row = rows["algorithm.order=second_order head.policy=random"]
+    per_run = [np.mean([share_value(s, t) for t in (10, 20, 30, 40)]) for s in range(5)]
+    assert row.shares["init"].mean == pytest.approx(np.mean(per_run)) and row.shares["init"].sd == pytest.approx(np.std(per_run, ddof=1))
+    assert row.pair_weights["same_class_weight"].mean == pytest.approx(-1.0) and row.pair_weights["diff_class_weight"] is None
+    assert row.head_norm_last.mean == pytest.approx(4.0)
 
 
 def test_small_differences_are_not_printed_as_zero() -> None:
