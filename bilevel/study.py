@@ -280,11 +280,11 @@ def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
 def _sd_cell(stat: Optional[SeedStat]) -> str:
     if stat is None:
         return "—"
-    return f"{stat.mean:+.3f}" if stat.sd is None else f"{stat.mean:+.3f} ± {stat.sd:.3f}"
+    return f"{stat.mean:+.3g}" if stat.sd is None else f"{stat.mean:+.3g} ± {stat.sd:.2g}"
 
 
 def decomposition_markdown(rows: Sequence[DecompositionRow]) -> str:
-    """Term shares, pair weights and head norm per arm (mean ± sd over seeds)."""
+    """Term shares, pair weights and head norm per arm (mean ± sd over seeds, 3 significant digits)."""
     terms = sorted({t for r in rows for t in r.shares})
     header = ["arm"] + [f"{t} share" for t in terms] + ["same-class pair weight", "diff-class pair weight",
                                                          "head norm (last)"]
