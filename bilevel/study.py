@@ -193,13 +193,13 @@ def probes(group: Group) -> dict[int, dict[str, Any]]:
 
 
 def probe_steps(groups: Sequence[Group]) -> list[str]:
-    """The probe steps every probed run of ``groups`` recorded, in numeric order."""
-    common: Optional[set[str]] = None
+    """The probe steps any probed run of ``groups`` recorded, in numeric order (a run still in
+    progress has the early ones only: each step's statistics use the runs that recorded it)."""
+    steps: set[str] = set()
     for g in groups:
         for probe in probes(g).values():
-            steps = set(probe["steps"])
-            common = steps if common is None else common & steps
-    return sorted(common or (), key=int)
+            steps |= set(probe["steps"])
+    return sorted(steps, key=int)
 
 
 @dataclass
@@ -216,10 +216,9 @@ def cosine_rows(groups: Sequence[Group]) -> list[CosineRow]:
     rows = []
     for step in probe_steps(groups):
         for g in groups:
-            found = probes(g)
-            if not found:
+            per_seed = [probe_summary(p, step) for p in probes(g).values() if step in p["steps"]]
+            if not per_seed:
                 continue
-            per_seed = [probe_summary(p, step) for p in found.values()]
             rows.append(CosineRow(g.label, int(step), {k: seed_stat(s[k] for s in per_seed) for k in per_seed[0]}))
     return rows
 
@@ -229,8 +228,8 @@ def cosine_comparisons(groups: Sequence[Group], quantity: str = "gap") -> list[t
     out = []
     for step in probe_steps(groups):
         for key, a, b in one_key_pairs(groups):
-            pa = {s: probe_summary(p, step)[quantity] for s, p in probes(a).items()}
-            pb = {s: probe_summary(p, step)[quantity] for s, p in probes(b).items()}
+            pa = {s: probe_summary(p, step)[quantity] for s, p in probes(a).items() if step in p["steps"]}
+            pb = {s: probe_summary(p, step)[quantity] for s, p in probes(b).items() if step in p["steps"]}
             result = paired(pa, pb)
             if result is not None:
                 out.append((int(step), Comparison(key, format_value(a.setting[key]), format_value(b.setting[key]),
@@ -350,9 +349,9 @@ def zeroing_markdown(items: Sequence[tuple[str, Paired]]) -> str:
 
 def cosine_markdown(rows: Sequence[CosineRow], compared: Sequence[tuple[int, Comparison]]) -> str:
     """The probe's same/different-class cosines per arm and step, then the paired gap comparisons."""
-    body = [[r.label, str(r.step), _stat(r.values["same"]), _stat(r.values["diff"]), _stat(r.values["gap"]),
+    body = [[r.label, str(r.step), str(r.values["same"].n), _stat(r.values["same"]), _stat(r.values["diff"]), _stat(r.values["gap"]),
              _stat(r.values["qq_gap"])] for r in rows]
-    text = _table(["arm", "outer updates", "query–support same class", "query–support different class",
+    text = _table(["arm", "outer updates", "seeds", "query–support same class", "query–support different class",
                    "gap (same − different)", "query–query gap"], body)
     if compared:
         text += "\nPaired by seed, the query–support gap (b − a):\n\n" + _table(

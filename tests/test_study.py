@@ -61,7 +61,10 @@ def write_run(path: Path, order: str, policy: str, seed: int) -> None:
         "test_headline_step": 2, "test_tasks": 600, "test_accuracy_step_0": 0.2,
         "test_accuracy_step_1": 0.5, "test_accuracy_step_2": final_value(order, policy, seed)}))
     if order == "second_order":
-        (path / "cosine_probe.json").write_text(json.dumps(probe(policy, seed)))
+        recorded = probe(policy, seed)
+        if (policy, seed) == ("random", 4):
+            del recorded["steps"]["11"]  # a run still in progress: its step-11 map is not there yet
+        (path / "cosine_probe.json").write_text(json.dumps(recorded))
     writer = SummaryWriter(str(path / "tb"))
     for step, acc in zip((10, 20, 30, 40), val_curve(order, policy, seed)):
         writer.add_scalar("eval/accuracy", acc, step)
@@ -132,7 +135,9 @@ def test_cosine_rows_and_gap_comparisons(sweep: Path) -> None:
     assert z["gap"].mean == pytest.approx(np.mean(same) - np.mean(diff))
     compared = [(s, c) for s, c in cosine_comparisons(groups) if c.key == "head.policy"]
     assert {s for s, _ in compared} == {1, 11}
-    assert all(c.result.diff.mean == pytest.approx(0.1) and c.result.n == 5 for _, c in compared)
+    assert all(c.result.diff.mean == pytest.approx(0.1) for _, c in compared)
+    assert sorted((s, c.result.n) for s, c in compared) == [(1, 5), (11, 4)]  # seed 4 of random lacks step 11
+    assert rows[("algorithm.order=second_order head.policy=random", 11)].values["gap"].n == 4
 
 
 def test_decomposition_rows_average_over_training_then_seeds(sweep: Path) -> None:
