@@ -15,4 +15,5 @@ for tier in glyphs synthetic; do
     echo "$tier/$study"
   done
 done
+python docs/results/walltime.py "$root" > docs/results/walltime.md
 python docs/results/build_results.py
