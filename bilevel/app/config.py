@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from bilevel.app.catalog import register_plugin_presets
+from bilevel.app.cosine_protocol import CosineConfig
 from bilevel.data import DataConfig
 from bilevel.data.dataset import SPLITS
 from bilevel.execution.mapping import EXECUTIONS
@@ -150,6 +151,7 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    cosine: CosineConfig = field(default_factory=CosineConfig)
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"

@@ -18,6 +18,11 @@ steps, the step count training used) and the accuracy after every test step, so 
 that test after different step counts are compared step by step, not headline to headline.
 Runs shorter than their ``train.decompose_every`` are named in a warning (their
 decomposition is a point or two, not a curve).
+
+After that table come a study's statistics (:mod:`bilevel.app.study`: mean, sd and t-based 95 %
+CI over seeds, paired t and Wilcoxon tests across arms sharing seeds, test-time zeroing, the
+cosine probe), written with the figures as ``study.json``, with their figures
+(:mod:`bilevel.app.study_figures`: learning curves with CI bands, the cosine heat maps).
 """
 from __future__ import annotations
 
@@ -464,17 +469,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(warning, file=sys.stderr)
     groups = group_runs(runs)
     summaries = [summarise(g) for g in groups]
+    from bilevel.app.study import study_dict, study_markdown  # noqa: PLC0415  (they import this module)
+    from bilevel.app.study_figures import write_study_figures  # noqa: PLC0415
+
     table = markdown_table(summaries)
-    sys.stdout.write(table)
+    statistics = study_markdown(groups)
+    sys.stdout.write(table + "\n" + statistics)
     if args.markdown is not None:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table)
+        args.markdown.write_text(table + "\n" + statistics)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(report_json(summaries))
     out = args.out if args.out is not None else args.paths[0] / "report"
-    for path in write_figures(groups, out):
+    for path in write_figures(groups, out) + write_study_figures(groups, out):
         print(f"wrote {path}")
+    (out / "study.json").write_text(json.dumps(study_dict(groups), indent=1))
+    print(f"wrote {out / 'study.json'}")
 
 
 if __name__ == "__main__":

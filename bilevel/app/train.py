@@ -52,6 +52,7 @@ from bilevel.execution.allocator import ensure_allocator
 from bilevel.algorithm import BilevelAlgorithm, MetaStep, build_algorithm
 from bilevel.app.checkpoint import LATEST, save_checkpoint
 from bilevel.app.cli_errors import explain, override_words
+from bilevel.app.cosine_protocol import CosineProbe
 from bilevel.app.console import log_file, log_started, silence_run_log
 from bilevel.app.config import DEVICES, flatten, register_configs, typed_config, validate
 from bilevel.data import TaskBatch, TaskSampler, build_sampler, input_shape
@@ -316,6 +317,7 @@ class Attempt:
     guard: FiniteGuard
     last_good: str
     show_progress: bool
+    probe: CosineProbe
     eval_seconds: float = 0.0
 
     def step(self, step: int, decompose: bool, stop: GracefulStop) -> tuple[MetaStep, Labels]:
@@ -332,6 +334,7 @@ class Attempt:
             p.grad = update[k]
         self.optimizer.step()
         run.algorithm.outer_step_done()
+        self.probe.after_update(done, run.params)
         self.guard.observe(done, step_tensors(result.loss, update, run.params, self.optimizer))
         run.replicas.check_replicas(done, lambda: run_state(run, self.optimizer, done, self.path), ignore=("time",))
         return result, labels
@@ -411,8 +414,12 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
     found, choice = run.replicas.first(lambda: begin(run, directory))  # rank 0 reads; all continue alike
     start, last_good = resume(run, optimizer, found)
     logger = open_run(run, directory, choice, found, start, naming)
+    probe = CosineProbe(cfg.cosine, cfg.data, run.model, directory.path if run.replicas.writer else None,
+                        run.device, run.dtype)  # the paper's cosine measurement (cfg.cosine.steps; none: off)
+    if start == 0:
+        probe.after_update(0, run.params)
     attempt = Attempt(run, directory, optimizer, choice.path, logger, FiniteGuard(run.device, checked_until=start),
-                      last_good, show_progress)
+                      last_good, show_progress, probe)
     steps = cfg.train.steps
     try:
         with GracefulStop() as stop, \

@@ -7,6 +7,7 @@ from bilevel.data.glyphs import glyph_dataset
 from bilevel.data.miniimagenet import SIDE, MiniImageNetDataset
 from bilevel.data.omniglot import OmniglotDataset
 from bilevel.data.sampler import TaskSampler
+from bilevel.data.subset import ClassSubset, choose_classes
 from bilevel.data.synthetic import SyntheticDataset
 
 DATASETS = ("glyphs", "synthetic", "omniglot", "miniimagenet")
@@ -24,7 +25,18 @@ def _root(cfg: DataConfig) -> str:
 
 
 def build_dataset(cfg: DataConfig, split: str) -> ClassDataset:
-    """The ``split`` ('train', 'val' or 'test') of the data set named by ``cfg.name``."""
+    """The ``split`` ('train', 'val' or 'test') of the data set named by ``cfg.name``; the train
+    split reduced to ``cfg.train_classes`` classes when that is set (:mod:`bilevel.data.subset`)."""
+    dataset = _full_dataset(cfg, split)
+    if split == "train" and cfg.train_classes is not None:
+        if cfg.train_classes < cfg.ways:
+            raise ValueError(f"data.train_classes={cfg.train_classes} is fewer than the {cfg.ways} classes a "
+                             f"{cfg.ways}-way task needs; set data.train_classes >= data.ways")
+        return ClassSubset(dataset, choose_classes(dataset.num_classes, cfg.train_classes, cfg.seed))
+    return dataset
+
+
+def _full_dataset(cfg: DataConfig, split: str) -> ClassDataset:
     _check_name(cfg)
     check_split(split)
     if cfg.name == "glyphs":
@@ -37,10 +49,12 @@ def build_dataset(cfg: DataConfig, split: str) -> ClassDataset:
 
 
 def build_sampler(cfg: DataConfig, split: str, meta_batch: int, seed: int) -> TaskSampler:
-    """A :class:`TaskSampler` over ``build_dataset(cfg, split)`` with the task shape of ``cfg``."""
+    """A :class:`TaskSampler` over ``build_dataset(cfg, split)`` with the task shape of ``cfg``
+    (``fixed_blocks`` shapes training tasks only: evaluation tasks stay random draws)."""
     dataset = build_dataset(cfg, split)
     try:
-        return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch, seed, fixed_labels=cfg.fixed_labels)
+        return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch, seed, fixed_labels=cfg.fixed_labels,
+                           fixed_blocks=cfg.fixed_blocks and split == "train")
     except ValueError as error:
         raise ValueError(f"the {split!r} split of {cfg.name}: {error}") from None
 

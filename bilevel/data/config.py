@@ -16,12 +16,17 @@ class DataConfig:
     glyphs/omniglot (miniimagenet is always 84). ``rotations``: omniglot only, add the 90/180/270
     degree rotations as new classes. ``synthetic_*``: synthetic only (classes per split, vector
     dimension, cluster std relative to unit-norm means). ``seed``: data generation seed.
+    ``train_classes``: train on that many classes of the train split only (a fixed subset chosen
+    by ``seed``: :mod:`bilevel.data.subset`; null: all). ``fixed_blocks``: every training task
+    is one of the fixed blocks of ``ways`` consecutive classes
+    ``{b·ways, …, b·ways + ways − 1}`` (the paper's memorisation protocol); with ``fixed_labels``
+    class ``c`` always has label ``c % ways``, without it the block's labels are permuted per task.
     """
 
     checks: ClassVar[dict[str, Check]] = {
         "ways": Range(low=2), "shots": AT_LEAST_1, "queries": AT_LEAST_1, "image_size": AT_LEAST_1,
         "synthetic_classes": Range(low=2), "synthetic_dim": AT_LEAST_1, "synthetic_noise": NON_NEGATIVE,
-        "seed": NON_NEGATIVE,
+        "seed": NON_NEGATIVE, "train_classes": Range(low=2),
     }
 
     name: str = "glyphs"
@@ -30,6 +35,8 @@ class DataConfig:
     shots: int = 1
     queries: int = 15
     fixed_labels: bool = False
+    fixed_blocks: bool = False
+    train_classes: Optional[int] = None
     image_size: int = 28
     rotations: bool = False
     synthetic_classes: int = 64

@@ -27,6 +27,10 @@ class TaskSampler:
     class by class (label 0's samples first). Labels are a fresh uniform permutation per task.
     With ``fixed_labels`` a class always gets label ``class % ways`` and each task picks one class
     per residue, so the class-to-label map is the same for the whole run (Kao et al., 2022).
+    With ``fixed_blocks`` a task is one of the ``⌊classes / ways⌋`` fixed blocks of ``ways``
+    consecutive classes, drawn uniformly (classes past the last whole block are never drawn);
+    with ``fixed_labels`` too, class ``c`` keeps label ``c % ways`` (its place in its block),
+    without it the block's labels are a fresh permutation per task.
 
     Task ``i`` of meta-batch ``t`` is drawn from a private ``torch.Generator`` seeded with
     :func:`task_seed` ``(seed, t, i)``: a pure function of those three numbers. So the sampler's
@@ -45,6 +49,7 @@ class TaskSampler:
         seed: int,
         fixed_labels: bool = False,
         tasks: Optional[range] = None,
+        fixed_blocks: bool = False,
     ) -> None:
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("meta_batch", meta_batch)):
             if value < 1:
@@ -75,6 +80,7 @@ class TaskSampler:
         self.meta_batch = meta_batch
         self.seed = seed
         self.fixed_labels = fixed_labels
+        self.fixed_blocks = fixed_blocks
         self.tasks = tasks
         self.step = 0
 
@@ -83,7 +89,11 @@ class TaskSampler:
         per class the indices of its ``shots + queries`` samples ``[ways, shots + queries]``."""
         g = torch.Generator().manual_seed(task_seed(self.seed, step, task))
         n, w = self.dataset.num_classes, self.ways
-        if self.fixed_labels:
+        if self.fixed_blocks:
+            block = int(torch.randint(n // w, (1,), generator=g))
+            order = torch.arange(w) if self.fixed_labels else torch.rand(w, generator=g).argsort()
+            classes = block * w + order
+        elif self.fixed_labels:
             residues = torch.arange(w)
             per_residue = (n - residues + w - 1) // w  # classes r, r + ways, ... < n
             pick = (torch.rand(w, generator=g) * per_residue).long()
@@ -127,7 +137,7 @@ class TaskSampler:
         """A sampler at the same position that draws only the tasks ``tasks`` of every meta-batch
         (one process's share: :func:`bilevel.app.distributed.task_share`)."""
         shared = TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, self.seed,
-                             self.fixed_labels, tasks)
+                             self.fixed_labels, tasks, self.fixed_blocks)
         shared.step = self.step
         return shared
 
@@ -136,7 +146,7 @@ class TaskSampler:
         ``seed``, at the start of its sequence: drawing from it leaves this sampler's sequence
         untouched."""
         return TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, seed,
-                           self.fixed_labels, self.tasks)
+                           self.fixed_labels, self.tasks, self.fixed_blocks)
 
     def state_dict(self) -> dict:
         """The position in the sequence (meta-batches drawn), the same for every share;

@@ -1,0 +1,123 @@
+"""Statistics over seeds: summaries with t-based 95 % intervals, and paired tests across arms.
+
+**Over the seeds of one arm** (``n`` values ``x_1 … x_n``): the mean ``x̄``, the sample standard
+deviation ``s = sqrt(Σ (x_i − x̄)² / (n − 1))`` and the 95 % confidence interval of the mean
+``x̄ ± t_{0.975, n−1} · s / √n`` (Student's t; the seeds are the replicates, so the interval
+speaks of the seed-to-seed variation, not of the test tasks'). One value has no sd and no
+interval.
+
+**Paired comparisons** of two arms that share seeds (same seed: same initialisation and the
+same task sequence): the per-seed differences ``d_i = b_i − a_i``, their mean, sd and 95 %
+interval as above, the paired t test (``t = d̄ / (s_d / √n)``, ``n − 1`` degrees of freedom,
+two-sided; :func:`scipy.stats.ttest_rel`) and the Wilcoxon signed-rank test (two-sided, exact
+for small ``n``, zero differences dropped; :func:`scipy.stats.wilcoxon`), and how many seeds
+``b`` wins. With ``n = 5`` the smallest two-sided Wilcoxon p-value is ``2 / 2⁵ = 0.0625``: at
+five seeds only the t test can reach 0.05, at eight seeds both can.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+from scipy import stats as sps
+
+
+@dataclass(frozen=True)
+class SeedStat:
+    """Mean, sample sd and t-based 95 % CI of the mean over ``n`` seeds (sd, CI None for n = 1)."""
+
+    n: int
+    mean: float
+    sd: Optional[float]
+    ci_low: Optional[float]
+    ci_high: Optional[float]
+
+    @property
+    def half_width(self) -> Optional[float]:
+        return None if self.ci_low is None else (self.ci_high - self.ci_low) / 2
+
+    def cell(self, digits: int = 3) -> str:
+        """``0.912 ± 0.011 [0.898, 0.926]`` (mean ± sd [95 % CI]), or the mean alone for one seed."""
+        if self.sd is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+
+
+def t_quantile(n: int, level: float = 0.95) -> float:
+    """``t_{(1 + level)/2, n − 1}``: the two-sided ``level`` quantile of Student's t with ``n − 1`` dof."""
+    if n < 2:
+        raise ValueError(f"a t interval needs at least 2 values, got {n}")
+    return float(sps.t.ppf((1 + level) / 2, n - 1))
+
+
+def seed_stat(values: Iterable[Optional[float]]) -> Optional[SeedStat]:
+    """:class:`SeedStat` of the values that are present (None when none is)."""
+    xs = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if xs.size == 0:
+        return None
+    mean = float(xs.mean())
+    if xs.size == 1:
+        return SeedStat(1, mean, None, None, None)
+    sd = float(xs.std(ddof=1))
+    half = t_quantile(xs.size) * sd / math.sqrt(xs.size)
+    return SeedStat(int(xs.size), mean, sd, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """A paired comparison ``b − a`` over the ``n`` seeds both arms have (module docstring)."""
+
+    n: int
+    seeds: tuple[int, ...]
+    diff: SeedStat
+    t: Optional[float]
+    p_t: Optional[float]
+    p_wilcoxon: Optional[float]
+    wins: int
+    ties: int
+
+
+def paired(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Paired]:
+    """Compare ``b`` with ``a`` over their common seeds (dicts seed → value); None with fewer than 2.
+
+    The t test of all-equal differences (sd 0, up to 1e-12) is undefined: its p-value is 1.0 when every
+    difference is 0 and 0.0 otherwise (a constant non-zero shift). Wilcoxon with every
+    difference 0 has p 1.0."""
+    seeds = tuple(sorted(set(a) & set(b)))
+    if len(seeds) < 2:
+        return None
+    xa = np.array([a[s] for s in seeds], dtype=np.float64)
+    xb = np.array([b[s] for s in seeds], dtype=np.float64)
+    d = xb - xa
+    diff = seed_stat(d)
+    assert diff is not None
+    if diff.sd <= 1e-12:  # constant differences (up to round-off): t is undefined
+        t, p_t = None, (1.0 if np.all(d == 0) else 0.0)
+    else:
+        result = sps.ttest_rel(xb, xa)
+        t, p_t = float(result.statistic), float(result.pvalue)
+    if np.all(d == 0):
+        p_w: Optional[float] = 1.0
+    else:
+        p_w = float(sps.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+    return Paired(len(seeds), seeds, diff, t, p_t, p_w, int((d > 0).sum()), int((d == 0).sum()))
+
+
+def format_p(p: Optional[float]) -> str:
+    """``0.031``, ``<0.001``, or ``—``."""
+    if p is None or math.isnan(p):
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def curve_band(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of ``values`` ``[seeds, points]``: mean and the t-based 95 % CI bounds
+    (the mean itself for a single seed)."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = x.mean(0)
+    if x.shape[0] < 2:
+        return mean, mean.copy(), mean.copy()
+    half = t_quantile(x.shape[0]) * x.std(0, ddof=1) / math.sqrt(x.shape[0])
+    return mean, mean - half, mean + half

@@ -1,0 +1,395 @@
+"""A study's statistics over a sweep: per-arm summaries over seeds and paired tests across arms.
+
+An *arm* is a setting of :func:`bilevel.app.report.group_runs` (runs equal but for the seed); its
+runs are indexed by seed. All statistics are :mod:`bilevel.app.stats`'s (mean, sd, t-based 95 %
+CI over seeds; paired t and Wilcoxon signed-rank).
+
+* **Arms.** The final test accuracy (``metrics.json``: read once, at the end, on the test
+  split) after the headline step ``k`` and after every test step; the same with test-time
+  zeroing; the validation accuracy — its last value and its best over the run (the only
+  "best" the report selects, and it is selected on the validation split); and the change of
+  the validation curve over the last quarter of training (its last value minus its value a
+  quarter of the steps earlier: near 0 when the curve has flattened), and the mean wall time of
+  a run (``metrics.json``'s ``wall_seconds``: a resumed run's last attempt only).
+* **Comparisons.** Every two arms whose settings differ in exactly one key are compared
+  paired by seed on the headline test accuracy, ``b − a`` with ``a`` the arm listed first.
+* **Test-time zeroing.** Within every arm, zeroed minus as-trained test accuracy, paired
+  within each run (the same tasks, the same parameters).
+* **Decomposition.** Per arm, each term's share of the encoder meta-gradient and the
+  same/different-class pair weights, each averaged over the steps a run logged them, then over
+  seeds; the head's norm at the end (the paper's second interference source).
+* **Cosines.** Runs with the paper's cosine probe (:mod:`bilevel.app.cosine_protocol`): per probe
+  step, the mean same-class (diagonal) and different-class (off-diagonal) query–support cosine
+  and their gap, over seeds; the gaps of arms differing in one key are compared paired by
+  seed at every probe step.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from bilevel.app.cosine_protocol import load_probe
+from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord, format_value
+from bilevel.app.stats import Paired, SeedStat, format_p, paired, seed_stat
+
+TEST = "test_accuracy"
+TEST_ZEROED = "test_zeroed_accuracy"
+
+
+def seed_of(run: RunRecord) -> int:
+    """The run's seed (its config's ``seed``)."""
+    return int(run.config.get("seed", 0))
+
+
+def by_seed(group: Group, value: Callable[[RunRecord], Optional[float]]) -> dict[int, float]:
+    """``{seed: value(run)}`` over the group's runs that have the value."""
+    out = {}
+    for run in group.runs:
+        v = value(run)
+        if v is not None:
+            out[seed_of(run)] = float(v)
+    return out
+
+
+def metric(name: str) -> Callable[[RunRecord], Optional[float]]:
+    """A run's ``metrics.json`` entry ``name`` (None for a run that has not finished)."""
+    return lambda run: run.metrics.get(name)
+
+
+def val_change(run: RunRecord) -> Optional[float]:
+    """The last validation accuracy minus the one logged at or before 3/4 of the run's last step."""
+    if EVAL_ACCURACY not in run.scalars:
+        return None
+    steps, values = run.scalars[EVAL_ACCURACY]
+    earlier = np.nonzero(steps <= 0.75 * steps[-1])[0]
+    return None if earlier.size == 0 else float(values[-1] - values[earlier[-1]])
+
+
+@dataclass
+class ArmRow:
+    """One arm's statistics (module docstring)."""
+
+    label: str
+    setting: dict[str, str]
+    seeds: list[int]
+    finished: int
+    headline_steps: list[int]
+    test_tasks: list[int]
+    test: Optional[SeedStat]
+    test_per_step: list[Optional[SeedStat]]
+    test_zeroed: Optional[SeedStat]
+    val_final: Optional[SeedStat]
+    val_best: Optional[SeedStat]
+    val_change_last_quarter: Optional[SeedStat]
+    wall_seconds: Optional[SeedStat]
+
+
+def test_steps(group: Group) -> int:
+    """How many test steps (0 … K) the group's metrics report."""
+    return max((int(k.rsplit("_", 1)[1]) + 1 for r in group.runs for k in r.metrics
+                if k.startswith("test_accuracy_step_")), default=0)
+
+
+def arm_row(group: Group) -> ArmRow:
+    """The arm's row."""
+    finished = [r for r in group.runs if TEST in r.metrics]
+    return ArmRow(
+        label=group.label,
+        setting={k: format_value(v) for k, v in group.setting.items()},
+        seeds=sorted(seed_of(r) for r in group.runs),
+        finished=len(finished),
+        headline_steps=sorted({int(r.metrics["test_headline_step"]) for r in finished if "test_headline_step" in r.metrics}),
+        test_tasks=sorted({int(r.metrics["test_tasks"]) for r in finished if "test_tasks" in r.metrics}),
+        test=seed_stat(by_seed(group, metric(TEST)).values()),
+        test_per_step=[seed_stat(by_seed(group, metric(f"test_accuracy_step_{k}")).values())
+                       for k in range(test_steps(group))],
+        test_zeroed=seed_stat(by_seed(group, metric(TEST_ZEROED)).values()),
+        val_final=seed_stat(by_seed(group, lambda r: r.final(EVAL_ACCURACY)).values()),
+        val_best=seed_stat(by_seed(group, lambda r: r.best(EVAL_ACCURACY)).values()),
+        val_change_last_quarter=seed_stat(by_seed(group, val_change).values()),
+        wall_seconds=seed_stat(by_seed(group, metric("wall_seconds")).values()),
+    )
+
+
+@dataclass
+class Comparison:
+    """``b − a`` for two arms that differ only in ``key`` (``context``: the keys they share)."""
+
+    key: str
+    a: str
+    b: str
+    context: str
+    quantity: str
+    result: Paired
+
+
+def differing_key(a: dict[str, Any], b: dict[str, Any]) -> Optional[str]:
+    """The one key whose value differs between two settings (None unless exactly one does)."""
+    keys = [k for k in sorted(a.keys() | b.keys()) if format_value(a.get(k)) != format_value(b.get(k))]
+    return keys[0] if len(keys) == 1 else None
+
+
+def one_key_pairs(groups: Sequence[Group]) -> list[tuple[str, Group, Group]]:
+    """Every ``(key, a, b)`` of groups (in their order) that differ in exactly one key."""
+    out = []
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            key = differing_key(a.setting, b.setting)
+            if key is not None:
+                out.append((key, a, b))
+    return out
+
+
+def _context(group: Group, key: str) -> str:
+    return " ".join(f"{k}={format_value(v)}" for k, v in group.setting.items() if k != key) or "—"
+
+
+def comparisons(groups: Sequence[Group], name: str = TEST) -> list[Comparison]:
+    """Paired comparisons of ``metrics.json``'s ``name`` across every one-key pair of arms."""
+    out = []
+    for key, a, b in one_key_pairs(groups):
+        result = paired(by_seed(a, metric(name)), by_seed(b, metric(name)))
+        if result is not None:
+            out.append(Comparison(key, format_value(a.setting[key]), format_value(b.setting[key]), _context(a, key),
+                                  name, result))
+    return out
+
+
+def zeroing_effects(groups: Sequence[Group]) -> list[tuple[str, Paired]]:
+    """Per arm, test-time zeroing: zeroed minus as-trained headline test accuracy, paired per run."""
+    out = []
+    for g in groups:
+        result = paired(by_seed(g, metric(TEST)), by_seed(g, metric(TEST_ZEROED)))
+        if result is not None:
+            out.append((g.label, result))
+    return out
+
+
+# ---- cosine probe ----------------------------------------------------------------------------
+
+def probe_summary(probe: dict[str, Any], step: str) -> dict[str, float]:
+    """Same-class (diagonal) and different-class (off-diagonal) means of the query–support map
+    at ``step``, and their gap ``same − diff``; the same for the query–query map (``qq_*``)."""
+    out = {}
+    for name, prefix in (("query_support", ""), ("query_query", "qq_")):
+        m = np.asarray(probe["steps"][step][name], dtype=np.float64)
+        off = ~np.eye(m.shape[0], dtype=bool)
+        same, diff = float(np.diag(m).mean()), float(m[off].mean())
+        out.update({f"{prefix}same": same, f"{prefix}diff": diff, f"{prefix}gap": same - diff})
+    return out
+
+
+def probes(group: Group) -> dict[int, dict[str, Any]]:
+    """``{seed: cosine_probe.json}`` of the group's runs that have one."""
+    out = {}
+    for run in group.runs:
+        probe = load_probe(run.path)
+        if probe is not None and probe.get("steps"):
+            out[seed_of(run)] = probe
+    return out
+
+
+def probe_steps(groups: Sequence[Group]) -> list[str]:
+    """The probe steps any probed run of ``groups`` recorded, in numeric order (a run still in
+    progress has the early ones only: each step's statistics use the runs that recorded it)."""
+    steps: set[str] = set()
+    for g in groups:
+        for probe in probes(g).values():
+            steps |= set(probe["steps"])
+    return sorted(steps, key=int)
+
+
+@dataclass
+class CosineRow:
+    """One arm at one probe step: statistics over seeds of :func:`probe_summary`."""
+
+    label: str
+    step: int
+    values: dict[str, Optional[SeedStat]]
+
+
+def cosine_rows(groups: Sequence[Group]) -> list[CosineRow]:
+    """Per arm with probes and per common probe step, the seed statistics of the summaries."""
+    rows = []
+    for step in probe_steps(groups):
+        for g in groups:
+            per_seed = [probe_summary(p, step) for p in probes(g).values() if step in p["steps"]]
+            if not per_seed:
+                continue
+            rows.append(CosineRow(g.label, int(step), {k: seed_stat(s[k] for s in per_seed) for k in per_seed[0]}))
+    return rows
+
+
+def cosine_comparisons(groups: Sequence[Group], quantity: str = "gap") -> list[tuple[int, Comparison]]:
+    """Paired comparisons of the probe's ``quantity`` across one-key pairs, at every common step."""
+    out = []
+    for step in probe_steps(groups):
+        for key, a, b in one_key_pairs(groups):
+            pa = {s: probe_summary(p, step)[quantity] for s, p in probes(a).items() if step in p["steps"]}
+            pb = {s: probe_summary(p, step)[quantity] for s, p in probes(b).items() if step in p["steps"]}
+            result = paired(pa, pb)
+            if result is not None:
+                out.append((int(step), Comparison(key, format_value(a.setting[key]), format_value(b.setting[key]),
+                                                  _context(a, key), f"cosine {quantity}", result)))
+    return out
+
+
+# ---- decomposition over training ------------------------------------------------------------
+
+SHARE_TAG = re.compile(r"^terms/([^/]+)/share$")
+PAIR_TAGS = ("pairs/same_class_weight", "pairs/diff_class_weight")
+HEAD_NORM = "train/head_norm"
+
+
+def mean_over_training(run: RunRecord, tag: str) -> Optional[float]:
+    """The mean of ``tag`` over every step the run logged it (None when never logged)."""
+    return float(run.scalars[tag][1].mean()) if tag in run.scalars else None
+
+
+@dataclass
+class DecompositionRow:
+    """One arm: per decomposition term, its share ``⟨term, total⟩ / ‖total‖²`` of the encoder
+    meta-gradient averaged over the logged steps of each run; the same/different-class pair
+    weights averaged likewise (negative: the pairs attract); the head's norm at the end."""
+
+    label: str
+    shares: dict[str, Optional[SeedStat]]
+    pair_weights: dict[str, Optional[SeedStat]]
+    head_norm_last: Optional[SeedStat]
+
+
+def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
+    """A row per arm that logged a decomposition (statistics over seeds of per-run means)."""
+    terms = sorted({m.group(1) for g in groups for r in g.runs for t in r.scalars if (m := SHARE_TAG.match(t))})
+    rows = []
+    for g in groups:
+        if not any(SHARE_TAG.match(t) for r in g.runs for t in r.scalars):
+            continue
+        shares = {t: seed_stat(by_seed(g, lambda r, t=t: mean_over_training(r, f"terms/{t}/share")).values())
+                  for t in terms}
+        pairs = {tag.split("/")[1]: seed_stat(by_seed(g, lambda r, tag=tag: mean_over_training(r, tag)).values())
+                 for tag in PAIR_TAGS}
+        rows.append(DecompositionRow(g.label, shares, pairs, seed_stat(by_seed(g, lambda r: r.final(HEAD_NORM)).values())))
+    return rows
+
+
+def _sd_cell(stat: Optional[SeedStat]) -> str:
+    if stat is None:
+        return "—"
+    return f"{stat.mean:+.3g}" if stat.sd is None else f"{stat.mean:+.3g} ± {stat.sd:.2g}"
+
+
+def decomposition_markdown(rows: Sequence[DecompositionRow]) -> str:
+    """Term shares, pair weights and head norm per arm (mean ± sd over seeds, 3 significant digits)."""
+    terms = sorted({t for r in rows for t in r.shares})
+    header = ["arm"] + [f"{t} share" for t in terms] + ["same-class pair weight", "diff-class pair weight",
+                                                         "head norm (last)"]
+    body = [[r.label] + [_sd_cell(r.shares.get(t)) for t in terms]
+            + [_sd_cell(r.pair_weights.get(k)) for k in ("same_class_weight", "diff_class_weight")]
+            + [_sd_cell(r.head_norm_last)] for r in rows]
+    return _table(header, body)
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in [header] + rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines) + "\n"
+
+
+def _stat(stat: Optional[SeedStat], digits: int = 3) -> str:
+    return "—" if stat is None else stat.cell(digits)
+
+
+def _span(values: list[int]) -> str:
+    return "—" if not values else (str(values[0]) if len(set(values)) == 1 else f"{min(values)}–{max(values)}")
+
+
+def signed(x: float) -> str:
+    """``+0.012``; differences below 0.0005 in size (e.g. round-off between equal updates) in
+    scientific notation, ``-3.2e-06``, so that they do not read as exactly 0."""
+    return f"{x:+.1e}" if x != 0 and abs(x) < 5e-4 else f"{x:+.3f}"
+
+
+def _paired_cells(p: Paired) -> list[str]:
+    return [str(p.n), f"{signed(p.diff.mean)} [{signed(p.diff.ci_low)}, {signed(p.diff.ci_high)}]", format_p(p.p_t),
+            format_p(p.p_wilcoxon), f"{p.wins}/{p.n}"]
+
+
+PAIRED_HEADER = ["seeds", "mean b − a [95% CI]", "paired t p", "Wilcoxon p", "b > a"]
+
+
+def arms_markdown(rows: Sequence[ArmRow]) -> str:
+    """The arms table: test after k steps (mean ± sd [95 % CI] over seeds), per step, zeroed, val."""
+    header = ["arm", "seeds (finished)", "test tasks", "k", "test acc after k steps", "test acc per step 0 / 1 / …",
+              "test acc, zeroed head", "val acc (last)", "val acc (best)", "Δ val, last quarter", "wall s / run"]
+    body = [[r.label, f"{len(r.seeds)} ({r.finished})", _span(r.test_tasks), _span(r.headline_steps), _stat(r.test),
+             " / ".join("—" if s is None else f"{s.mean:.3f}" for s in r.test_per_step) or "—",
+             _stat(r.test_zeroed), _stat(r.val_final), _stat(r.val_best), _stat(r.val_change_last_quarter),
+             "—" if r.wall_seconds is None else f"{r.wall_seconds.mean:.0f}"]
+            for r in rows]
+    return _table(header, body)
+
+
+def comparisons_markdown(items: Sequence[Comparison]) -> str:
+    """Paired comparisons, one row per pair."""
+    body = [[c.key, c.a, c.b, c.context] + _paired_cells(c.result) for c in items]
+    return _table(["differs in", "a", "b", "shared setting"] + PAIRED_HEADER, body)
+
+
+def zeroing_markdown(items: Sequence[tuple[str, Paired]]) -> str:
+    """Test-time zeroing per arm (b = zeroed head, a = head as trained)."""
+    return _table(["arm"] + PAIRED_HEADER, [[label] + _paired_cells(p) for label, p in items])
+
+
+def cosine_markdown(rows: Sequence[CosineRow], compared: Sequence[tuple[int, Comparison]]) -> str:
+    """The probe's same/different-class cosines per arm and step, then the paired gap comparisons."""
+    body = [[r.label, str(r.step), str(r.values["same"].n), _stat(r.values["same"]), _stat(r.values["diff"]), _stat(r.values["gap"]),
+             _stat(r.values["qq_gap"])] for r in rows]
+    text = _table(["arm", "outer updates", "seeds", "query–support same class", "query–support different class",
+                   "gap (same − different)", "query–query gap"], body)
+    if compared:
+        text += "\nPaired by seed, the query–support gap (b − a):\n\n" + _table(
+            ["outer updates", "differs in", "a", "b", "shared setting"] + PAIRED_HEADER,
+            [[str(step), c.key, c.a, c.b, c.context] + _paired_cells(c.result) for step, c in compared])
+    return text
+
+
+def study_markdown(groups: Sequence[Group]) -> str:
+    """Every section that has data: arms, paired comparisons, test-time zeroing, cosines."""
+    parts = ["### Arms (mean ± sd [95% CI] over seeds; test = final test split, read once)\n\n"
+             + arms_markdown([arm_row(g) for g in groups])]
+    compared = comparisons(groups)
+    if compared:
+        parts.append("### Paired comparisons of the headline test accuracy (b − a, paired by seed)\n\n"
+                     + comparisons_markdown(compared))
+    zeroing = zeroing_effects(groups)
+    if zeroing:
+        parts.append("### Test-time zeroing (zeroed − as trained, paired within each run)\n\n"
+                     + zeroing_markdown(zeroing))
+    decomposition = decomposition_rows(groups)
+    if decomposition:
+        parts.append("### Decomposition over training (per run: mean over the logged steps; then mean ± sd over seeds)\n\n"
+                     + decomposition_markdown(decomposition))
+    rows = cosine_rows(groups)
+    if rows:
+        parts.append("### Cosine probe (features of the meta-parameters, fixed task)\n\n"
+                     + cosine_markdown(rows, cosine_comparisons(groups)))
+    return "\n".join(parts)
+
+
+def study_dict(groups: Sequence[Group]) -> dict[str, Any]:
+    """Everything :func:`study_markdown` shows, as JSON-ready data."""
+    return {
+        "arms": [asdict(arm_row(g)) for g in groups],
+        "comparisons": [asdict(c) for c in comparisons(groups)],
+        "test_time_zeroing": [{"arm": label, **asdict(p)} for label, p in zeroing_effects(groups)],
+        "decomposition": [asdict(r) for r in decomposition_rows(groups)],
+        "cosine": [asdict(r) for r in cosine_rows(groups)],
+        "cosine_comparisons": [{"step": s, **asdict(c)} for s, c in cosine_comparisons(groups)],
+    }

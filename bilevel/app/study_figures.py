@@ -1,0 +1,121 @@
+"""A study's figures: validation curves with 95 % CI bands, and the paper's 5 × 11 cosine maps.
+
+* ``learning_curves.png``: per arm, the validation accuracy (``eval/accuracy``, the headline
+  step) against the outer step, the mean over seeds and its t-based 95 % CI band
+  (:func:`bilevel.app.stats.curve_band`) over the steps every seed logged.
+* ``cosine_heatmaps.png``: one row per arm with probes, one column per probe step; each panel
+  is the ``ways × (2·ways + 1)`` map of :mod:`bilevel.app.cosine_protocol` — query class (rows)
+  against support class (left block) and query class (right block), a blank column between —
+  averaged over the arm's seeds (Kao et al., 2022, Fig. 3).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord
+from bilevel.app.stats import curve_band
+from bilevel.app.study import probe_steps, probes
+
+
+def common_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(steps, values [runs, steps])`` of ``tag`` over the steps every run that logged it has."""
+    curves = [r.scalars[tag] for r in runs if tag in r.scalars]
+    if not curves:
+        return None
+    steps = curves[0][0]
+    for s, _ in curves[1:]:
+        steps = np.intersect1d(steps, s)
+    if steps.size == 0:
+        return None
+    return steps, np.stack([v[np.searchsorted(s, steps)] for s, v in curves])
+
+
+def learning_curves_figure(groups: Sequence[Group]) -> Optional[Figure]:
+    """Validation accuracy per arm: mean over seeds with its 95 % CI band."""
+    curves = [(g.label, common_curve(g.runs, EVAL_ACCURACY)) for g in groups]
+    curves = [(label, c) for label, c in curves if c is not None]
+    if not curves:
+        return None
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for label, (steps, values) in curves:
+        mean, low, high = curve_band(values)
+        (line,) = ax.plot(steps, mean, marker=".", label=f"{label} (n={values.shape[0]})")
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("validation accuracy (headline test step)")
+    ax.set_title("Validation accuracy: mean over seeds, 95% CI band (t)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    return fig
+
+
+def side_by_side(query_support: np.ndarray, query_query: np.ndarray) -> np.ndarray:
+    """``[ways, 2·ways + 1]``: the query–support map, a NaN column, the query–query map."""
+    ways = query_support.shape[0]
+    return np.concatenate([query_support, np.full((ways, 1), np.nan), query_query], axis=1)
+
+
+def mean_maps(group: Group, step: str) -> Optional[tuple[np.ndarray, int]]:
+    """The arm's side-by-side map at ``step`` averaged over its seeds, and the seed count."""
+    found = probes(group)
+    maps = [side_by_side(np.asarray(p["steps"][step]["query_support"]), np.asarray(p["steps"][step]["query_query"]))
+            for p in found.values() if step in p["steps"]]
+    return (np.mean(maps, axis=0), len(maps)) if maps else None
+
+
+def cosine_heatmaps_figure(groups: Sequence[Group], steps: Optional[Sequence[str]] = None) -> Optional[Figure]:
+    """The grid of averaged maps (arms × probe steps), one shared colour scale."""
+    probed = [g for g in groups if probes(g)]
+    steps = list(steps) if steps is not None else probe_steps(probed)
+    if not probed or not steps:
+        return None
+    cells = {(g.label, s): mean_maps(g, s) for g in probed for s in steps}
+    values = np.concatenate([m[0][np.isfinite(m[0])] for m in cells.values() if m is not None])
+    low, high = float(values.min()), float(values.max())
+    fig = Figure(figsize=(3.4 * len(steps) + 1, 2.0 * len(probed) + 0.8), layout="constrained")
+    axes = fig.subplots(len(probed), len(steps), squeeze=False)
+    image = None
+    for i, g in enumerate(probed):
+        for j, s in enumerate(steps):
+            ax, found = axes[i, j], cells[(g.label, s)]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if found is None:
+                ax.set_visible(False)
+                continue
+            matrix, n = found
+            image = ax.imshow(matrix, cmap="viridis", vmin=low, vmax=high)
+            ways = matrix.shape[0]
+            ax.set_xticks([(ways - 1) / 2, ways + 1 + (ways - 1) / 2], ["support", "query"], fontsize="x-small")
+            if j == 0:
+                ax.set_ylabel(f"{g.label}\nquery class", fontsize="x-small")
+            ax.set_title(f"{s} outer updates (n={n})", fontsize="small")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity")
+    fig.suptitle("Feature cosine similarity of the meta-parameters on a fixed task: query vs support | query vs query")
+    return fig
+
+
+STUDY_FIGURES = (
+    ("learning_curves.png", learning_curves_figure),
+    ("cosine_heatmaps.png", cosine_heatmaps_figure),
+)
+
+
+def write_study_figures(groups: Sequence[Group], out: Path) -> list[Path]:
+    """Write the study figures that have data; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, build in STUDY_FIGURES:
+        fig = build(groups)
+        if fig is not None:
+            FigureCanvasAgg(fig)
+            fig.savefig(out / name, dpi=110)
+            written.append(out / name)
+    return written
