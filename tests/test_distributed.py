@@ -391,7 +391,9 @@ def test_torchrun_restarts_a_failed_group_which_resumes_and_ends_at_the_uninterr
     run = torchrun(tmp_path, [agent], 2, BASE + ALGORITHMS["maml"], fault="1:5:KILL")
     succeeded(run)
     log = run.outcomes[0].stdout + run.outcomes[0].stderr
-    assert "error: rank 0 of 2: the reduction of the meta-step failed" in log
+    # whether rank 0 prints its own message before the agent stops it is a race (the message is
+    # tested in test_a_failed_rank_makes_the_others_exit_with_a_message_within_the_timeout); the
+    # restart from the last checkpoint is what this test is about
     assert f"resuming {run.directory / 'checkpoint.pt'} at step 4" in log
     assert (tmp_path / "record" / "fault_time").exists()
     assert same(run.params(), runs("maml", 2).params())  # the uninterrupted two-process run, bit for bit
