@@ -9,6 +9,7 @@ smooth and gradient descent reaches its stationary point (a ReLU encoder stalls 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,6 +235,42 @@ def test_identity_at_the_default_budget_in_float32_at_real_size(single_thread):
     batch = seeded_batch(gen, ways=5, shots=1, queries=15, tasks=2, shape=(1, 28, 28), dtype=torch.float32)
     d = build_algorithm({"name": "imaml"}, model).meta_grad(params, batch, decompose=True).decomposition
     assert float(d.identity_error) < 1e-5
+
+
+TRAINED = Path(__file__).parent / "data" / "imaml_trained_conv4.pt"
+"""The parameters of a default ``bilevel-train algorithm=imaml`` run after its 400 steps (conv4, 64
+channels, glyphs 5-way 1-shot): features and predictions as training leaves them, where the float32
+split used to fail (identity 9e-5 – 2e-3 on these batches before the solve ran in float64)."""
+
+
+@pytest.mark.parametrize("execution", ["loop", "vmap"])
+def test_identity_in_float32_on_trained_parameters(single_thread, execution):
+    """Trained features make ``‖H‖/λ`` large and the terms' pieces cancel: the default iMAML's
+    float32 identity stays ≤ 1e-5 there too (docs/theory.md §5, *Precision*)."""
+    model = build_model(ModelConfig(name="conv4", channels=64), (1, 28, 28), 5)
+    params = torch.load(TRAINED)
+    algorithm = build_algorithm({"name": "imaml"}, model, execution=execution)
+    for seed in range(3):
+        batch = seeded_batch(torch.Generator().manual_seed(seed), ways=5, shots=1, queries=15, tasks=2,
+                             shape=(1, 28, 28), dtype=torch.float32)
+        d = algorithm.meta_grad(params, batch, decompose=True).decomposition
+        assert float(d.identity_error) < 1e-5, f"batch {seed}"
+
+
+def test_conv_bias_before_batchnorm_gets_a_round_off_gradient(single_thread):
+    """A conv bias followed by BatchNorm is cancelled by it: its exact gradient is 0. In float32
+    what it gets is round-off, ≤ 2e-7 of the meta-gradient's norm on trained parameters (a fused
+    bias's oneDNN gradient left 3e-7 – 3e-6, the identity's largest error)."""
+    model = build_model(ModelConfig(name="conv4", channels=64), (1, 28, 28), 5)
+    params = torch.load(TRAINED)
+    algorithm = build_algorithm({"name": "imaml"}, model, execution="loop")
+    for seed in range(3):
+        batch = seeded_batch(torch.Generator().manual_seed(seed), ways=5, shots=1, queries=15, tasks=2,
+                             shape=(1, 28, 28), dtype=torch.float32)
+        grad = algorithm.meta_grad(params, batch).grad
+        norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in grad.values()))
+        bias = max(float(v.norm()) for k, v in grad.items() if k.endswith("conv.bias"))
+        assert bias <= 2e-7 * norm, f"batch {seed}: {bias / norm:.1e}"
 
 
 # ----------------------------------------------------------------------------- paths, config

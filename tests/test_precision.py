@@ -2,10 +2,14 @@
 
 conv4 with 64 channels on 1×28×28 Gaussian images, 5-way, 15 queries per class. Each task's
 float32 meta-gradient is compared with the same task computed in float64 (model, parameters and
-images cast up); the error of a path is the median over three tasks of ``‖g − g64‖ / ‖g64‖``.
-The median, because float32 error is round-off (~1e-6) plus rare discrete events — a max-pool
-or ReLU decision that a 1e-7 perturbation flips, 1e-4 – 1e-2 on that task — which strike every
-implementation at random points (``docs/performance.md``).
+images cast up); the error of a path is the median over tasks of ``‖g − g64‖ / ‖g64‖`` (three
+tasks; nine for MAML against plain autograd). The median, because float32 error is round-off
+(~1e-6) plus rare discrete events — a max-pool or ReLU decision that a 1e-7 perturbation flips,
+1e-4 – 1e-2 on that task — which strike every implementation at random points
+(``docs/performance.md``). Nine tasks for MAML, because its multi-step cells put every
+implementation's per-task error anywhere in 1e-6 – 3e-5 (the first conv's weight gradient, a sum
+that cancels): over three tasks the ratio of two medians is a coin toss, over nine it is within
+1.3× on two seeds.
 
 Targets: MAML's paths within 2× the error of an independent plain-autograd loop
 (``bilevel.testing.reference_meta_grad``) and ≤ 1e-4 on one-step cells; iMAML's and Entropy-SGD's
@@ -24,13 +28,13 @@ import torch
 from bilevel import ModelConfig, build_algorithm, build_model
 from bilevel.testing import labelled_batch, reference_meta_grad, seeded_problem
 
-WAYS, QUERIES, SHAPE, TASKS = 5, 15, (1, 28, 28), 3
+WAYS, QUERIES, SHAPE, TASKS, MAML_TASKS = 5, 15, (1, 28, 28), 3, 9
 DEVICE = torch.device(os.environ.get("BILEVEL_TEST_DEVICE", "cpu"))
 
 
-def real_size(shots: int, head: str, seed: int = 0):
-    """The float32 conv4 model, its parameters and a batch of ``TASKS`` tasks."""
-    p = seeded_problem("conv4", dtype=torch.float32, ways=WAYS, shots=shots, queries=QUERIES, tasks=TASKS,
+def real_size(shots: int, head: str, seed: int = 0, tasks: int = TASKS):
+    """The float32 conv4 model, its parameters and a batch of ``tasks`` tasks."""
+    p = seeded_problem("conv4", dtype=torch.float32, ways=WAYS, shots=shots, queries=QUERIES, tasks=tasks,
                        shape=SHAPE, channels=None, head=head, seed=seed, device=DEVICE)
     return p.model, p.params, p.batch
 
@@ -39,7 +43,7 @@ def tasks64(model, params, batch):
     """Per task: the float32 task and its float64 copy, with the float64 model and parameters."""
     model64 = copy.deepcopy(model).to(torch.float64)
     params64 = {k: v.to(torch.float64) for k, v in params.items()}
-    tasks = [batch.task(i) for i in range(TASKS)]
+    tasks = [batch.task(i) for i in range(batch.support_y.shape[0])]
     return model64, params64, [(task, task.to(dtype=torch.float64)) for task in tasks]
 
 
@@ -60,7 +64,7 @@ MAML_CELLS = [  # shots, inner steps, order, adapted set, head
 
 @pytest.mark.parametrize("shots, steps, order, adapt, head", MAML_CELLS)
 def test_maml_paths_are_as_accurate_as_a_plain_autograd_loop(single_thread, rel_err, shots, steps, order, adapt, head):
-    model, params, batch = real_size(shots, head)
+    model, params, batch = real_size(shots, head, tasks=MAML_TASKS)
     model64, params64, tasks = tasks64(model, params, batch)
     options = dict(steps=steps, lr=0.4, adapt=adapt, first_order=order == "first_order")
     exact = [(t, reference_meta_grad(model64, params64, t64, **options)) for t, t64 in tasks]
