@@ -150,7 +150,7 @@ def test_cli_table_markdown_json_and_figures(sweep: Path, tmp_path: Path, capsys
     assert {row["label"] for row in json.loads(js.read_text())} == {"head.policy=zeroing", "head.policy=random"}
 
     figures = sorted(p.name for p in (sweep / "report").iterdir() if p.suffix == ".png")
-    assert figures == ["accuracy.png", "decomposition_shares.png", "feature_cosines.png", "learning_curves.png"]
+    assert figures == ["decomposition_shares.png", "feature_cosines.png", "learning_curves.png"]
     for name in figures:
         path = sweep / "report" / name
         assert path.stat().st_size > 1000

@@ -304,16 +304,26 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mean_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(steps, mean, sd)`` of ``tag`` over the steps every run logged (sd 0 for one run)."""
+def common_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """``(steps, values [runs, steps])`` of ``tag`` over the steps every run that logged it has."""
     curves = [r.scalars[tag] for r in runs if tag in r.scalars]
     if not curves:
         return None
     steps = curves[0][0]
     for s, _ in curves[1:]:
         steps = np.intersect1d(steps, s)
-    values = np.stack([v[np.searchsorted(s, steps)] for s, v in curves])
-    sd = values.std(0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+    if steps.size == 0:
+        return None
+    return steps, np.stack([v[np.searchsorted(s, steps)] for s, v in curves])
+
+
+def mean_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(steps, mean, sd)`` of ``tag`` over the steps every run logged (sd 0 for one run)."""
+    common = common_curve(runs, tag)
+    if common is None:
+        return None
+    steps, values = common
+    sd = values.std(0, ddof=1) if values.shape[0] > 1 else np.zeros(len(steps))
     return steps, values.mean(0), sd
 
 
@@ -338,24 +348,6 @@ def _panels(count: int, title: str) -> tuple[Figure, list[Any]]:
         ax.set_visible(False)
     fig.suptitle(title)
     return fig, list(axes[:count])
-
-
-def accuracy_figure(groups: Sequence[Group]) -> Optional[Figure]:
-    """Evaluation accuracy vs outer step, one line per setting (mean ± sd band over seeds)."""
-    curves = [(g.label, mean_curve(g.runs, EVAL_ACCURACY)) for g in groups]
-    curves = [(label, c) for label, c in curves if c is not None]
-    if not curves:
-        return None
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
-    ax = fig.subplots()
-    for label, curve in curves:
-        _band(ax, curve, label)
-    ax.set_xlabel("outer step")
-    ax.set_ylabel("eval accuracy (query, after test-time adaptation)")
-    ax.set_title("Evaluation accuracy (mean ± sd over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    return fig
 
 
 def share_terms(runs: Sequence[RunRecord]) -> list[str]:
@@ -405,16 +397,15 @@ def cosine_figure(groups: Sequence[Group]) -> Optional[Figure]:
 
 
 FIGURES = (
-    ("accuracy.png", accuracy_figure),
     ("decomposition_shares.png", shares_figure),
     ("feature_cosines.png", cosine_figure),
 )
 
 
-def write_figures(groups: Sequence[Group], out: Path) -> list[Path]:
-    """Write the figures whose scalars were logged; returns their paths."""
+def write_figures(groups: Sequence[Group], out: Path, figures: Sequence[tuple[str, Any]] = FIGURES) -> list[Path]:
+    """Write the ``figures`` (``(file name, builder)``) that have data; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    made = ((name, build(groups)) for name, build in FIGURES)
+    made = ((name, build(groups)) for name, build in figures)
     return [_save(fig, out / name) for name, fig in made if fig is not None]
 
 
@@ -470,7 +461,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     groups = group_runs(runs)
     summaries = [summarise(g) for g in groups]
     from bilevel.app.study import study_dict, study_markdown  # noqa: PLC0415  (they import this module)
-    from bilevel.app.study_figures import write_study_figures  # noqa: PLC0415
+    from bilevel.app.study_figures import STUDY_FIGURES  # noqa: PLC0415
 
     table = markdown_table(summaries)
     statistics = study_markdown(groups)
@@ -482,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(report_json(summaries))
     out = args.out if args.out is not None else args.paths[0] / "report"
-    for path in write_figures(groups, out) + write_study_figures(groups, out):
+    for path in write_figures(groups, out) + write_figures(groups, out, STUDY_FIGURES):
         print(f"wrote {path}")
     (out / "study.json").write_text(json.dumps(study_dict(groups), indent=1))
     print(f"wrote {out / 'study.json'}")

@@ -360,26 +360,28 @@ def cosine_markdown(rows: Sequence[CosineRow], compared: Sequence[tuple[int, Com
     return text
 
 
+SECTIONS = (
+    ("Paired comparisons of the headline test accuracy (b − a, paired by seed)",
+     comparisons, lambda rows, _: comparisons_markdown(rows)),
+    ("Test-time zeroing (zeroed − as trained, paired within each run)",
+     zeroing_effects, lambda rows, _: zeroing_markdown(rows)),
+    ("Decomposition over training (per run: mean over the logged steps; then mean ± sd over seeds)",
+     decomposition_rows, lambda rows, _: decomposition_markdown(rows)),
+    ("Cosine probe (features of the meta-parameters, fixed task)",
+     cosine_rows, lambda rows, groups: cosine_markdown(rows, cosine_comparisons(groups))),
+)
+"""The sections after the arms table: heading, rows of the groups, the rows' Markdown (an empty
+section is left out)."""
+
+
 def study_markdown(groups: Sequence[Group]) -> str:
     """Every section that has data: arms, paired comparisons, test-time zeroing, cosines."""
     parts = ["### Arms (mean ± sd [95% CI] over seeds; test = final test split, read once)\n\n"
              + arms_markdown([arm_row(g) for g in groups])]
-    compared = comparisons(groups)
-    if compared:
-        parts.append("### Paired comparisons of the headline test accuracy (b − a, paired by seed)\n\n"
-                     + comparisons_markdown(compared))
-    zeroing = zeroing_effects(groups)
-    if zeroing:
-        parts.append("### Test-time zeroing (zeroed − as trained, paired within each run)\n\n"
-                     + zeroing_markdown(zeroing))
-    decomposition = decomposition_rows(groups)
-    if decomposition:
-        parts.append("### Decomposition over training (per run: mean over the logged steps; then mean ± sd over seeds)\n\n"
-                     + decomposition_markdown(decomposition))
-    rows = cosine_rows(groups)
-    if rows:
-        parts.append("### Cosine probe (features of the meta-parameters, fixed task)\n\n"
-                     + cosine_markdown(rows, cosine_comparisons(groups)))
+    for heading, rows_of, markdown in SECTIONS:
+        rows = rows_of(groups)
+        if rows:
+            parts.append(f"### {heading}\n\n" + markdown(rows, groups))
     return "\n".join(parts)
 
 

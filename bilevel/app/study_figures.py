@@ -10,29 +10,14 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord
+from bilevel.app.report import EVAL_ACCURACY, Group, common_curve
 from bilevel.app.stats import curve_band
 from bilevel.app.study import probe_steps, probes
-
-
-def common_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """``(steps, values [runs, steps])`` of ``tag`` over the steps every run that logged it has."""
-    curves = [r.scalars[tag] for r in runs if tag in r.scalars]
-    if not curves:
-        return None
-    steps = curves[0][0]
-    for s, _ in curves[1:]:
-        steps = np.intersect1d(steps, s)
-    if steps.size == 0:
-        return None
-    return steps, np.stack([v[np.searchsorted(s, steps)] for s, v in curves])
 
 
 def learning_curves_figure(groups: Sequence[Group]) -> Optional[Figure]:
@@ -106,16 +91,3 @@ STUDY_FIGURES = (
     ("learning_curves.png", learning_curves_figure),
     ("cosine_heatmaps.png", cosine_heatmaps_figure),
 )
-
-
-def write_study_figures(groups: Sequence[Group], out: Path) -> list[Path]:
-    """Write the study figures that have data; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, build in STUDY_FIGURES:
-        fig = build(groups)
-        if fig is not None:
-            FigureCanvasAgg(fig)
-            fig.savefig(out / name, dpi=110)
-            written.append(out / name)
-    return written
