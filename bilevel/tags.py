@@ -52,6 +52,7 @@ def term(name: str, stat: str) -> str:
 TRAIN_LOSS = "train/loss"
 TRAIN_ACCURACY = "train/accuracy"
 TRAIN_HEAD_NORM = "train/head_norm"
+TRAIN_HEAD_ROW_SPREAD = "train/head_row_spread"
 TRAIN_PARAMS_NORM = "train/params_norm"
 TRAIN_STEP_SECONDS = "train/step_seconds"
 RUN_EXECUTION = "run/execution"

@@ -311,3 +311,20 @@ def test_decomposition_is_the_same_on_every_execution_path(make_problem, rel_err
         assert torch.allclose(d.pair_weights, base.pair_weights, rtol=1e-10, atol=0), mode
         assert torch.allclose(d.feature_cosines, base.feature_cosines, rtol=0, atol=1e-12), mode
         assert float(d.reconstruction_error) < 1e-10 and float(d.identity_error) < 1e-10, mode
+
+
+def test_head_row_spread_is_what_the_softmax_sees():
+    """``row_spread`` is the distance of (W, b) from the equal-row heads, ``‖(I − 11ᵀ/N)[W b]‖``:
+    unchanged by a vector added to every row (which leaves every softmax unchanged), 0 at W = 0."""
+    from bilevel.primitives.head import readout, row_spread
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+    centring = torch.eye(5, dtype=torch.float64) - torch.full((5, 5), 0.2, dtype=torch.float64)
+    expected = torch.linalg.matrix_norm(centring @ torch.cat([weight, bias[:, None]], 1))
+    assert torch.allclose(row_spread(weight, bias), expected, rtol=1e-14)
+    shift, shift_b = torch.randn(7, generator=gen, dtype=torch.float64), torch.randn((), generator=gen, dtype=torch.float64)
+    assert torch.allclose(row_spread(weight + shift, bias + shift_b), expected, rtol=1e-12)
+    features = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    assert torch.allclose(torch.softmax(readout(features, weight + shift, bias + shift_b), -1),
+                          torch.softmax(readout(features, weight, bias), -1), atol=1e-14)
+    assert float(row_spread(torch.zeros(5, 7), torch.zeros(5))) == 0.0

@@ -105,6 +105,9 @@ def test_tensorboard_has_the_layout_descriptions_and_logs_zero_terms_once(tmp_pa
     assert values(tmp_path, "terms/structurally_zero/text_summary")
     assert all(v.simple_value < -5 for _, v in values(tmp_path, "checks/log10_identity"))
     assert [s for s, _ in values(tmp_path, "pairs/weights")] == [0, 4, 6]  # images at the last step too
+    spread = values(tmp_path, "train/head_row_spread")
+    assert spread and all(v.simple_value >= 0 for _, v in spread)
+    assert "softmax sees" in spread[0][1].metadata.summary_description
 
 
 def test_hparams_register_the_swept_keys_first_and_the_final_accuracies(tmp_path):

@@ -72,6 +72,7 @@ def write_run(path: Path, order: str, policy: str, seed: int) -> None:
             writer.add_scalar("terms/init/share", share_value(seed, step), step)
             writer.add_scalar("pairs/same_class_weight", -0.5 * seed, step)
         writer.add_scalar("train/head_norm", 0.1 * step, step)
+        writer.add_scalar("train/head_row_spread", 0.05 * step + seed, step)
     writer.close()
 
 
@@ -149,6 +150,8 @@ def test_decomposition_rows_average_over_training_then_seeds(sweep: Path) -> Non
     assert row.shares["init"].mean == pytest.approx(np.mean(per_run)) and row.shares["init"].sd == pytest.approx(np.std(per_run, ddof=1))
     assert row.pair_weights["same_class_weight"].mean == pytest.approx(-1.0) and row.pair_weights["diff_class_weight"] is None
     assert row.head_norm_last.mean == pytest.approx(4.0)
+    assert row.head_row_spread_last.mean == pytest.approx(2.0 + np.mean(range(5)))
+    assert row.head_row_spread_last.sd == pytest.approx(np.std(range(5), ddof=1))
 
 
 def test_small_differences_are_not_printed_as_zero() -> None:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
+from bilevel import tags
 from bilevel.app.cosine_protocol import load_probe
 from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord, format_value
 from bilevel.app.stats import Paired, SeedStat, format_p, paired, seed_stat
@@ -241,7 +242,7 @@ def cosine_comparisons(groups: Sequence[Group], quantity: str = "gap") -> list[t
 
 SHARE_TAG = re.compile(r"^terms/([^/]+)/share$")
 PAIR_TAGS = ("pairs/same_class_weight", "pairs/diff_class_weight")
-HEAD_NORM = "train/head_norm"
+HEAD_NORM, HEAD_ROW_SPREAD = tags.TRAIN_HEAD_NORM, tags.TRAIN_HEAD_ROW_SPREAD
 
 
 def mean_over_training(run: RunRecord, tag: str) -> Optional[float]:
@@ -253,12 +254,14 @@ def mean_over_training(run: RunRecord, tag: str) -> Optional[float]:
 class DecompositionRow:
     """One arm: per decomposition term, its share ``⟨term, total⟩ / ‖total‖²`` of the encoder
     meta-gradient averaged over the logged steps of each run; the same/different-class pair
-    weights averaged likewise (negative: the pairs attract); the head's norm at the end."""
+    weights averaged likewise (negative: the pairs attract); the head's norm and row spread
+    (:func:`~bilevel.primitives.head.row_spread`) at the end."""
 
     label: str
     shares: dict[str, Optional[SeedStat]]
     pair_weights: dict[str, Optional[SeedStat]]
     head_norm_last: Optional[SeedStat]
+    head_row_spread_last: Optional[SeedStat] = None
 
 
 def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
@@ -272,7 +275,8 @@ def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
                   for t in terms}
         pairs = {tag.split("/")[1]: seed_stat(by_seed(g, lambda r, tag=tag: mean_over_training(r, tag)).values())
                  for tag in PAIR_TAGS}
-        rows.append(DecompositionRow(g.label, shares, pairs, seed_stat(by_seed(g, lambda r: r.final(HEAD_NORM)).values())))
+        last = {tag: seed_stat(by_seed(g, lambda r, tag=tag: r.final(tag)).values()) for tag in (HEAD_NORM, HEAD_ROW_SPREAD)}
+        rows.append(DecompositionRow(g.label, shares, pairs, last[HEAD_NORM], last[HEAD_ROW_SPREAD]))
     return rows
 
 
@@ -283,13 +287,13 @@ def _sd_cell(stat: Optional[SeedStat]) -> str:
 
 
 def decomposition_markdown(rows: Sequence[DecompositionRow]) -> str:
-    """Term shares, pair weights and head norm per arm (mean ± sd over seeds, 3 significant digits)."""
+    """Term shares, pair weights, head norm and row spread per arm (mean ± sd over seeds, 3 significant digits)."""
     terms = sorted({t for r in rows for t in r.shares})
     header = ["arm"] + [f"{t} share" for t in terms] + ["same-class pair weight", "diff-class pair weight",
-                                                         "head norm (last)"]
+                                                         "head norm (last)", "head row spread (last)"]
     body = [[r.label] + [_sd_cell(r.shares.get(t)) for t in terms]
             + [_sd_cell(r.pair_weights.get(k)) for k in ("same_class_weight", "diff_class_weight")]
-            + [_sd_cell(r.head_norm_last)] for r in rows]
+            + [_sd_cell(r.head_norm_last), _sd_cell(r.head_row_spread_last)] for r in rows]
     return _table(header, body)
 
 

@@ -36,6 +36,9 @@ DESCRIPTIONS: tuple[tuple[str, str], ...] = (
     (re.escape(tags.TRAIN_ACCURACY),
      "Mean query accuracy after adaptation over the meta-batches since the last point."),
     (re.escape(tags.TRAIN_HEAD_NORM), "Norm of the linear head (W, b) after the outer update."),
+    (re.escape(tags.TRAIN_HEAD_ROW_SPREAD),
+     "Spread of the head's rows about their mean, sqrt(‖W − 1 w̄ᵀ‖² + ‖b − b̄‖²): the part of the head the "
+     "softmax sees (0 for a zero head or equal rows; the initialisation interference needs it)."),
     (re.escape(tags.TRAIN_PARAMS_NORM), "Norm of all meta-parameters after the outer update."),
     (re.escape(tags.TRAIN_STEP_SECONDS), "Wall-clock seconds per outer step since the last point."),
     (tags.tasks(_ANY_EVAL), "Number of held-out tasks this evaluation averaged over."),

@@ -68,6 +68,7 @@ from bilevel.app.head_policy import before_outer_step, initialise_head
 from bilevel.execution.memory import check_meta_step_memory
 from bilevel.primitives.models import BilevelModel, build_model
 from bilevel.app.naming import Naming, hydra_naming
+from bilevel.primitives.head import row_spread
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
 from bilevel.app.progress import phase_bar, training_bar
 from bilevel.app.resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
@@ -355,6 +356,7 @@ class Attempt:
         scalars = {
             tags.TRAIN_LOSS: means.loss / means.count, tags.TRAIN_ACCURACY: means.accuracy / means.count,
             tags.TRAIN_HEAD_NORM: torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
+            tags.TRAIN_HEAD_ROW_SPREAD: row_spread(params[HEAD_WEIGHT], params[HEAD_BIAS]),
             tags.TRAIN_PARAMS_NORM: tree_norm(params), tags.TRAIN_STEP_SECONDS: elapsed / means.count,
         }
         scalars.update(result.extras)

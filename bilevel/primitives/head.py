@@ -51,6 +51,15 @@ def readout(features: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return features @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
 
 
+def row_spread(weight: Tensor, bias: Tensor) -> Tensor:
+    """``sqrt(‖W − 1 w̄ᵀ‖² + ‖b − b̄ 1‖²)``, with ``w̄``/``b̄`` the mean row/entry: the part of the head
+    that the softmax sees (a vector added to every row shifts all logits equally). 0 for ``W = 0``
+    and for a head with equal rows; the initialisation interference needs it non-zero."""
+    centred_w = weight - weight.mean(-2, keepdim=True)
+    centred_b = bias - bias.mean(-1, keepdim=True)
+    return torch.sqrt(centred_w.pow(2).sum((-2, -1)) + centred_b.pow(2).sum(-1))
+
+
 def head_write(state: HeadState, features: Tensor, coeff: Tensor) -> HeadState:
     """``W ← W + Aᵀ Φ``, ``b ← b + Aᵀ 1`` and record the entry ``(Φ, A)``.
 
