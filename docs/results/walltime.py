@@ -1,7 +1,10 @@
 """Wall time per study from its runs' ``metrics.json`` (``wall_seconds``: one thread each, on the
 shared 2-core machine; a resumed run counts its last attempt only), as a Markdown table:
 
-    python docs/results/walltime.py studies_runs > docs/results/walltime.md
+    python docs/results/walltime.py studies_runs [--keep docs/results/walltime.md] > walltime.new.md
+
+``--keep FILE``: the rows of an earlier table whose sweep is no longer under the root are kept
+(marked so): a sweep's run folders can be cleared once its report is written.
 """
 from __future__ import annotations
 
@@ -21,7 +24,29 @@ def rows(root: Path) -> list[tuple[str, int, float, float]]:
     return out
 
 
+def kept_rows(table: str, present: set[str]) -> list[str]:
+    """The data rows of an earlier table whose sweep is not in ``present``, marked as kept."""
+    out = []
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("sweep",) and not set(cells[0]) <= {"-"} and cells[0] not in present:
+            name = cells[0] if cells[0].endswith("*") else cells[0] + " *"
+            out.append("| " + " | ".join([name] + cells[1:]) + " |")
+    return out
+
+
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    keep = None
+    if "--keep" in args:
+        i = args.index("--keep")
+        keep = Path(args[i + 1])
+        del args[i:i + 2]
+    found = rows(Path(args[0] if args else "studies_runs"))
+    lines = [f"| {name} | {n} | {total / 60:.1f} min | {per:.0f} s |" for name, n, total, per in found]
+    if keep is not None and keep.exists():
+        lines += kept_rows(keep.read_text(), {name for name, *_ in found})
     print("| sweep | finished runs | wall time, all runs | per run |\n|---|---|---|---|")
-    for name, n, total, per in rows(Path(sys.argv[1] if len(sys.argv) > 1 else "studies_runs")):
-        print(f"| {name} | {n} | {total / 60:.1f} min | {per:.0f} s |")
+    print("\n".join(sorted(lines)))
+    if keep is not None:
+        print("\n\\* from an earlier sitting's table: the sweep's run folders are no longer on this machine.")
