@@ -15,5 +15,6 @@ for tier in glyphs synthetic; do
     echo "$tier/$study"
   done
 done
-python docs/results/walltime.py "$root" > docs/results/walltime.md
+python docs/results/walltime.py "$root" --keep docs/results/walltime.md > docs/results/walltime.md.new
+mv docs/results/walltime.md.new docs/results/walltime.md
 python docs/results/build_results.py
