@@ -43,6 +43,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from bilevel import tags
 from bilevel.app.config import flatten
 from bilevel.app.tb import EVENTS_DIR, event_files
+from bilevel.app.stats import curve_band
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -272,11 +273,11 @@ def _per_step(stats: list[Optional[Stat]]) -> str:
 COLUMNS = (
     ("setting", lambda s: s.label),
     ("seeds", lambda s: str(s.seeds)),
-    ("steps", lambda s: _span(s.steps)),
+    ("steps", lambda s: span(s.steps)),
     ("final eval acc", lambda s: _cell(s.final_eval_accuracy)),
     ("best eval acc", lambda s: _cell(s.best_eval_accuracy)),
     ("test acc after k steps", lambda s: _cell(s.test_accuracy)),
-    ("k", lambda s: _span(s.headline_steps) if s.headline_steps else "—"),
+    ("k", lambda s: span(s.headline_steps)),
     ("test acc per step 0 / 1 / ...", lambda s: _per_step(s.test_accuracy_per_step)),
     ("test acc (zeroed head)", lambda s: _cell(s.test_zeroed_accuracy)),
     ("cos same class", lambda s: _cell(s.cos_same_class, sd=False)),
@@ -284,8 +285,11 @@ COLUMNS = (
 )
 
 
-def _span(steps: list[int]) -> str:
-    lo, hi = min(steps), max(steps)
+def span(values: Sequence[int]) -> str:
+    """``3``, ``2–5`` (the range of the values), or ``—`` for none."""
+    if not values:
+        return "—"
+    lo, hi = min(values), max(values)
     return str(lo) if lo == hi else f"{lo}–{hi}"
 
 
@@ -295,13 +299,18 @@ def _cell(stat: Optional[Stat], sd: bool = True) -> str:
     return str(stat) if sd else f"{stat.mean:.3f}"
 
 
-def markdown_table(summaries: Sequence[Summary]) -> str:
-    """A Markdown table (columns padded, so it also reads as plain text)."""
-    rows = [[name for name, _ in COLUMNS]] + [[cell(s) for _, cell in COLUMNS] for s in summaries]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+def table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    """A Markdown table, its columns padded so that it also reads as plain text."""
+    rows = [list(header)] + [list(row) for row in body]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines) + "\n"
+
+
+def markdown_table(summaries: Sequence[Summary]) -> str:
+    """The summary table, a row per setting (:data:`COLUMNS`)."""
+    return table([name for name, _ in COLUMNS], [[cell(s) for _, cell in COLUMNS] for s in summaries])
 
 
 def common_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -317,20 +326,21 @@ def common_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarr
     return steps, np.stack([v[np.searchsorted(s, steps)] for s, v in curves])
 
 
-def mean_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(steps, mean, sd)`` of ``tag`` over the steps every run logged (sd 0 for one run)."""
-    common = common_curve(runs, tag)
-    if common is None:
-        return None
-    steps, values = common
-    sd = values.std(0, ddof=1) if values.shape[0] > 1 else np.zeros(len(steps))
-    return steps, values.mean(0), sd
-
-
-def _band(ax: Any, curve: tuple[np.ndarray, np.ndarray, np.ndarray], label: str, color: Any = None) -> None:
-    steps, mean, sd = curve
+def band(ax: Any, curve: Optional[tuple[np.ndarray, np.ndarray]], label: str, color: Any = None,
+         ci: bool = False) -> None:
+    """Draw the mean over runs of a :func:`common_curve` and a band: ± one sd over runs, or with
+    ``ci`` the t-based 95 % CI of the mean (:func:`bilevel.app.stats.curve_band`). One run: no band."""
+    if curve is None:
+        return
+    steps, values = curve
+    if ci:
+        mean, low, high = curve_band(values)
+    else:
+        mean = values.mean(0)
+        sd = values.std(0, ddof=1) if values.shape[0] > 1 else np.zeros(len(steps))
+        low, high = mean - sd, mean + sd
     (line,) = ax.plot(steps, mean, label=label, color=color, marker="." if len(steps) < 30 else None)
-    ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -367,7 +377,7 @@ def shares_figure(groups: Sequence[Group]) -> Optional[Figure]:
     fig, axes = _panels(len(with_terms), "Decomposition: share of each term in the encoder meta-gradient")
     for ax, (group, terms) in zip(axes, with_terms):
         for term in terms:
-            _band(ax, mean_curve(group.runs, f"{SHARE_PREFIX}{term}{SHARE_SUFFIX}"), term, colors[term])
+            band(ax, common_curve(group.runs, f"{SHARE_PREFIX}{term}{SHARE_SUFFIX}"), term, colors[term])
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(group.label, fontsize="medium")
         ax.set_xlabel("outer step")
@@ -379,15 +389,14 @@ def shares_figure(groups: Sequence[Group]) -> Optional[Figure]:
 
 def cosine_figure(groups: Sequence[Group]) -> Optional[Figure]:
     """Per setting, mean feature cosine of same- vs different-class query–support pairs."""
-    panels = [(g, mean_curve(g.runs, COS_SAME), mean_curve(g.runs, COS_DIFF)) for g in groups]
+    panels = [(g, common_curve(g.runs, COS_SAME), common_curve(g.runs, COS_DIFF)) for g in groups]
     panels = [p for p in panels if p[1] is not None or p[2] is not None]
     if not panels:
         return None
     fig, axes = _panels(len(panels), "Feature cosine similarity of query–support pairs (mean ± sd over seeds)")
     for ax, (group, same, diff) in zip(axes, panels):
         for curve, label, color in ((same, "same class", "C0"), (diff, "different class", "C3")):
-            if curve is not None:
-                _band(ax, curve, label, color)
+            band(ax, curve, label, color)
         ax.set_title(group.label, fontsize="medium")
         ax.set_xlabel("outer step")
         ax.set_ylabel("cosine similarity")

@@ -34,10 +34,6 @@ class SeedStat:
     ci_low: Optional[float]
     ci_high: Optional[float]
 
-    @property
-    def half_width(self) -> Optional[float]:
-        return None if self.ci_low is None else (self.ci_high - self.ci_low) / 2
-
     def cell(self, digits: int = 3) -> str:
         """``0.912 ± 0.011 [0.898, 0.926]`` (mean ± sd [95 % CI]), or the mean alone for one seed."""
         if self.sd is None:

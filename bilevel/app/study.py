@@ -33,7 +33,7 @@ import numpy as np
 
 from bilevel import tags
 from bilevel.app.cosine_protocol import load_probe
-from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord, format_value
+from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord, format_value, span, table
 from bilevel.app.stats import Paired, SeedStat, format_p, paired, seed_stat
 
 TEST = "test_accuracy"
@@ -148,15 +148,21 @@ def _context(group: Group, key: str) -> str:
     return " ".join(f"{k}={format_value(v)}" for k, v in group.setting.items() if k != key) or "—"
 
 
-def comparisons(groups: Sequence[Group], name: str = TEST) -> list[Comparison]:
-    """Paired comparisons of ``metrics.json``'s ``name`` across every one-key pair of arms."""
+def paired_comparisons(groups: Sequence[Group], per_seed: Callable[[Group], dict[int, float]],
+                       quantity: str) -> list[Comparison]:
+    """Paired comparisons of ``per_seed`` (an arm's ``{seed: value}``) across every one-key pair of arms."""
     out = []
     for key, a, b in one_key_pairs(groups):
-        result = paired(by_seed(a, metric(name)), by_seed(b, metric(name)))
+        result = paired(per_seed(a), per_seed(b))
         if result is not None:
             out.append(Comparison(key, format_value(a.setting[key]), format_value(b.setting[key]), _context(a, key),
-                                  name, result))
+                                  quantity, result))
     return out
+
+
+def comparisons(groups: Sequence[Group], name: str = TEST) -> list[Comparison]:
+    """Paired comparisons of ``metrics.json``'s ``name`` across every one-key pair of arms."""
+    return paired_comparisons(groups, lambda g: by_seed(g, metric(name)), name)
 
 
 def zeroing_effects(groups: Sequence[Group]) -> list[tuple[str, Paired]]:
@@ -193,14 +199,16 @@ def probes(group: Group) -> dict[int, dict[str, Any]]:
     return out
 
 
-def probe_steps(groups: Sequence[Group]) -> list[str]:
-    """The probe steps any probed run of ``groups`` recorded, in numeric order (a run still in
-    progress has the early ones only: each step's statistics use the runs that recorded it)."""
-    steps: set[str] = set()
-    for g in groups:
-        for probe in probes(g).values():
-            steps |= set(probe["steps"])
-    return sorted(steps, key=int)
+def probed(groups: Sequence[Group]) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{label: probes(group)}`` of the groups that have probes (each file read once)."""
+    return {g.label: found for g in groups if (found := probes(g))}
+
+
+def probe_steps(found: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The probe steps any run of :func:`probed`'s ``found`` recorded, in numeric order (a run still
+    in progress has the early ones only: each step's statistics use the runs that recorded it)."""
+    return sorted({step for by_seed_ in found.values() for probe in by_seed_.values() for step in probe["steps"]},
+                  key=int)
 
 
 @dataclass
@@ -213,29 +221,26 @@ class CosineRow:
 
 
 def cosine_rows(groups: Sequence[Group]) -> list[CosineRow]:
-    """Per arm with probes and per common probe step, the seed statistics of the summaries."""
-    rows = []
-    for step in probe_steps(groups):
-        for g in groups:
-            per_seed = [probe_summary(p, step) for p in probes(g).values() if step in p["steps"]]
-            if not per_seed:
-                continue
-            rows.append(CosineRow(g.label, int(step), {k: seed_stat(s[k] for s in per_seed) for k in per_seed[0]}))
+    """Per arm with probes and per probe step, the seed statistics of the summaries."""
+    found, rows = probed(groups), []
+    for step in probe_steps(found):
+        for label, by_seed_ in found.items():
+            per_seed = [probe_summary(p, step) for p in by_seed_.values() if step in p["steps"]]
+            if per_seed:
+                rows.append(CosineRow(label, int(step), {k: seed_stat(s[k] for s in per_seed) for k in per_seed[0]}))
     return rows
 
 
 def cosine_comparisons(groups: Sequence[Group], quantity: str = "gap") -> list[tuple[int, Comparison]]:
-    """Paired comparisons of the probe's ``quantity`` across one-key pairs, at every common step."""
-    out = []
-    for step in probe_steps(groups):
-        for key, a, b in one_key_pairs(groups):
-            pa = {s: probe_summary(p, step)[quantity] for s, p in probes(a).items() if step in p["steps"]}
-            pb = {s: probe_summary(p, step)[quantity] for s, p in probes(b).items() if step in p["steps"]}
-            result = paired(pa, pb)
-            if result is not None:
-                out.append((int(step), Comparison(key, format_value(a.setting[key]), format_value(b.setting[key]),
-                                                  _context(a, key), f"cosine {quantity}", result)))
-    return out
+    """Paired comparisons of the probe's ``quantity`` across one-key pairs, at every probe step."""
+    found = probed(groups)
+
+    def at(step: str) -> Callable[[Group], dict[int, float]]:
+        return lambda g: {s: probe_summary(p, step)[quantity] for s, p in found.get(g.label, {}).items()
+                          if step in p["steps"]}
+
+    return [(int(step), c) for step in probe_steps(found)
+            for c in paired_comparisons(groups, at(step), f"cosine {quantity}")]
 
 
 # ---- decomposition over training ------------------------------------------------------------
@@ -261,7 +266,7 @@ class DecompositionRow:
     shares: dict[str, Optional[SeedStat]]
     pair_weights: dict[str, Optional[SeedStat]]
     head_norm_last: Optional[SeedStat]
-    head_row_spread_last: Optional[SeedStat] = None
+    head_row_spread_last: Optional[SeedStat]
 
 
 def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
@@ -294,24 +299,13 @@ def decomposition_markdown(rows: Sequence[DecompositionRow]) -> str:
     body = [[r.label] + [_sd_cell(r.shares.get(t)) for t in terms]
             + [_sd_cell(r.pair_weights.get(k)) for k in ("same_class_weight", "diff_class_weight")]
             + [_sd_cell(r.head_norm_last), _sd_cell(r.head_row_spread_last)] for r in rows]
-    return _table(header, body)
+    return table(header, body)
 
 
 # ---- output ------------------------------------------------------------------------------------
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in [header] + rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines) + "\n"
-
-
 def _stat(stat: Optional[SeedStat], digits: int = 3) -> str:
     return "—" if stat is None else stat.cell(digits)
-
-
-def _span(values: list[int]) -> str:
-    return "—" if not values else (str(values[0]) if len(set(values)) == 1 else f"{min(values)}–{max(values)}")
 
 
 def signed(x: float) -> str:
@@ -332,33 +326,33 @@ def arms_markdown(rows: Sequence[ArmRow]) -> str:
     """The arms table: test after k steps (mean ± sd [95 % CI] over seeds), per step, zeroed, val."""
     header = ["arm", "seeds (finished)", "test tasks", "k", "test acc after k steps", "test acc per step 0 / 1 / …",
               "test acc, zeroed head", "val acc (last)", "val acc (best)", "Δ val, last quarter", "wall s / run"]
-    body = [[r.label, f"{len(r.seeds)} ({r.finished})", _span(r.test_tasks), _span(r.headline_steps), _stat(r.test),
+    body = [[r.label, f"{len(r.seeds)} ({r.finished})", span(r.test_tasks), span(r.headline_steps), _stat(r.test),
              " / ".join("—" if s is None else f"{s.mean:.3f}" for s in r.test_per_step) or "—",
              _stat(r.test_zeroed), _stat(r.val_final), _stat(r.val_best), _stat(r.val_change_last_quarter),
              "—" if r.wall_seconds is None else f"{r.wall_seconds.mean:.0f}"]
             for r in rows]
-    return _table(header, body)
+    return table(header, body)
 
 
 def comparisons_markdown(items: Sequence[Comparison]) -> str:
     """Paired comparisons, one row per pair."""
     body = [[c.key, c.a, c.b, c.context] + _paired_cells(c.result) for c in items]
-    return _table(["differs in", "a", "b", "shared setting"] + PAIRED_HEADER, body)
+    return table(["differs in", "a", "b", "shared setting"] + PAIRED_HEADER, body)
 
 
 def zeroing_markdown(items: Sequence[tuple[str, Paired]]) -> str:
     """Test-time zeroing per arm (b = zeroed head, a = head as trained)."""
-    return _table(["arm"] + PAIRED_HEADER, [[label] + _paired_cells(p) for label, p in items])
+    return table(["arm"] + PAIRED_HEADER, [[label] + _paired_cells(p) for label, p in items])
 
 
 def cosine_markdown(rows: Sequence[CosineRow], compared: Sequence[tuple[int, Comparison]]) -> str:
     """The probe's same/different-class cosines per arm and step, then the paired gap comparisons."""
     body = [[r.label, str(r.step), str(r.values["same"].n), _stat(r.values["same"]), _stat(r.values["diff"]), _stat(r.values["gap"]),
              _stat(r.values["qq_gap"])] for r in rows]
-    text = _table(["arm", "outer updates", "seeds", "query–support same class", "query–support different class",
-                   "gap (same − different)", "query–query gap"], body)
+    text = table(["arm", "outer updates", "seeds", "query–support same class", "query–support different class",
+                  "gap (same − different)", "query–query gap"], body)
     if compared:
-        text += "\nPaired by seed, the query–support gap (b − a):\n\n" + _table(
+        text += "\nPaired by seed, the query–support gap (b − a):\n\n" + table(
             ["outer updates", "differs in", "a", "b", "shared setting"] + PAIRED_HEADER,
             [[str(step), c.key, c.a, c.b, c.context] + _paired_cells(c.result) for step, c in compared])
     return text

@@ -10,14 +10,13 @@
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from bilevel.app.report import EVAL_ACCURACY, Group, common_curve
-from bilevel.app.stats import curve_band
-from bilevel.app.study import probe_steps, probes
+from bilevel.app.report import EVAL_ACCURACY, Group, band, common_curve
+from bilevel.app.study import probe_steps, probed
 
 
 def learning_curves_figure(groups: Sequence[Group]) -> Optional[Figure]:
@@ -28,10 +27,8 @@ def learning_curves_figure(groups: Sequence[Group]) -> Optional[Figure]:
         return None
     fig = Figure(figsize=(8, 4.8), layout="constrained")
     ax = fig.subplots()
-    for label, (steps, values) in curves:
-        mean, low, high = curve_band(values)
-        (line,) = ax.plot(steps, mean, marker=".", label=f"{label} (n={values.shape[0]})")
-        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    for label, curve in curves:
+        band(ax, curve, f"{label} (n={curve[1].shape[0]})", ci=True)
     ax.set_xlabel("outer step")
     ax.set_ylabel("validation accuracy (headline test step)")
     ax.set_title("Validation accuracy: mean over seeds, 95% CI band (t)")
@@ -46,40 +43,39 @@ def side_by_side(query_support: np.ndarray, query_query: np.ndarray) -> np.ndarr
     return np.concatenate([query_support, np.full((ways, 1), np.nan), query_query], axis=1)
 
 
-def mean_maps(group: Group, step: str) -> Optional[tuple[np.ndarray, int]]:
-    """The arm's side-by-side map at ``step`` averaged over its seeds, and the seed count."""
-    found = probes(group)
+def mean_maps(by_seed: dict[int, dict[str, Any]], step: str) -> Optional[tuple[np.ndarray, int]]:
+    """An arm's side-by-side map at ``step`` averaged over its seeds' probes, and the seed count."""
     maps = [side_by_side(np.asarray(p["steps"][step]["query_support"]), np.asarray(p["steps"][step]["query_query"]))
-            for p in found.values() if step in p["steps"]]
+            for p in by_seed.values() if step in p["steps"]]
     return (np.mean(maps, axis=0), len(maps)) if maps else None
 
 
 def cosine_heatmaps_figure(groups: Sequence[Group], steps: Optional[Sequence[str]] = None) -> Optional[Figure]:
     """The grid of averaged maps (arms × probe steps), one shared colour scale."""
-    probed = [g for g in groups if probes(g)]
-    steps = list(steps) if steps is not None else probe_steps(probed)
-    if not probed or not steps:
+    found = probed(groups)
+    steps = list(steps) if steps is not None else probe_steps(found)
+    if not found or not steps:
         return None
-    cells = {(g.label, s): mean_maps(g, s) for g in probed for s in steps}
+    cells = {(label, s): mean_maps(by_seed, s) for label, by_seed in found.items() for s in steps}
     values = np.concatenate([m[0][np.isfinite(m[0])] for m in cells.values() if m is not None])
     low, high = float(values.min()), float(values.max())
-    fig = Figure(figsize=(3.4 * len(steps) + 1, 2.0 * len(probed) + 0.8), layout="constrained")
-    axes = fig.subplots(len(probed), len(steps), squeeze=False)
+    fig = Figure(figsize=(3.4 * len(steps) + 1, 2.0 * len(found) + 0.8), layout="constrained")
+    axes = fig.subplots(len(found), len(steps), squeeze=False)
     image = None
-    for i, g in enumerate(probed):
+    for i, label in enumerate(found):
         for j, s in enumerate(steps):
-            ax, found = axes[i, j], cells[(g.label, s)]
+            ax, cell = axes[i, j], cells[(label, s)]
             ax.set_xticks([])
             ax.set_yticks([])
-            if found is None:
+            if cell is None:
                 ax.set_visible(False)
                 continue
-            matrix, n = found
+            matrix, n = cell
             image = ax.imshow(matrix, cmap="viridis", vmin=low, vmax=high)
             ways = matrix.shape[0]
             ax.set_xticks([(ways - 1) / 2, ways + 1 + (ways - 1) / 2], ["support", "query"], fontsize="x-small")
             if j == 0:
-                ax.set_ylabel(f"{g.label}\nquery class", fontsize="x-small")
+                ax.set_ylabel(f"{label}\nquery class", fontsize="x-small")
             ax.set_title(f"{s} outer updates (n={n})", fontsize="small")
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity")
