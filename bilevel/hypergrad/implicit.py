@@ -44,10 +44,10 @@ application and two linearisation products per task.
 query forward's VJP, the stationarity's linearisation, CG, every term's right-hand side and
 ``solve_error`` — runs in ``SOLVE_DTYPE`` (float64) at the solver's point, whatever the model's
 dtype; the encoder's VJP (the costly part) stays in the model's dtype, one linear map shared by the
-meta-gradient and its terms. The reason is cancellation: ``M = I + H/λ`` reaches ``‖H‖/λ ≈ 20`` on
-trained features, and the terms carry pieces of size ``‖M h‖`` that cancel to ``‖h‖``; done in
-float32 this left identity errors of 1e-5 to 1e-1 (docs/theory.md §5). These are ``[n, d]``
-tensors, so it costs nothing measurable. With ``adapt="all"`` the system spans the whole network
+meta-gradient and its terms. The reason is cancellation: on trained features ``‖H h‖/λ`` reaches
+12 ``‖h‖`` (``M = I + H/λ``), and the terms carry pieces of size ``‖M h‖`` that cancel to ``‖h‖``;
+done in float32 this left identity errors of 7.5e-5 to 1e-2 on trained parameters
+(docs/theory.md §5). These are ``[n, d]`` tensors, so it costs nothing measurable. With ``adapt="all"`` the system spans the whole network
 and float64 would triple the step: it runs in the model's dtype. A float64 model computes exactly
 what it computed before.
 """
@@ -205,8 +205,9 @@ def implicit_task(
     solve_dtype = SOLVE_DTYPE if head_only else params[HEAD_WEIGHT].dtype
     wide = partial(pytree.tree_map, lambda t: t.to(solve_dtype))
     narrow = partial(pytree.tree_map, lambda t: t.to(params[HEAD_WEIGHT].dtype))
-    (loss, nodes), pull, (logits, trace) = vjp(forward, wide(outer), wide(inner), wide(head0), has_aux=True)
-    support_grad, linearization = linearize_stationarity(support_loss, wide(outer), wide(inner))
+    outer, inner, head0, anchor = wide(outer), wide(inner), wide(head0), wide(anchor)
+    (loss, nodes), pull, (logits, trace) = vjp(forward, outer, inner, head0, has_aux=True)
+    support_grad, linearization = linearize_stationarity(support_loss, outer, inner)
 
     def to_meta(anchor_cot: Params, outer_cot: Any, head0_cot: Params) -> Params:
         """The meta-parameters' gradient, in the model's dtype, of cotangents on ``(φ_0, x, (W_0, b_0))``."""
@@ -236,7 +237,7 @@ def implicit_task(
     norms = plain.residual_norms
     return result._replace(grad=plain_grad, extras=narrow({
         "cg_residual": norms[-1] / norms[0].clamp_min(torch.finfo(norms.dtype).tiny),
-        "stationarity": stationarity_residual(support_grad, wide(inner), wide(anchor), system.lam),
+        "stationarity": stationarity_residual(support_grad, inner, anchor, system.lam),
     }))
 
 
