@@ -22,7 +22,7 @@ measured.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
@@ -128,8 +128,6 @@ class CosineProbe:
 
 def _plain(data: Any) -> dict[str, Any]:
     """A data config (dataclass or DictConfig) as a plain dict of :class:`DataConfig` fields."""
-    from dataclasses import asdict, fields, is_dataclass
-
     if is_dataclass(data):
         return asdict(data)
     return {f.name: data[f.name] for f in fields(DataConfig) if f.name in data}

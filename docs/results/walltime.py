@@ -29,7 +29,7 @@ def kept_rows(table: str, present: set[str]) -> list[str]:
     out = []
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("| ") and cells[0] not in ("sweep",) and not set(cells[0]) <= {"-"} and cells[0] not in present:
+        if line.startswith("| ") and cells[0] != "sweep" and cells[0] not in present:
             name = cells[0] if cells[0].endswith("*") else cells[0] + " *"
             out.append("| " + " | ".join([name] + cells[1:]) + " |")
     return out
