@@ -1,7 +1,7 @@
 """iMAML (Rajeswaran et al., 2019): the engine's implicit part around a proximal gradient descent.
 
 Inner problem ``φ* = argmin_φ L_S(φ) + (λ/2)‖φ − φ_0‖²`` over the adapted set, solved by
-``inner_steps`` gradient-descent steps of size ``inner_lr`` (:func:`bilevel.hypergrad.implicit.proximal_solve`,
+``inner_steps`` gradient-descent steps of size ``inner_lr`` (:func:`bilevel.solvers.proximal.proximal_solve`,
 which records the head trace). Meta-gradient: the implicit one, ``u = (I + H/λ)⁻¹ ∇_φ L_Q(φ*)`` by
 ``cg_iters`` CG iterations, at whatever point the solver returned; its decomposition, exact at any
 CG budget thanks to the ``solve_error`` term, comes from :mod:`bilevel.hypergrad.implicit` (docs/theory.md §5).

@@ -1,7 +1,7 @@
 """The abstract bi-level algorithm, its typed configuration and the plugin registry.
 
 An algorithm maps ``(params, TaskBatch)`` to a meta-gradient (what the outer optimiser
-follows) and, on request, to its :class:`~bilevel.decomposition.cotangents.Decomposition`. Plugins
+follows) and, on request, to its :class:`~bilevel.decomposition.record.Decomposition`. Plugins
 subclass :class:`BilevelAlgorithm`, declare a config dataclass, and register by name with
 :func:`register` or through the ``bilevel.algorithms`` entry-point group, so an external
 package adds an algorithm without touching the engine.

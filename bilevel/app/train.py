@@ -324,20 +324,20 @@ class Attempt:
 
     def step(self, step: int, decompose: bool, stop: GracefulStop) -> tuple[MetaStep, Labels]:
         """Outer step ``step`` (from 0): draw the meta-batch, apply the head policy, compute the
-        meta-step (with its decomposition when ``decompose``) and the update the ablation
-        follows, reduce both over the processes, and apply the update. Returns the whole
+        meta-step (with its decomposition when ``decompose``; its ``grad`` is the update the
+        ablation follows), reduce it over the processes, and apply the update. Returns the whole
         meta-batch's meta-step and labels (:meth:`~bilevel.app.distributed.Replicas.reduce_step`)."""
         run, done = self.run, step + 1
         batch = run.sampler.sample().to(run.device, run.dtype)
         before_outer_step(run.params, run.cfg.head.policy)
-        result, update = run.ablation.step(run.algorithm, run.params, batch, decompose)
-        result, update, labels = run.replicas.reduce_step(result, update, batch, stop)
+        result = run.ablation.step(run.algorithm, run.params, batch, decompose)
+        result, labels = run.replicas.reduce_step(result, batch, stop)
         for k, p in run.params.items():
-            p.grad = update[k]
+            p.grad = result.grad[k]
         self.optimizer.step()
         run.algorithm.outer_step_done()
         self.probe.after_update(done, run.params)
-        self.guard.observe(done, step_tensors(result.loss, update, run.params, self.optimizer))
+        self.guard.observe(done, step_tensors(result.loss, result.grad, run.params, self.optimizer))
         run.replicas.check_replicas(done, lambda: run_state(run, self.optimizer, done, self.path), ignore=("time",))
         return result, labels
 

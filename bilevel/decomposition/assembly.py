@@ -11,33 +11,22 @@ from bilevel.data.batch import TaskBatch
 from bilevel.decomposition.checks import identity_error
 from bilevel.decomposition.cotangents import class_masks
 from bilevel.decomposition.record import Decomposition
+from bilevel.decomposition.reduction import MAX, MEAN, ROWS, reduce_fields
 from bilevel.decomposition.step import MetaStep, TaskResult, Want
-from bilevel.primitives.params import Params
 
 
 def mean_over_tasks(result: TaskResult) -> TaskResult:
-    """Reduce a result stacked over tasks (leading axis): means of the losses, gradients, terms,
-    adaptation and extras, the largest reconstruction error; pairs and cosines keep their task axis."""
-
-    def mean(tree: Optional[Params]) -> Optional[Params]:
-        return None if tree is None else {k: v.mean(0) for k, v in tree.items()}
-
-    return result._replace(
-        loss=result.loss.mean(0),
-        accuracy=result.accuracy.mean(0),
-        grad=mean(result.grad),
-        ablated=mean(result.ablated),
-        terms=mean(result.terms),
-        reconstruction=None if result.reconstruction is None else result.reconstruction.amax(),
-        adaptation=mean(result.adaptation),
-        extras=mean(result.extras),
-    )
+    """Reduce a result stacked over tasks (leading axis) as its fields declare
+    (``TaskResult.REDUCTION``): means of the losses, gradients, terms, adaptation and extras, the
+    largest reconstruction error; pairs and cosines keep their task axis."""
+    reducers = {MEAN: lambda t: t.mean(0), ROWS: lambda t: t, MAX: lambda t: t.amax()}
+    return result._replace(**reduce_fields(result._asdict(), TaskResult.REDUCTION, reducers))
 
 
 def assemble(result: TaskResult, batch: TaskBatch, want: Want, extras: Optional[dict[str, Tensor]] = None) -> MetaStep:
     """The :class:`~bilevel.algorithm.MetaStep` of a reduced result: the gradient the outer
     optimiser follows (plain, or ablated: the kept terms' sum on all but the head), and the
-    :class:`~bilevel.decomposition.cotangents.Decomposition` whose identity check compares the sum of the
+    :class:`~bilevel.decomposition.record.Decomposition` whose identity check compares the sum of the
     terms with the plain gradient."""
     grad = result.ablated if result.ablated is not None else result.grad
     decomposition = None

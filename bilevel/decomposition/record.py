@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from bilevel import tags
+from bilevel.decomposition.reduction import MAX, MEAN, ROWS
 from bilevel.primitives.params import ENCODER_PREFIX, Params, tree_norm, tree_vdot
 
 
@@ -39,6 +40,11 @@ class Decomposition:
     identity_error: Tensor
     encoder_adaptation: Optional[Params] = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+    REDUCTION = {"terms": MEAN, "total": MEAN, "encoder_adaptation": MEAN, "extras": MEAN, "pair_weights": ROWS,
+                 "feature_cosines": ROWS, "same_class": ROWS, "reconstruction_error": MAX}
+    """How the fields reduce over processes; ``identity_error`` is recomputed from the reduced
+    ``terms`` and ``total`` (a mean of errors is not the error of the means)."""
 
     def combine(self, keep: tuple[str, ...]) -> Params:
         """The ablated meta-gradient: the sum of the ``keep`` terms on the encoder, the exact

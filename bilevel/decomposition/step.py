@@ -1,7 +1,13 @@
 """The step protocol every hypergradient rule speaks: what a meta-step is asked for
 (:class:`Want`: plain, ablated or decomposed), the typed per-task result it returns
 (:class:`TaskResult`) and the meta-step the outer optimiser consumes (:class:`MetaStep`), built
-only by :func:`bilevel.decomposition.assembly.assemble`."""
+only by :func:`bilevel.decomposition.assembly.assemble`.
+
+Each result type declares how every field reduces over tasks (``REDUCTION``: ``mean``,
+``rows`` or ``max``, :mod:`bilevel.decomposition.reduction`); the reduction over one process's tasks
+(:func:`~bilevel.decomposition.assembly.mean_over_tasks`) and over the processes of a
+distributed run both read it through
+:func:`~bilevel.decomposition.reduction.reduce_fields`, so a new field is declared once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +16,8 @@ from typing import NamedTuple, Optional
 from torch import Tensor
 
 from bilevel.decomposition.record import Decomposition
+from bilevel.decomposition.reduction import MAX, MEAN, ROWS
 from bilevel.primitives.params import Params
-
 
 @dataclass
 class MetaStep:
@@ -23,6 +29,9 @@ class MetaStep:
     accuracy: Tensor
     decomposition: Optional[Decomposition] = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+    REDUCTION = {"grad": MEAN, "loss": MEAN, "accuracy": MEAN, "extras": MEAN}
+    """How the fields reduce over processes (the decomposition declares its own)."""
 
 
 class Want(NamedTuple):
@@ -53,3 +62,6 @@ class TaskResult(NamedTuple):
     reconstruction: Optional[Tensor] = None
     adaptation: Optional[Params] = None
     extras: dict[str, Tensor] = {}
+
+    REDUCTION = {"loss": MEAN, "accuracy": MEAN, "grad": MEAN, "ablated": MEAN, "terms": MEAN, "pairs": ROWS,
+                 "cosines": ROWS, "reconstruction": MAX, "adaptation": MEAN, "extras": MEAN}
