@@ -48,6 +48,9 @@ from bilevel.app.stats import curve_band
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 RUN_KEYS = ("seed", "train.resume", "execution")
+RECORD_PREFIXES = ("study.", "provenance.")
+"""Config sections that describe a run without defining its setting: the study's declared
+comparisons and the code it ran (:mod:`bilevel.app.provenance`)."""
 RUN_DIR_CONTENTS = f"a run directory must contain {CONFIG_FILE} and a {EVENTS_DIR}/ folder of TensorBoard events"
 
 EVAL_ACCURACY = tags.accuracy(tags.EVAL)
@@ -182,7 +185,8 @@ def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
     """Runs with equal configs except :data:`RUN_KEYS`, in order of first appearance."""
     buckets: dict[str, tuple[dict[str, Any], list[RunRecord]]] = {}
     for run in runs:
-        setting = {k: v for k, v in flatten(run.config).items() if k not in RUN_KEYS}
+        setting = {k: v for k, v in flatten(run.config).items()
+                   if k not in RUN_KEYS and not k.startswith(RECORD_PREFIXES)}
         key = json.dumps({k: format_value(v) for k, v in setting.items()}, sort_keys=True)
         buckets.setdefault(key, (setting, []))[1].append(run)
     settings = [s for s, _ in buckets.values()]
