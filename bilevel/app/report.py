@@ -457,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="figure directory (default: report/ under the first RUN_DIR)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the summaries as JSON")
+    parser.add_argument("--seeds", type=Path, metavar="PATH",
+                        help="also write the per-seed data (bilevel.app.seed_data) as PATH; a RUN_DIR that is "
+                        "such a file (*.seeds.json) is read in place of run directories")
     return parser
 
 
@@ -464,9 +467,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point ``bilevel-report``; exits with code 2 when a path holds no run."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from bilevel.app import seed_data  # noqa: PLC0415  (it imports this module)
+
     try:
-        runs = find_runs(args.paths)
-    except NoRunsError as error:
+        dirs = [p for p in args.paths if not p.is_file()]
+        runs = [r for p in args.paths if p.is_file() for r in seed_data.load_seed_data(p)]
+        runs += find_runs(dirs) if dirs else []
+    except (NoRunsError, ValueError) as error:
         parser.error(str(error))
     warning = short_run_warning(runs)
     if warning is not None:
@@ -485,7 +492,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(report_json(summaries))
-    out = args.out if args.out is not None else args.paths[0] / "report"
+    if args.seeds is not None:
+        seed_data.write_seed_data(runs, args.seeds)
+    out = args.out if args.out is not None else (args.paths[0].parent if args.paths[0].is_file() else args.paths[0]) / "report"
     for path in write_figures(groups, out) + write_figures(groups, out, STUDY_FIGURES):
         print(f"wrote {path}")
     (out / "study.json").write_text(json.dumps(study_dict(groups), indent=1))

@@ -11,8 +11,12 @@ CI over seeds; paired t and Wilcoxon signed-rank).
   the validation curve over the last quarter of training (its last value minus its value a
   quarter of the steps earlier: near 0 when the curve has flattened), and the mean wall time of
   a run (``metrics.json``'s ``wall_seconds``: a resumed run's last attempt only).
-* **Comparisons.** Every two arms whose settings differ in exactly one key are compared
-  paired by seed on the headline test accuracy, ``b − a`` with ``a`` the arm listed first.
+* **Declared comparisons.** The paper's claims the study config declares, tested with Holm's
+  correction and judged by one rule (:mod:`bilevel.app.study_claims`), with the paper's Δ
+  beside ours.
+* **Exploratory comparisons.** Every other two arms whose settings differ in exactly one key,
+  paired by seed on the headline test accuracy, ``b − a`` with ``a`` the arm listed first (raw
+  p-values: no multiplicity correction).
 * **Test-time zeroing.** Within every arm, zeroed minus as-trained test accuracy, paired
   within each run (the same tasks, the same parameters).
 * **Decomposition.** Per arm, each term's share of the encoder meta-gradient and the
@@ -35,6 +39,7 @@ from bilevel import tags
 from bilevel.app.cosine_protocol import load_probe
 from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord, format_value, span, table
 from bilevel.app.stats import Paired, SeedStat, format_p, paired, seed_stat
+from bilevel.app.study_claims import claims_dict, claims_markdown, effect_sizes_markdown, tested_claims
 
 TEST = "test_accuracy"
 TEST_ZEROED = "test_zeroed_accuracy"
@@ -149,10 +154,13 @@ def _context(group: Group, key: str) -> str:
 
 
 def paired_comparisons(groups: Sequence[Group], per_seed: Callable[[Group], dict[int, float]],
-                       quantity: str) -> list[Comparison]:
-    """Paired comparisons of ``per_seed`` (an arm's ``{seed: value}``) across every one-key pair of arms."""
+                       quantity: str, skip: frozenset | set = frozenset()) -> list[Comparison]:
+    """Paired comparisons of ``per_seed`` (an arm's ``{seed: value}``) across every one-key pair of
+    arms but those in ``skip`` (sets of two arm labels)."""
     out = []
     for key, a, b in one_key_pairs(groups):
+        if frozenset((a.label, b.label)) in skip:
+            continue
         result = paired(per_seed(a), per_seed(b))
         if result is not None:
             out.append(Comparison(key, format_value(a.setting[key]), format_value(b.setting[key]), _context(a, key),
@@ -163,6 +171,12 @@ def paired_comparisons(groups: Sequence[Group], per_seed: Callable[[Group], dict
 def comparisons(groups: Sequence[Group], name: str = TEST) -> list[Comparison]:
     """Paired comparisons of ``metrics.json``'s ``name`` across every one-key pair of arms."""
     return paired_comparisons(groups, lambda g: by_seed(g, metric(name)), name)
+
+
+def exploratory(groups: Sequence[Group]) -> list[Comparison]:
+    """:func:`comparisons` of the headline test accuracy but the pairs a declared difference tests."""
+    tested = {frozenset(pair) for t in tested_claims(groups) if len(t.arms) == 1 for pair in t.arms}
+    return paired_comparisons(groups, lambda g: by_seed(g, metric(TEST)), TEST, skip=tested)
 
 
 def zeroing_effects(groups: Sequence[Group]) -> list[tuple[str, Paired]]:
@@ -359,8 +373,14 @@ def cosine_markdown(rows: Sequence[CosineRow], compared: Sequence[tuple[int, Com
 
 
 SECTIONS = (
-    ("Paired comparisons of the headline test accuracy (b − a, paired by seed)",
-     comparisons, lambda rows, _: comparisons_markdown(rows)),
+    ("Declared comparisons (the paper's claims, declared in the study config; p Holm-adjusted over this table; "
+     "verdicts by one rule: bilevel.app.study_claims.verdict)",
+     tested_claims, lambda rows, _: claims_markdown(rows)),
+    ("Effect sizes: the paper's Δ next to ours (95% CI over seeds)",
+     tested_claims, lambda rows, _: effect_sizes_markdown(rows)),
+    ("Exploratory: paired comparisons of the headline test accuracy, every other pair of arms differing in one "
+     "key (b − a, paired by seed; raw p, no multiplicity correction)",
+     exploratory, lambda rows, _: comparisons_markdown(rows)),
     ("Test-time zeroing (zeroed − as trained, paired within each run)",
      zeroing_effects, lambda rows, _: zeroing_markdown(rows)),
     ("Decomposition over training (per run: mean over the logged steps; then mean ± sd over seeds)",
@@ -387,7 +407,8 @@ def study_dict(groups: Sequence[Group]) -> dict[str, Any]:
     """Everything :func:`study_markdown` shows, as JSON-ready data."""
     return {
         "arms": [asdict(arm_row(g)) for g in groups],
-        "comparisons": [asdict(c) for c in comparisons(groups)],
+        "declared": claims_dict(tested_claims(groups)),
+        "comparisons": [asdict(c) for c in exploratory(groups)],
         "test_time_zeroing": [{"arm": label, **asdict(p)} for label, p in zeroing_effects(groups)],
         "decomposition": [asdict(r) for r in decomposition_rows(groups)],
         "cosine": [asdict(r) for r in cosine_rows(groups)],
