@@ -39,7 +39,7 @@ from bilevel import tags
 from bilevel.app.cosine_protocol import load_probe
 from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord, format_value, span, table
 from bilevel.app.stats import Paired, SeedStat, format_p, paired, seed_stat
-from bilevel.app.study_claims import claims_dict, claims_markdown, effect_sizes_markdown, tested_claims
+from bilevel.app.study_claims import claims_dict, claims_markdown, effect_sizes_markdown, declared_results
 
 TEST = "test_accuracy"
 TEST_ZEROED = "test_zeroed_accuracy"
@@ -175,7 +175,7 @@ def comparisons(groups: Sequence[Group], name: str = TEST) -> list[Comparison]:
 
 def exploratory(groups: Sequence[Group]) -> list[Comparison]:
     """:func:`comparisons` of the headline test accuracy but the pairs a declared difference tests."""
-    tested = {frozenset(pair) for t in tested_claims(groups) if len(t.arms) == 1 for pair in t.arms}
+    tested = {frozenset(pair) for t in declared_results(groups) if len(t.arms) == 1 for pair in t.arms}
     return paired_comparisons(groups, lambda g: by_seed(g, metric(TEST)), TEST, skip=tested)
 
 
@@ -375,9 +375,9 @@ def cosine_markdown(rows: Sequence[CosineRow], compared: Sequence[tuple[int, Com
 SECTIONS = (
     ("Declared comparisons (the paper's claims, declared in the study config; p Holm-adjusted over this table; "
      "verdicts by one rule: bilevel.app.study_claims.verdict)",
-     tested_claims, lambda rows, _: claims_markdown(rows)),
+     declared_results, lambda rows, _: claims_markdown(rows)),
     ("Effect sizes: the paper's Δ next to ours (95% CI over seeds)",
-     tested_claims, lambda rows, _: effect_sizes_markdown(rows)),
+     declared_results, lambda rows, _: effect_sizes_markdown(rows)),
     ("Exploratory: paired comparisons of the headline test accuracy, every other pair of arms differing in one "
      "key (b − a, paired by seed; raw p, no multiplicity correction)",
      exploratory, lambda rows, _: comparisons_markdown(rows)),
@@ -407,7 +407,7 @@ def study_dict(groups: Sequence[Group]) -> dict[str, Any]:
     """Everything :func:`study_markdown` shows, as JSON-ready data."""
     return {
         "arms": [asdict(arm_row(g)) for g in groups],
-        "declared": claims_dict(tested_claims(groups)),
+        "declared": claims_dict(declared_results(groups)),
         "comparisons": [asdict(c) for c in exploratory(groups)],
         "test_time_zeroing": [{"arm": label, **asdict(p)} for label, p in zeroing_effects(groups)],
         "decomposition": [asdict(r) for r in decomposition_rows(groups)],

@@ -244,7 +244,7 @@ def _effect(pairs: list[tuple[Group, Group]], metric: str) -> Optional[Effect]:
     return interaction_effect(pairs[0], pairs[1], metric)
 
 
-def tested_claims(groups: Sequence[Group], metric: str = "test_accuracy") -> list[Tested]:
+def declared_results(groups: Sequence[Group], metric: str = "test_accuracy") -> list[Tested]:
     """Every declared comparison's instances, tested on ``metric`` and at every test step, with
     Holm's adjustment over all of them (one family) and :func:`verdict`."""
     out, steps = [], _steps(groups)

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from bilevel.app.report import EVAL_ACCURACY, Group, band, common_curve
 from bilevel.app.study import probe_steps, probed
-from bilevel.app.study_claims import NOT_REPRODUCED, REPRODUCED, tested_claims
+from bilevel.app.study_claims import NOT_REPRODUCED, REPRODUCED, declared_results
 
 VERDICT_COLORS = {REPRODUCED: "C2", NOT_REPRODUCED: "C3"}
 
@@ -90,7 +90,7 @@ def cosine_heatmaps_figure(groups: Sequence[Group], steps: Optional[Sequence[str
 
 def forest_figure(groups: Sequence[Group]) -> Optional[Figure]:
     """The declared comparisons: ours (mean, 95 % CI; coloured by verdict) and the paper's Δ."""
-    rows = tested_claims(groups)
+    rows = declared_results(groups)
     if not rows:
         return None
     fig = Figure(figsize=(8, 1.0 + 0.55 * len(rows)), layout="constrained")
