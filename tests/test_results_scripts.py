@@ -30,6 +30,7 @@ def test_walltime_counts_runs_and_keeps_cleared_sweeps(tmp_path: Path) -> None:
     kept = walltime.kept_rows(earlier, {name for name, *_ in found})
     assert kept == ["| glyphs/cosine_similarity * | 30 | 30.3 min | 61 s |"]
     assert walltime.kept_rows("\n".join(kept), set()) == kept  # kept twice: marked once
+    assert walltime.kept_rows("\n".join(kept), {"glyphs/cosine_similarity"}) == []  # rerun: the new row replaces it
 
 
 def test_build_pastes_a_report_section(tmp_path: Path) -> None:
