@@ -29,40 +29,20 @@ CI over seeds; paired t and Wilcoxon signed-rank).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from bilevel import tags
 from bilevel.app.cosine_protocol import load_probe
 from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord, format_value, span, table
 from bilevel.app.stats import Paired, SeedStat, format_p, paired, seed_stat
-from bilevel.app.study_claims import claims_dict, claims_markdown, effect_sizes_markdown, declared_results
+from bilevel.app.study_claims import (by_seed, claims_dict, claims_markdown, declared_results, effect_sizes_markdown,
+                                      metric, seed_of)
+from bilevel.app.study_decomposition import decomposition_markdown, decomposition_rows
 
 TEST = "test_accuracy"
 TEST_ZEROED = "test_zeroed_accuracy"
-
-
-def seed_of(run: RunRecord) -> int:
-    """The run's seed (its config's ``seed``)."""
-    return int(run.config.get("seed", 0))
-
-
-def by_seed(group: Group, value: Callable[[RunRecord], Optional[float]]) -> dict[int, float]:
-    """``{seed: value(run)}`` over the group's runs that have the value."""
-    out = {}
-    for run in group.runs:
-        v = value(run)
-        if v is not None:
-            out[seed_of(run)] = float(v)
-    return out
-
-
-def metric(name: str) -> Callable[[RunRecord], Optional[float]]:
-    """A run's ``metrics.json`` entry ``name`` (None for a run that has not finished)."""
-    return lambda run: run.metrics.get(name)
 
 
 def val_change(run: RunRecord) -> Optional[float]:
@@ -255,65 +235,6 @@ def cosine_comparisons(groups: Sequence[Group], quantity: str = "gap") -> list[t
 
     return [(int(step), c) for step in probe_steps(found)
             for c in paired_comparisons(groups, at(step), f"cosine {quantity}")]
-
-
-# ---- decomposition over training ------------------------------------------------------------
-
-SHARE_TAG = re.compile(r"^terms/([^/]+)/share$")
-PAIR_TAGS = ("pairs/same_class_weight", "pairs/diff_class_weight")
-HEAD_NORM, HEAD_ROW_SPREAD = tags.TRAIN_HEAD_NORM, tags.TRAIN_HEAD_ROW_SPREAD
-
-
-def mean_over_training(run: RunRecord, tag: str) -> Optional[float]:
-    """The mean of ``tag`` over every step the run logged it (None when never logged)."""
-    return float(run.scalars[tag][1].mean()) if tag in run.scalars else None
-
-
-@dataclass
-class DecompositionRow:
-    """One arm: per decomposition term, its share ``⟨term, total⟩ / ‖total‖²`` of the encoder
-    meta-gradient averaged over the logged steps of each run; the same/different-class pair
-    weights averaged likewise (negative: the pairs attract); the head's norm and row spread
-    (:func:`~bilevel.primitives.head.row_spread`) at the end."""
-
-    label: str
-    shares: dict[str, Optional[SeedStat]]
-    pair_weights: dict[str, Optional[SeedStat]]
-    head_norm_last: Optional[SeedStat]
-    head_row_spread_last: Optional[SeedStat]
-
-
-def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
-    """A row per arm that logged a decomposition (statistics over seeds of per-run means)."""
-    terms = sorted({m.group(1) for g in groups for r in g.runs for t in r.scalars if (m := SHARE_TAG.match(t))})
-    rows = []
-    for g in groups:
-        if not any(SHARE_TAG.match(t) for r in g.runs for t in r.scalars):
-            continue
-        shares = {t: seed_stat(by_seed(g, lambda r, t=t: mean_over_training(r, f"terms/{t}/share")).values())
-                  for t in terms}
-        pairs = {tag.split("/")[1]: seed_stat(by_seed(g, lambda r, tag=tag: mean_over_training(r, tag)).values())
-                 for tag in PAIR_TAGS}
-        last = {tag: seed_stat(by_seed(g, lambda r, tag=tag: r.final(tag)).values()) for tag in (HEAD_NORM, HEAD_ROW_SPREAD)}
-        rows.append(DecompositionRow(g.label, shares, pairs, last[HEAD_NORM], last[HEAD_ROW_SPREAD]))
-    return rows
-
-
-def _sd_cell(stat: Optional[SeedStat]) -> str:
-    if stat is None:
-        return "—"
-    return f"{stat.mean:+.3g}" if stat.sd is None else f"{stat.mean:+.3g} ± {stat.sd:.2g}"
-
-
-def decomposition_markdown(rows: Sequence[DecompositionRow]) -> str:
-    """Term shares, pair weights, head norm and row spread per arm (mean ± sd over seeds, 3 significant digits)."""
-    terms = sorted({t for r in rows for t in r.shares})
-    header = ["arm"] + [f"{t} share" for t in terms] + ["same-class pair weight", "diff-class pair weight",
-                                                         "head norm (last)", "head row spread (last)"]
-    body = [[r.label] + [_sd_cell(r.shares.get(t)) for t in terms]
-            + [_sd_cell(r.pair_weights.get(k)) for k in ("same_class_weight", "diff_class_weight")]
-            + [_sd_cell(r.head_norm_last), _sd_cell(r.head_row_spread_last)] for r in rows]
-    return table(header, body)
 
 
 # ---- output ------------------------------------------------------------------------------------

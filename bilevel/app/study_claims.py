@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from bilevel.app.config import flatten
-from bilevel.app.report import RECORD_PREFIXES, RUN_KEYS, Group, format_value, table
+from bilevel.app.report import RECORD_PREFIXES, RUN_KEYS, Group, RunRecord, format_value, table
 from bilevel.app.stats import holm, paired, welch
 
 ALPHA = 0.05
@@ -170,9 +170,24 @@ class Effect:
     positive: Optional[int] = None
 
 
-def per_seed(group: Group, metric: str) -> dict[int, float]:
-    """``{seed: metrics[metric]}`` over the group's finished runs."""
-    return {int(r.config.get("seed", 0)): float(r.metrics[metric]) for r in group.runs if metric in r.metrics}
+def seed_of(run: RunRecord) -> int:
+    """The run's seed (its config's ``seed``)."""
+    return int(run.config.get("seed", 0))
+
+
+def by_seed(group: Group, value: Callable[[RunRecord], Optional[float]]) -> dict[int, float]:
+    """``{seed: value(run)}`` over the group's runs that have the value."""
+    out = {}
+    for run in group.runs:
+        v = value(run)
+        if v is not None:
+            out[seed_of(run)] = float(v)
+    return out
+
+
+def metric(name: str) -> Callable[[RunRecord], Optional[float]]:
+    """A run's ``metrics.json`` entry ``name`` (None for a run that has not finished)."""
+    return lambda run: run.metrics.get(name)
 
 
 def paired_effect(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Effect]:
@@ -184,15 +199,15 @@ def paired_effect(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Ef
     return Effect("paired t", result.n, d.mean, d.ci_low, d.ci_high, result.p_t, result.p_wilcoxon, result.wins)
 
 
-def difference(pair: tuple[Group, Group], metric: str) -> dict[int, float]:
-    """Per seed, ``b − a`` of ``metric``."""
-    a, b = per_seed(pair[0], metric), per_seed(pair[1], metric)
+def difference(pair: tuple[Group, Group], name: str) -> dict[int, float]:
+    """Per seed, ``b − a`` of ``metrics.json``'s ``name``."""
+    a, b = by_seed(pair[0], metric(name)), by_seed(pair[1], metric(name))
     return {s: b[s] - a[s] for s in sorted(a.keys() & b.keys())}
 
 
-def interaction_effect(first: tuple[Group, Group], second: tuple[Group, Group], metric: str) -> Optional[Effect]:
-    """``(b − a)|first − (b − a)|second``: paired by seed when both levels share 2 seeds, else Welch."""
-    d1, d2 = difference(first, metric), difference(second, metric)
+def interaction_effect(first: tuple[Group, Group], second: tuple[Group, Group], name: str) -> Optional[Effect]:
+    """``(b − a)|first − (b − a)|second`` of ``name``: paired by seed when both levels share 2 seeds, else Welch."""
+    d1, d2 = difference(first, name), difference(second, name)
     if len(d1.keys() & d2.keys()) >= 2:
         return paired_effect(d2, d1)
     result = welch(list(d2.values()), list(d1.values()))
@@ -237,20 +252,20 @@ def instances(groups: Sequence[Group], declared: Declared) -> list[tuple[str, li
             if _agree(full_setting(p1[0]), full_setting(p2[0]), free | {key})]
 
 
-def _effect(pairs: list[tuple[Group, Group]], metric: str) -> Optional[Effect]:
+def _effect(pairs: list[tuple[Group, Group]], name: str) -> Optional[Effect]:
     if len(pairs) == 1:
         a, b = pairs[0]
-        return paired_effect(per_seed(a, metric), per_seed(b, metric))
-    return interaction_effect(pairs[0], pairs[1], metric)
+        return paired_effect(by_seed(a, metric(name)), by_seed(b, metric(name)))
+    return interaction_effect(pairs[0], pairs[1], name)
 
 
-def declared_results(groups: Sequence[Group], metric: str = "test_accuracy") -> list[Tested]:
-    """Every declared comparison's instances, tested on ``metric`` and at every test step, with
+def declared_results(groups: Sequence[Group], name: str = "test_accuracy") -> list[Tested]:
+    """Every declared comparison's instances, tested on ``metrics.json``'s ``name`` and at every test step, with
     Holm's adjustment over all of them (one family) and :func:`verdict`."""
     out, steps = [], _steps(groups)
     for declared in declarations(groups):
         for context, pairs in instances(groups, declared):
-            effect = _effect(pairs, metric)
+            effect = _effect(pairs, name)
             if effect is not None:
                 per_step = [_effect(pairs, f"test_accuracy_step_{k}") for k in range(steps)]
                 out.append(Tested(declared, context, [(a.label, b.label) for a, b in pairs], effect, per_step))
