@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from bilevel.app.report import RunRecord, group_runs
+from bilevel.app.report import RunRecord, group_runs, main
 from bilevel.app.seed_data import load_seed_data, write_seed_data
 from bilevel.app.study import exploratory, study_markdown
 from bilevel.app.study_figures import forest_figure
@@ -159,3 +159,15 @@ def test_the_forest_plot_has_a_row_per_declared_comparison_and_none_without() ->
     undeclared = [RunRecord(r.path, {k: v for k, v in r.config.items() if k != "study"}, r.scalars, r.metrics)
                   for r in sweep()]
     assert forest_figure(group_runs(undeclared)) is None
+
+
+def test_the_report_refuses_a_malformed_declaration_with_a_clear_error(tmp_path: Path, capsys) -> None:
+    bad = {**STUDY, "comparisons": [{**STUDY["comparisons"][0], "claim": "≥"}]}
+    runs = [RunRecord(r.path, {**r.config, "study": bad}, r.scalars, r.metrics) for r in sweep()]
+    path = tmp_path / "bad.seeds.json"
+    write_seed_data(runs, path)
+    with pytest.raises(SystemExit) as exit_:
+        main([str(path), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'gain at 1 shot': claim must be one of >, <, =" in err and "Traceback" not in err

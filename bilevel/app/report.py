@@ -481,8 +481,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     groups = group_runs(runs)
     summaries = [summarise(g) for g in groups]
     from bilevel.app.study import study_dict, study_markdown  # noqa: PLC0415  (they import this module)
+    from bilevel.app.study_claims import declarations  # noqa: PLC0415
     from bilevel.app.study_figures import STUDY_FIGURES  # noqa: PLC0415
 
+    try:
+        declarations(groups)
+    except ValueError as error:
+        parser.error(f"{error} (fix study.comparisons in the study config, configs/experiment/)")
     table = markdown_table(summaries)
     statistics = study_markdown(groups)
     sys.stdout.write(table + "\n" + statistics)
@@ -494,7 +499,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.json.write_text(report_json(summaries))
     if args.seeds is not None:
         seed_data.write_seed_data(runs, args.seeds)
-    out = args.out if args.out is not None else (args.paths[0].parent if args.paths[0].is_file() else args.paths[0]) / "report"
+    first = args.paths[0].parent if args.paths[0].is_file() else args.paths[0]
+    out = args.out if args.out is not None else first / "report"
     for path in write_figures(groups, out) + write_figures(groups, out, STUDY_FIGURES):
         print(f"wrote {path}")
     (out / "study.json").write_text(json.dumps(study_dict(groups), indent=1))
