@@ -3,7 +3,8 @@
 ``bilevel-report SWEEP --seeds PATH`` writes one JSON file: ``shared`` (the flattened config keys
 every run has alike, the study's declared comparisons among them), and per run ``config`` (the
 keys where runs differ, the seed included), ``metrics`` (its ``metrics.json``), ``curves`` (the
-validation accuracy and the feature cosines of :data:`CURVES`, each ``[steps, values]``) and ``provenance`` (the code it ran:
+validation accuracy and the feature cosines of :data:`CURVES`, each ``[steps, values]``) and
+``provenance`` (the code it ran:
 :mod:`bilevel.app.provenance`; null for a run that predates the record). ``bilevel-report PATH``
 reads such a file as it reads run directories, so the arms table, the declared and exploratory
 comparisons and test-time zeroing are recomputed from the repository alone (the decomposition

@@ -206,7 +206,8 @@ def difference(pair: tuple[Group, Group], name: str) -> dict[int, float]:
 
 
 def interaction_effect(first: tuple[Group, Group], second: tuple[Group, Group], name: str) -> Optional[Effect]:
-    """``(b − a)|first − (b − a)|second`` of ``name``: paired by seed when both levels share 2 seeds, else Welch."""
+    """``(b − a)|first − (b − a)|second`` of ``name``: paired by seed when both levels share 2
+    seeds, else Welch's test."""
     d1, d2 = difference(first, name), difference(second, name)
     if len(d1.keys() & d2.keys()) >= 2:
         return paired_effect(d2, d1)
