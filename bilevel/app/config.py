@@ -20,7 +20,7 @@ from bilevel.app.cosine_protocol import CosineConfig
 from bilevel.data import DataConfig
 from bilevel.data.dataset import SPLITS
 from bilevel.execution.mapping import EXECUTIONS
-from bilevel.app.head_policy import HEAD_POLICIES
+from bilevel.app.head_policy import HEAD_INITS, HEAD_POLICIES
 from bilevel.primitives.models import MODELS, ModelConfig
 from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_declared, reject_unknown_keys
 
@@ -33,12 +33,26 @@ BACKENDS = ("auto", "gloo", "nccl")
 @dataclass
 class HeadConfig:
     """Head policy (docs/theory.md §4), one of :data:`bilevel.app.head_policy.HEAD_POLICIES` (what
-    each does: :mod:`bilevel.app.head_policy`); ``scale`` multiplies the initial head of ``scaled``."""
+    each does: :mod:`bilevel.app.head_policy`); ``scale`` multiplies the initial head of ``scaled``;
+    ``init`` draws a random head: ``default`` (``nn.Linear``'s) or ``paper`` (the authors' Kaiming
+    normal, zero bias)."""
 
-    checks: ClassVar[dict[str, Check]] = {"policy": OneOf(HEAD_POLICIES), "scale": NON_NEGATIVE}
+    checks: ClassVar[dict[str, Check]] = {"policy": OneOf(HEAD_POLICIES), "scale": NON_NEGATIVE,
+                                          "init": OneOf(HEAD_INITS)}
 
     policy: str = "zeroing"
     scale: float = 1.0
+    init: str = "default"
+
+
+@dataclass
+class StudyConfig:
+    """A study's declared comparisons (``configs/experiment/*.yaml``; read by ``bilevel-report``,
+    :mod:`bilevel.app.study_claims`): ``name`` and ``comparisons``, a list of mappings. Not part of
+    a run's trajectory: the report groups runs without it."""
+
+    name: str = ""
+    comparisons: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -152,6 +166,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     cosine: CosineConfig = field(default_factory=CosineConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"

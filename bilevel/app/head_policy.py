@@ -1,17 +1,23 @@
 """Head policies (docs/theory.md §4), orthogonal to the algorithm.
 
-``random``: the Kaiming init of ``nn.Linear``; ``scaled``: that init × ``scale``;
-``zero_init``: W = b = 0 once; ``zeroing`` (the zeroing trick): W = b = 0 before every
+``random``: a random head drawn by the head init ``init`` (:data:`HEAD_INITS`): ``default``,
+``nn.Linear``'s own (``W, b ~ U(−1/√d, 1/√d)``, sd ``1/√(3d)`` ≈ 0.072 for d = 64 features), or
+``paper``, the authors' (the Kaiming-normal init of their MAML learner's linear layer:
+``W ~ N(0, 2/d)``, sd ``√(2/d)`` ≈ 0.177 for d = 64, and ``b = 0``); ``scaled``: that init ×
+``scale``; ``zero_init``: W = b = 0 once; ``zeroing`` (the zeroing trick): W = b = 0 before every
 outer step — the outer optimiser still updates them, and they are re-zeroed. Test-time
 zeroing evaluates a copy whose head is zeroed before adaptation.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params
 
 HEAD_POLICIES = ("random", "scaled", "zero_init", "zeroing")
+HEAD_INITS = ("default", "paper")
 
 
 def check_policy(policy: str) -> None:
@@ -21,9 +27,16 @@ def check_policy(policy: str) -> None:
 
 
 @torch.no_grad()
-def initialise_head(params: Params, policy: str, scale: float) -> None:
-    """Apply the policy to freshly initialised parameters (in place)."""
+def initialise_head(params: Params, policy: str, scale: float, init: str = "default") -> None:
+    """Apply the policy to freshly initialised parameters (in place); ``init`` redraws a random
+    head (``random``, ``scaled``) as the module docstring says (``default``: left as drawn)."""
     check_policy(policy)
+    if init not in HEAD_INITS:
+        raise ValueError(f"unknown head init {init!r}; choose one of {', '.join(HEAD_INITS)}")
+    if init == "paper" and policy in ("random", "scaled"):
+        weight = params[HEAD_WEIGHT]
+        weight.normal_(0.0, math.sqrt(2.0 / weight.shape[-1]))
+        params[HEAD_BIAS].zero_()
     if policy == "scaled":
         params[HEAD_WEIGHT].mul_(scale)
         params[HEAD_BIAS].mul_(scale)

@@ -1,7 +1,8 @@
 """A run directory, held by one process at a time.
 
-Contents: ``config.yaml`` (the resolved config of the current attempt; earlier attempts'
-differing configs are kept as ``config.1.yaml``, ``config.2.yaml``, ...), ``checkpoint.pt`` and
+Contents: ``config.yaml`` (the resolved config of the current attempt and, under ``provenance:``,
+the code it ran: :func:`bilevel.app.provenance.provenance`; earlier attempts' differing records
+are kept as ``config.1.yaml``, ``config.2.yaml``, ...), ``checkpoint.pt`` and
 ``checkpoint.prev.pt`` (:mod:`bilevel.app.checkpoint`), ``tb/`` (TensorBoard), ``metrics.json``
 (written last, by a run that finished) and ``run.lock`` while a run holds it.
 
@@ -18,7 +19,10 @@ import re
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from bilevel.app.checkpoint import latest_checkpoint
+from bilevel.app.provenance import provenance
 from bilevel.errors import RunDirectoryBusy
 from bilevel.files import FileLock, atomic_write_text, temp_files
 
@@ -26,6 +30,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.json"
 LOCK = "run.lock"
 LOG = "train.log"
+PROVENANCE = "provenance"
 
 
 def _without_comments(text: str) -> list[str]:
@@ -60,10 +65,12 @@ class RunDirectory:
         return latest_checkpoint(self.path)
 
     def begin(self, config_yaml: str, note: str) -> None:
-        """Start an attempt: keep an earlier ``config.yaml`` whose config differs as
-        ``config.<n>.yaml``, write this attempt's (``note`` as a comment on its first line), and
-        remove the ``metrics.json`` a finished or interrupted attempt left."""
+        """Start an attempt: keep an earlier ``config.yaml`` whose record differs as
+        ``config.<n>.yaml``, write this attempt's (``note`` as a comment on its first line, the
+        :data:`PROVENANCE` block last), and remove the ``metrics.json`` a finished or interrupted
+        attempt left."""
         config = self.path / CONFIG
+        config_yaml += yaml.safe_dump({PROVENANCE: provenance()}, sort_keys=False)
         if config.exists() and _without_comments(config.read_text()) != _without_comments(config_yaml):
             taken = [int(m.group(1)) for p in self.path.glob("config.*.yaml")
                      if (m := re.fullmatch(r"config\.(\d+)\.yaml", p.name))]

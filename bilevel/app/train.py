@@ -146,7 +146,7 @@ def setup(cfg: Any) -> Run:
                                tasks_in_memory(launch, cfg.train.meta_batch, device))
         model.to(device=device, dtype=dtype)
         params = model.init_params()
-        initialise_head(params, cfg.head.policy, cfg.head.scale)
+        initialise_head(params, cfg.head.policy, cfg.head.scale, cfg.head.init)
         params = algorithm.meta_parameters(params)
         ablation = resolve_ablation(
             None if cfg.ablation.keep is None else list(cfg.ablation.keep), list(cfg.ablation.drop), algorithm
