@@ -47,6 +47,7 @@ from bilevel.errors import (
     ResumeError,
     RunDirectoryBusy,
     RunInterrupted,
+    StorageError,
 )
 from bilevel.app.evaluation import Evaluation, TaskSet, ci95, headline_step
 from bilevel.execution.mapping import choose_execution, map_meta_steps, map_tasks
@@ -94,7 +95,7 @@ __all__ = [
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
-    "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
+    "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy", "StorageError",
     "RunInterrupted", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
     "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "ci95", "headline_step", "structural_zeros",
 ]
