@@ -547,8 +547,8 @@ def main() -> None:
         sys.exit(130)
     except Exception as error:  # noqa: BLE001  (explained or re-raised)
         explained = None if _TRACEBACKS["shown"] else (
-            error if isinstance(error, ConfigError) else explain_os_error(error) if isinstance(error, OSError)
-            else explain(error, override_words(sys.argv[1:])))
+            error if isinstance(error, ConfigError) else explain(error, override_words(sys.argv[1:]))
+            or (explain_os_error(error) if isinstance(error, OSError) else None))
         if explained is None:
             raise
         print(f"error: {explained}", file=sys.stderr, flush=True)
