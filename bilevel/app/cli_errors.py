@@ -8,9 +8,10 @@ and, for a typo, the closest valid key or option — which ``bilevel-train`` pri
 traceback, exiting 2. Anything else stays an exception with its traceback (a bug).
 
 Some command lines Hydra accepts but a run must not: :func:`check_overrides` refuses them before
-Hydra sees them (an override without a key, ``=3``; a deleted key, ``~train``, which would run on
-the schema's defaults unnoticed; an empty ``hydra.run.dir=``, which would write the run into the
-working directory; a file or directory name longer than the file system allows). An
+Hydra sees them (an override without a key, ``=3``; a deleted key of the run, ``~train``, which
+would run on the schema's defaults unnoticed — Hydra's own ``~hydra...`` are left to it; an
+empty ``hydra.run.dir=``, which would write the run into the working directory; a file or
+directory name longer than the file system allows). An
 :class:`OSError` raised while Hydra prepares the run (its run directory cannot be made, a name
 is too long) is said by :func:`explain_os_error`.
 """
@@ -77,7 +78,7 @@ def check_overrides(overrides: Sequence[str]) -> None:
         if equals and not key.lstrip("+~"):
             raise ConfigError(f"cannot read the command line: {shown(word)} has no key before '='. Overrides "
                               f"are key=value, e.g. train.steps=3")
-        if key.startswith("~"):
+        if key.startswith("~") and not key[1:].startswith("hydra"):
             raise ConfigError(f"{shown(word)} deletes {key[1:]!r} from the config: a run needs every key of its "
                               f"schema and would silently fall back on the schema's defaults. Set the values "
                               f"instead ({key[1:]}.KEY=VALUE), or pick another config group option")
@@ -116,7 +117,8 @@ def _preset_lacks(cfg: DictConfig, key: str) -> Optional[str]:
     """When ``key`` is ``algorithm.FIELD``, a field of the selected plugin's Config that its preset
     does not list: the plugin's name, else None."""
     group, _, field = key.partition(".")
-    name = cfg.get(ALGORITHM_GROUP, {}).get("name") if isinstance(cfg.get(ALGORITHM_GROUP), DictConfig) else None
+    node = cfg.get(ALGORITHM_GROUP)
+    name = node.get("name") if isinstance(node, DictConfig) else None
     if group != ALGORITHM_GROUP or "." in field or name not in available_algorithms():
         return None
     return str(name) if field in {f.name for f in dataclasses.fields(get_algorithm(str(name)).Config)} else None
