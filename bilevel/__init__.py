@@ -50,6 +50,7 @@ from bilevel.errors import (
     ResumeError,
     RunDirectoryBusy,
     RunInterrupted,
+    StorageError,
     UnknownAlgorithm,
 )
 from bilevel.execution.mapping import choose_execution, map_meta_steps, map_tasks
@@ -99,7 +100,8 @@ __all__ = [
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
-    "RunInterrupted", "UnknownAlgorithm", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
+    "StorageError", "RunInterrupted", "UnknownAlgorithm", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf",
+    "Range",
     "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "ci95", "headline_step", "structural_zeros",
 ]
 

@@ -25,7 +25,7 @@ from bilevel.decomposition.step import MetaStep, Want
 from bilevel.errors import ConfigError, UnknownAlgorithm
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import Params
-from bilevel.validate import NON_NEGATIVE, Check, check_declared, closest
+from bilevel.validate import AT_LEAST_1, Check, check_declared, closest
 
 ENTRY_POINT_GROUP = "bilevel.algorithms"
 
@@ -33,10 +33,11 @@ ENTRY_POINT_GROUP = "bilevel.algorithms"
 @dataclass
 class AlgorithmConfig:
     """Fields every algorithm has. ``name`` selects the plugin; ``test_steps`` is the number
-    of inner steps at evaluation (None: the training number). ``checks`` declares the valid
+    of inner steps at evaluation (None: the training number; at least 1, as the headline is
+    the accuracy after adaptation). ``checks`` declares the valid
     values of fields (:mod:`bilevel.validate`); a plugin's Config adds its own."""
 
-    checks: ClassVar[dict[str, Check]] = {"test_steps": NON_NEGATIVE}
+    checks: ClassVar[dict[str, Check]] = {"test_steps": AT_LEAST_1}
 
     name: str = "maml"
     test_steps: Optional[int] = None

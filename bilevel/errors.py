@@ -40,6 +40,12 @@ class CorruptFileError(BilevelError):
     the message names the file and the fix."""
 
 
+class StorageError(BilevelError):
+    """A file of the run or of the cache could not be written or read: the disk is full, a path
+    is not what it should be (a file where a directory belongs), permissions. The message names
+    the file and what the system said; the run keeps its last checkpoint."""
+
+
 class RunDirectoryBusy(BilevelError):
     """Another live process holds the run directory's lock; the message names it."""
 

@@ -104,11 +104,12 @@ class TrainLoopConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation (:mod:`bilevel.app.evaluation`): every ``train.eval_every`` steps on up to
-    ``tasks`` tasks of ``split``, and once at the end on up to ``final_tasks`` tasks of
-    ``final_split``, in batches of ``batch`` tasks drawn from a fixed sequence. ``budget_s`` /
-    ``final_budget_s`` cap each evaluation's time (0: no cap) by the measured time of a batch;
-    the task count used is reported. Accuracy after every test-time inner step, with and
+    """Held-out evaluation (:mod:`bilevel.app.evaluation`): every ``train.eval_every`` steps on
+    ``tasks`` tasks of ``split``, and once at the end on ``final_tasks`` tasks of ``final_split``,
+    in batches of ``batch`` tasks drawn from a fixed sequence: the same tasks on any machine under
+    any load. ``budget_s`` / ``final_budget_s`` (None or 0: none, the default) instead cap each
+    evaluation's time by the measured time of a batch, a count that then depends on the machine
+    and is logged as such. Accuracy after every test-time inner step, with and
     without test-time zeroing, with 95 % confidence intervals over the tasks; the headline is
     the accuracy after ``headline_step`` inner steps (None: the number training uses)."""
 
@@ -122,8 +123,8 @@ class EvalConfig:
     final_tasks: int = 400
     final_split: str = "test"
     batch: int = 20
-    budget_s: float = 10.0
-    final_budget_s: float = 30.0
+    budget_s: Optional[float] = None
+    final_budget_s: Optional[float] = None
     headline_step: Optional[int] = None
 
 

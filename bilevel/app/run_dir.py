@@ -6,14 +6,18 @@ are kept as ``config.1.yaml``, ``config.2.yaml``, ...), ``checkpoint.pt`` and
 ``checkpoint.prev.pt`` (:mod:`bilevel.app.checkpoint`), ``tb/`` (TensorBoard), ``metrics.json``
 (written last, by a run that finished) and ``run.lock`` while a run holds it.
 
-Invariants: entering takes the lock without waiting — a second run in the same directory
-fails at start with :class:`~bilevel.errors.RunDirectoryBusy`, naming the holder — and
-removes the temporary files of writes that were killed. Nothing else is touched until
+Invariants: entering takes the lock without waiting — an ``flock`` on the directory and on
+``run.lock`` (:class:`~bilevel.files.DirectoryLock`: deleting ``run.lock`` lets no second run
+in) — so a second run in the same directory fails at start with
+:class:`~bilevel.errors.RunDirectoryBusy`, naming the holder; and it removes the temporary files of
+writes that were killed. A path that cannot be a run directory (a file, a read-only place) is a
+:class:`~bilevel.errors.ConfigError` before anything is written. Nothing else is touched until
 :meth:`RunDirectory.begin`, which the trainer calls only once the run is known to start
 (config valid, resume contract met): so a refused run leaves the directory's record as it was.
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
 from pathlib import Path
@@ -23,8 +27,8 @@ import yaml
 
 from bilevel.app.checkpoint import latest_checkpoint
 from bilevel.app.provenance import provenance
-from bilevel.errors import RunDirectoryBusy
-from bilevel.files import FileLock, atomic_write_text, temp_files
+from bilevel.errors import ConfigError, RunDirectoryBusy
+from bilevel.files import DirectoryLock, atomic_write_text, storage_error, temp_files
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -42,11 +46,19 @@ class RunDirectory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock = FileLock(self.path / LOCK)
+        self._lock = DirectoryLock(self.path, LOCK)
 
     def __enter__(self) -> "RunDirectory":
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not self._lock.acquire(blocking=False):
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            taken = self._lock.acquire(blocking=False)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise storage_error(err) from None
+            raise ConfigError(f"cannot use {self.path} as the run directory: {err.strerror or err} "
+                              f"({err.filename}). Choose a directory this user can create and write "
+                              f"(hydra.run.dir=DIR)") from None
+        if not taken:
             raise RunDirectoryBusy(
                 f"run directory {self.path} is in use by another run ({self._lock.holder()}); wait for it to "
                 "finish or choose another hydra.run.dir. (The lock is released when its holder exits, even "
@@ -91,7 +103,7 @@ def discard_unstarted(path: str | Path, within: str | Path) -> bool:
     path, within = Path(path).resolve(), Path(within).resolve()
     if not path.is_dir() or any(p.name not in (LOCK, LOG) for p in path.iterdir()):
         return False
-    lock = FileLock(path / LOCK)
+    lock = DirectoryLock(path, LOCK)
     if not lock.acquire(blocking=False):
         return False
     try:
