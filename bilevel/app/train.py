@@ -76,6 +76,7 @@ from bilevel.app.resume import check_resume, checkpoint_to_resume, fingerprint, 
 from bilevel.rng import global_rng_state, set_global_rng_state
 from bilevel.app.run_dir import RunDirectory, discard_unstarted
 from bilevel.app.signals import GracefulStop
+from bilevel.app.stalls import StallWatch
 from bilevel.decomposition.structural import idle_ablation_warning, structural_zeros
 from bilevel.app.summary import evaluation_line, run_summary, run_title
 from bilevel.app.tb import RunLogger
@@ -320,6 +321,7 @@ class Attempt:
     last_good: str
     show_progress: bool
     probe: CosineProbe
+    stalls: StallWatch
     eval_seconds: float = 0.0
 
     def step(self, step: int, decompose: bool, stop: GracefulStop) -> tuple[MetaStep, Labels]:
@@ -362,6 +364,8 @@ class Attempt:
         }
         scalars.update(result.extras)
         self.logger.scalars(scalars, done)
+        for warning in self.stalls.check(done, result.grad, params, scalars[tags.TRAIN_ACCURACY], means.count):
+            log.warning("warning: " + warning)
         bar.set_postfix(loss=f"{float(scalars[tags.TRAIN_LOSS]):.3f}",
                         acc=f"{float(scalars[tags.TRAIN_ACCURACY]):.3f}")
 
@@ -422,7 +426,8 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
     if start == 0:
         probe.after_update(0, run.params)
     attempt = Attempt(run, directory, optimizer, choice.path, logger, FiniteGuard(run.device, checked_until=start),
-                      last_good, show_progress, probe)
+                      last_good, show_progress, probe,
+                      StallWatch(cfg.data.ways, cfg.train.meta_batch * cfg.data.ways * cfg.data.queries))
     steps = cfg.train.steps
     try:
         with GracefulStop() as stop, \
