@@ -77,3 +77,15 @@ def test_docs_give_line_counts_only_in_the_table():
     """A count in prose would go stale unseen: the walk-throughs refer to the table."""
     prose = [line for line in DOC.read_text().splitlines() if not line.startswith("|")]
     assert not [line for line in prose if re.search(r"\b\d+ lines\b", line)]
+
+
+@pytest.mark.parametrize("path, marker", [("examples/boil.py", "class BOIL("),
+                                          ("examples/protomaml.py", "class ProtoMAML(")])
+def test_docs_walk_through_code_is_the_files(path, marker):
+    """Every line of the walk-through's code block is a line of the example file (the block leaves
+    out docstrings, never changes code)."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S) if marker in b]
+    assert len(blocks) == 1
+    source = {line.strip() for line in (ROOT / path).read_text().splitlines()}
+    missing = [line for line in blocks[0].splitlines() if line.strip() and line.strip() not in source]
+    assert not missing, f"docs/plugins.md shows lines that {path} does not have: {missing}"
