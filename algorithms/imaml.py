@@ -21,15 +21,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from bilevel.algorithm import AlgorithmConfig
-from bilevel.data.batch import TaskBatch
-from bilevel.execution.mapping import map_tasks
-from bilevel.primitives.head import readout
-from bilevel.hypergrad.implicit import ImplicitAlgorithm, ImplicitSystem
-from bilevel.solvers.proximal import proximal_solve
-from bilevel.primitives.losses import accuracy
-from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
-from bilevel.validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check
+from bilevel import (
+    AT_LEAST_1, ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, INNER_LOOP, NON_NEGATIVE, POSITIVE, AlgorithmConfig, Check,
+    ImplicitAlgorithm, ImplicitSystem, Params, TaskBatch, accuracy, encoder_part, map_tasks, proximal_solve, readout,
+    tree_detach,
+)
 
 
 @dataclass

@@ -38,9 +38,10 @@ from bilevel.algorithm import (
 )
 from bilevel.primitives.cg import CGResult, cg_polynomial, conjugate_gradient
 from bilevel.hypergrad.chain import ChainAlgorithm, ChainConfig, decompose_chain
-from bilevel.solvers.chain import ChainSpec, run_chain
+from bilevel.solvers.chain import ChainSpec, draw_noise, run_chain
 from bilevel.decomposition.cotangents import TERMS, Nodes, stack_nodes, sum_nodes, term_cotangents
 from bilevel.decomposition.record import Decomposition
+from bilevel.data.batch import TaskBatch, task_position
 from bilevel.errors import (
     BilevelError,
     ConfigError,
@@ -82,9 +83,10 @@ from bilevel.solvers.proximal import proximal_solve
 from bilevel.solvers.sgd import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
 from bilevel.primitives.models import BilevelModel, ModelConfig, build_model
 from bilevel.primitives.pooling import max_pool2x2
-from bilevel.primitives.params import Params
+from bilevel.primitives.losses import accuracy, cross_entropy, cross_entropy_logits_grad
+from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
 from bilevel.decomposition.structural import structural_zeros
-from bilevel.hypergrad.unrolled import UnrolledAlgorithm, UnrolledConfig
+from bilevel.hypergrad.unrolled import ORDERS, UnrolledAlgorithm, UnrolledConfig
 from bilevel.validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared
 
 __all__ = [
@@ -103,6 +105,9 @@ __all__ = [
     "StorageError", "RunInterrupted", "UnknownAlgorithm", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf",
     "Range",
     "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "ci95", "headline_step", "structural_zeros",
+    # what plugins read besides the bases: parameter roles, batches, losses, noise draws
+    "ENCODER_PREFIX", "HEAD_BIAS", "HEAD_WEIGHT", "ORDERS", "TaskBatch", "accuracy", "cross_entropy",
+    "cross_entropy_logits_grad", "draw_noise", "encoder_part", "task_position", "tree_detach",
 ]
 
 _APP_NAMES = {

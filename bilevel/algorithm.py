@@ -28,6 +28,9 @@ from bilevel.primitives.params import Params
 from bilevel.validate import AT_LEAST_1, Check, check_declared, closest
 
 ENTRY_POINT_GROUP = "bilevel.algorithms"
+HEAD_ENTRY_TERMS = ("contrastive", "contrastive_query", "contrastive_support", "coefficient")
+"""The terms whose node cotangents live on the trace's entries ``(Φ_τ, A_τ)``: all exactly 0
+without entries."""
 
 
 @dataclass
@@ -58,6 +61,14 @@ class BilevelAlgorithm(ABC):
     terms: tuple[str, ...] = ()
     splits_contrastive: ClassVar[bool] = False
     executions: tuple[str, ...] = ("loop",)
+    head_policy: ClassVar[str] = "zeroing"
+    """The ``head.policy`` a run uses when the user sets none (``docs/theory.md`` §4). An algorithm
+    whose inner loop cannot learn from a zero head (BOIL: the head is frozen in the inner loop, so
+    from ``W_0 = 0`` the encoder never moves) declares ``"random"``."""
+    head_frozen: ClassVar[bool] = False
+    """True when the inner loop never writes the head (BOIL: it adapts the encoder only). The trace
+    then has no entries: every term but ``init`` (and noise) is exactly 0 (:meth:`structural_zeros`)
+    and the decomposition has no pair weights (``Decomposition.absent``)."""
 
     def __init__(self, model: BilevelModel, config: Any, execution: Optional[str] = None) -> None:
         self.model = model
@@ -121,10 +132,16 @@ class BilevelAlgorithm(ABC):
     def structural_zeros(self, head_policy: str) -> dict[str, str]:
         """Terms exactly 0 on the encoder by construction under ``head_policy``, each with the
         reason (logged once; an ablation that removes only these is warned about). Default: ``init``
-        (``Σ_q g_qᵀ W_0 dφ_q``) when every inner loop starts from ``W_0 = 0``."""
+        (``Σ_q g_qᵀ W_0 dφ_q``) when every inner loop starts from ``W_0 = 0`` (an algorithm whose
+        ``W_0`` is not the meta head overrides this), and every term that reads the trace's entries
+        when :attr:`head_frozen`."""
+        zeros = {}
+        if self.head_frozen:
+            zeros = dict.fromkeys(HEAD_ENTRY_TERMS, "the inner loop never writes the head (head_frozen): the trace "
+                                                    "has no entries")
         if head_policy == "zeroing":
-            return {"init": "head.policy=zeroing starts every inner loop from W_0 = 0"}
-        return {}
+            zeros["init"] = "head.policy=zeroing starts every inner loop from W_0 = 0"
+        return zeros
 
     def meta_parameters(self, params: Params) -> Params:
         """The outer problem's variables: the network's ``params`` plus whatever the algorithm

@@ -20,7 +20,7 @@ from bilevel.app.cosine_protocol import CosineConfig
 from bilevel.data import DataConfig
 from bilevel.data.dataset import SPLITS
 from bilevel.execution.mapping import EXECUTIONS
-from bilevel.app.head_policy import HEAD_INITS, HEAD_POLICIES
+from bilevel.app.head_policy import HEAD_INITS, HEAD_POLICIES, algorithm_policy
 from bilevel.primitives.models import MODELS, ModelConfig
 from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_declared, reject_unknown_keys
 
@@ -30,17 +30,21 @@ RESUME_MODES = ("auto", "true", "false", "force")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
+OmegaConf.register_new_resolver("algorithm_head_policy", algorithm_policy, replace=True)
+
+
 @dataclass
 class HeadConfig:
     """Head policy (docs/theory.md §4), one of :data:`bilevel.app.head_policy.HEAD_POLICIES` (what
     each does: :mod:`bilevel.app.head_policy`); ``scale`` multiplies the initial head of ``scaled``;
     ``init`` draws a random head: ``default`` (``nn.Linear``'s) or ``paper`` (the authors' Kaiming
-    normal, zero bias)."""
+    normal, zero bias). Unset, ``policy`` is the algorithm's own
+    (:func:`~bilevel.app.head_policy.algorithm_policy`; :func:`validate` records the value)."""
 
     checks: ClassVar[dict[str, Check]] = {"policy": OneOf(HEAD_POLICIES), "scale": NON_NEGATIVE,
                                           "init": OneOf(HEAD_INITS)}
 
-    policy: str = "zeroing"
+    policy: str = "${algorithm_head_policy:${algorithm.name}}"
     scale: float = 1.0
     init: str = "default"
 
@@ -194,8 +198,10 @@ def typed_config(cfg: Any) -> DictConfig:
 def validate(cfg: DictConfig) -> None:
     """Reject keys the schema lacks and values its checks refuse (:class:`ConfigError`, naming
     the key and the valid values). ``train.resume`` is read case-insensitively (``true``
-    on the command line arrives as a boolean)."""
+    on the command line arrives as a boolean); ``head.policy`` is settled (its default is the
+    algorithm's)."""
     cfg.train.resume = str(cfg.train.resume).lower()
+    cfg.head.policy = str(cfg.head.policy)  # the algorithm's default, resolved: config.yaml records the value
     reject_unknown_keys(cfg, OmegaConf.structured(TrainConfig))
     check_declared(cfg)
 

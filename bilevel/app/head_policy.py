@@ -6,7 +6,8 @@
 ``W ~ N(0, 2/d)``, sd ``√(2/d)`` ≈ 0.177 for d = 64, and ``b = 0``); ``scaled``: that init ×
 ``scale``; ``zero_init``: W = b = 0 once; ``zeroing`` (the zeroing trick): W = b = 0 before every
 outer step — the outer optimiser still updates them, and they are re-zeroed. Test-time
-zeroing evaluates a copy whose head is zeroed before adaptation.
+zeroing evaluates a copy whose head is zeroed before adaptation. A run whose ``head.policy`` is
+not set uses the one its algorithm declares (:func:`algorithm_policy`).
 """
 from __future__ import annotations
 
@@ -14,10 +15,20 @@ import math
 
 import torch
 
+from bilevel.algorithm import BilevelAlgorithm, available_algorithms, get_algorithm
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params
 
 HEAD_POLICIES = ("random", "scaled", "zero_init", "zeroing")
 HEAD_INITS = ("default", "paper")
+
+
+def algorithm_policy(name: str) -> str:
+    """The head policy algorithm ``name`` declares (:attr:`bilevel.algorithm.BilevelAlgorithm.head_policy`),
+    the default of ``head.policy``; ``zeroing`` for a name no plugin registers (whose error comes
+    when the algorithm is built, with the list of algorithms)."""
+    if name not in available_algorithms():
+        return BilevelAlgorithm.head_policy
+    return get_algorithm(name).head_policy
 
 
 def check_policy(policy: str) -> None:

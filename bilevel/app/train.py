@@ -79,6 +79,7 @@ from bilevel.app.signals import GracefulStop
 from bilevel.files import check_cache_dir, storage_error
 from bilevel.app.preflight import check_model, check_outer_lr
 from bilevel.app.streams import survive_closed_console
+from bilevel.app.stalls import StallWatch
 from bilevel.decomposition.structural import idle_ablation_warning, structural_zeros
 from bilevel.app.summary import evaluation_line, run_summary, run_title
 from bilevel.app.tb import RunLogger
@@ -327,6 +328,7 @@ class Attempt:
     show_progress: bool
     probe: CosineProbe
     path_check: PathCheck
+    stalls: StallWatch
     eval_seconds: float = 0.0
 
     def step(self, step: int, decompose: bool, stop: GracefulStop) -> tuple[MetaStep, Labels]:
@@ -373,6 +375,8 @@ class Attempt:
         }
         scalars.update(result.extras)
         self.logger.scalars(scalars, done)
+        for warning in self.stalls.check(done, result.grad, params, scalars[tags.TRAIN_ACCURACY], means.count):
+            log.warning("warning: " + warning)
         bar.set_postfix(loss=f"{float(scalars[tags.TRAIN_LOSS]):.3f}",
                         acc=f"{float(scalars[tags.TRAIN_ACCURACY]):.3f}")
 
@@ -433,7 +437,8 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
     if start == 0:
         probe.after_update(0, run.params)
     attempt = Attempt(run, directory, optimizer, choice.path, logger, FiniteGuard(run.device, checked_until=start),
-                      last_good, show_progress, probe, PathCheck(choice, run.device, run.replicas.writer))
+                      last_good, show_progress, probe, PathCheck(choice, run.device, run.replicas.writer),
+                      StallWatch(cfg.data.ways, cfg.train.meta_batch * cfg.data.ways * cfg.data.queries))
     steps = cfg.train.steps
     try:
         with GracefulStop() as stop, \

@@ -49,8 +49,8 @@ class TaskResult(NamedTuple):
     plain step, :func:`~bilevel.execution.mapping.map_meta_steps`); ``ablated`` the gradient of
     ``Want.keep`` when no decomposition was asked; ``terms`` the term gradients stacked
     ``{key: [len(Want.terms), *shape]}``; ``pairs`` ``[entries, n_s, n_q]`` and ``cosines``
-    ``[n_s, n_q]`` per task; ``reconstruction`` the eq. (1) error; ``adaptation`` the
-    encoder-adaptation diagnostic; ``extras`` per-task scalars (averaged over tasks)."""
+    ``[n_s, n_q]`` per task (None: the head trace has no entries); ``reconstruction`` the eq. (1)
+    error; ``adaptation`` the encoder-adaptation diagnostic; ``extras`` per-task scalars (averaged over tasks)."""
 
     loss: Tensor
     accuracy: Tensor

@@ -21,8 +21,7 @@ from torch.func import vmap
 from bilevel.decomposition.step import TaskResult, Want
 from bilevel.decomposition.cotangents import (
     Nodes,
-    cosine_matrix,
-    pair_weights,
+    pair_statistics,
     stack_nodes,
     sum_nodes,
     term_cotangents,
@@ -123,11 +122,12 @@ def node_rows(
         return out._replace(grad=grad)
     terms, stacked = term_rows(forward, want.terms, direct, sequential)
     trace, phi_q = forward.trace, forward.nodes.query_features
+    pairs, cosines = pair_statistics(trace, phi_q, forward.logits_grad() * forward.tasks)
     return out._replace(
         grad=grad,
         terms=terms,
-        pairs=pair_weights(trace, forward.logits_grad() * forward.tasks),
-        cosines=cosine_matrix(forward.nodes.features[0], phi_q),
+        pairs=pairs,
+        cosines=cosines,
         reconstruction=reconstruction_error(trace, phi_q, forward.logits),
         adaptation=adaptation(terms, stacked) if adaptation is not None else None,
     )
