@@ -77,6 +77,7 @@ from bilevel.solvers.proximal import proximal_solve
 from bilevel.solvers.sgd import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
 from bilevel.primitives.models import BilevelModel, ModelConfig, build_model
 from bilevel.primitives.pooling import max_pool2x2
+from bilevel.primitives.precision import PRECISIONS, Policy, mixed_precision
 from bilevel.primitives.params import Params
 from bilevel.decomposition.structural import structural_zeros
 from bilevel.hypergrad.unrolled import UnrolledAlgorithm, UnrolledConfig
@@ -93,6 +94,7 @@ __all__ = [
     "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_displacement", "head_shrink", "head_write", "init_head",
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
+    "PRECISIONS", "Policy", "mixed_precision",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
     "RunInterrupted", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",

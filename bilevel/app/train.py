@@ -65,10 +65,12 @@ from bilevel.app.evaluation import Evaluation, TaskSet, evaluate, headline_step
 from bilevel.execution.choice import ExecutionChoice, cache_key, measure_paths, settle_execution
 from bilevel.app.finite import FiniteGuard, step_tensors
 from bilevel.app.head_policy import before_outer_step, initialise_head
+from bilevel.app.loss_scale import DynamicLossScale
 from bilevel.execution.memory import check_meta_step_memory
 from bilevel.primitives.models import BilevelModel, build_model
 from bilevel.app.naming import Naming, hydra_naming
 from bilevel.primitives.head import row_spread
+from bilevel.primitives.precision import mixed_precision, precision_warning
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
 from bilevel.app.progress import phase_bar, training_bar
 from bilevel.app.resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
@@ -113,6 +115,7 @@ class Run:
     structural: dict[str, str]
     warnings: list[str]
     replicas: Replicas
+    loss_scale: Optional[DynamicLossScale] = None
 
 
 def task_set(cfg: DictConfig, split: str, tasks: int, budget_s: float, device: torch.device, dtype: torch.dtype,
@@ -133,6 +136,9 @@ def setup(cfg: Any) -> Run:
     launch = detect_launch()
     try:
         device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+        if cfg.precision != "fp32" and cfg.dtype != "float32":
+            raise ConfigError(f"precision={cfg.precision} keeps float32 master parameters; it needs dtype=float32, "
+                              f"got dtype={cfg.dtype} (or set precision=fp32)")
         check_launch(launch, cfg, device)
         device = rank_device(launch, device)
         replicas = Replicas(launch, device, resolve_backend(cfg.dist.backend, device), cfg.dist.timeout_s,
@@ -163,9 +169,10 @@ def setup(cfg: Any) -> Run:
     except (ValueError, FileNotFoundError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
     zeros = structural_zeros(algorithm, cfg.head.policy, ablation.terms)
-    warnings = [w for w in [idle_ablation_warning(ablation, algorithm, zeros, cfg.ablation.name)] if w]
+    warnings = [w for w in [idle_ablation_warning(ablation, algorithm, zeros, cfg.ablation.name),
+                            precision_warning(cfg.precision, algorithm.name)] if w]
     return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals, tests, headline, zeros,
-               warnings, replicas)
+               warnings, replicas, DynamicLossScale() if cfg.precision == "fp16" else None)
 
 
 def settle_path(run: Run, recorded: Optional[str]) -> ExecutionChoice:
@@ -190,6 +197,7 @@ def run_state(run: Run, optimizer: torch.optim.Optimizer, step: int, execution: 
         "execution": execution, "config": OmegaConf.to_container(run.cfg, resolve=True),
         "fingerprint": fingerprint(run.cfg, execution, run.device), "time": time.time(),
         "eval_batches": run.eval_tasks.batches,
+        "loss_scale": None if run.loss_scale is None else run.loss_scale.state_dict(),
     }
 
 
@@ -204,6 +212,8 @@ def restore(run: Run, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -
     set_global_rng_state(state["rng"])
     if state.get("eval_batches") is not None and run.cfg.eval == state["config"]["eval"]:
         run.eval_tasks.batches = state["eval_batches"]
+    if run.loss_scale is not None and state.get("loss_scale") is not None:
+        run.loss_scale.load_state_dict(state["loss_scale"])
 
 
 def train(cfg: Any, run_dir: str | Path, show_progress: bool = True, naming: Optional[Naming] = None) -> dict[str, float]:
@@ -211,7 +221,7 @@ def train(cfg: Any, run_dir: str | Path, show_progress: bool = True, naming: Opt
     run = setup(cfg)
     if not run.replicas.writer:
         silence_run_log(Path(run_dir))
-    with run.replicas.running(run_dir) as directory:
+    with run.replicas.running(run_dir) as directory, mixed_precision(run.cfg.precision, run.loss_scale):
         return _train(run, directory, show_progress and run.replicas.writer, naming or Naming(run.algorithm.name))
 
 
@@ -320,17 +330,23 @@ class Attempt:
     show_progress: bool
     probe: CosineProbe
     eval_seconds: float = 0.0
+    applied: bool = True
 
     def step(self, step: int, decompose: bool, stop: GracefulStop) -> tuple[MetaStep, Labels]:
         """Outer step ``step`` (from 0): draw the meta-batch, apply the head policy, compute the
         meta-step (with its decomposition when ``decompose``) and the update the ablation
         follows, reduce both over the processes, and apply the update. Returns the whole
-        meta-batch's meta-step and labels (:meth:`~bilevel.app.distributed.Replicas.reduce_step`)."""
+        meta-batch's meta-step and labels (:meth:`~bilevel.app.distributed.Replicas.reduce_step`).
+        Under fp16 a step whose meta-gradient is not finite is skipped (``applied`` False:
+        :class:`~bilevel.app.loss_scale.DynamicLossScale`)."""
         run, done = self.run, step + 1
         batch = run.sampler.sample().to(run.device, run.dtype)
         before_outer_step(run.params, run.cfg.head.policy)
         result, update = run.ablation.step(run.algorithm, run.params, batch, decompose)
         result, update, labels = run.replicas.reduce_step(result, update, batch, stop)
+        self.applied = run.loss_scale is None or run.loss_scale.accept(done, update, result.loss)
+        if not self.applied:
+            return result, labels
         for k, p in run.params.items():
             p.grad = update[k]
         self.optimizer.step()
@@ -354,12 +370,15 @@ class Attempt:
         elapsed = time.perf_counter() - means.tick
         params = self.run.params
         scalars = {
-            tags.TRAIN_LOSS: means.loss / means.count, tags.TRAIN_ACCURACY: means.accuracy / means.count,
+            tags.TRAIN_LOSS: means.loss / max(means.count, 1), tags.TRAIN_ACCURACY: means.accuracy / max(means.count, 1),
             tags.TRAIN_HEAD_NORM: torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
             tags.TRAIN_HEAD_ROW_SPREAD: row_spread(params[HEAD_WEIGHT], params[HEAD_BIAS]),
-            tags.TRAIN_PARAMS_NORM: tree_norm(params), tags.TRAIN_STEP_SECONDS: elapsed / means.count,
+            tags.TRAIN_PARAMS_NORM: tree_norm(params), tags.TRAIN_STEP_SECONDS: elapsed / max(means.count, 1),
         }
         scalars.update(result.extras)
+        if self.run.loss_scale is not None:
+            scalars.update({tags.TRAIN_LOSS_SCALE: self.run.loss_scale.scale,
+                            tags.TRAIN_SKIPPED_STEPS: self.run.loss_scale.skipped})
         self.logger.scalars(scalars, done)
         bar.set_postfix(loss=f"{float(scalars[tags.TRAIN_LOSS]):.3f}",
                         acc=f"{float(scalars[tags.TRAIN_ACCURACY]):.3f}")
@@ -431,8 +450,9 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
                 done = step + 1
                 decompose = decomposes_at(step, cfg, run.ablation)
                 result, labels = attempt.step(step, decompose, stop)
-                means.add(result)
-                if decompose:
+                if attempt.applied:
+                    means.add(result)
+                if decompose and attempt.applied:
                     attempt.log_decomposition(result, labels, step)
                 if due(done, cfg.train.log_every, steps):
                     attempt.log_training(done, result, means, bar)
