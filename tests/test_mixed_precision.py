@@ -24,7 +24,8 @@ from bilevel.data import build_sampler
 from bilevel.data.config import DataConfig
 from bilevel.errors import ConfigError
 from bilevel.primitives import models
-from bilevel.primitives.precision import ERROR_BOUND, Policy, mixed_precision
+from bilevel.primitives import precision
+from bilevel.primitives.precision import ERROR_BOUND, Policy, mixed_precision, precision_warning
 from bilevel import tags
 from tests.test_train import config
 
@@ -145,3 +146,11 @@ def test_fp16_training_skips_overflowing_steps_and_logs_them(tmp_path, monkeypat
 def test_bad_precision_is_refused_before_any_work(tmp_path, overrides, words):
     with pytest.raises(ConfigError, match=words):
         train(config(*overrides), tmp_path, show_progress=False)
+
+
+def test_a_run_is_told_when_its_error_exceeds_the_bound(monkeypatch):
+    monkeypatch.setattr(precision, "MEASURED_ERROR", {"bf16": {"a": ERROR_BOUND / 2, "b": ERROR_BOUND * 2}})
+    assert "within" in precision_warning("bf16", "a")
+    assert "ABOVE" in precision_warning("bf16", "b") and f"{ERROR_BOUND * 2:.1e}" in precision_warning("bf16", "b")
+    assert "not measured" in precision_warning("bf16", "plugin")
+    assert precision_warning("fp32", "b") is None

@@ -74,12 +74,13 @@ class Policy:
 ERROR_BOUND = 2e-2
 """The documented bound on a 16-bit meta-gradient's error against float64 (median over tasks)."""
 MEASURED_ERROR: dict[str, dict[str, float]] = {
-    "bf16": {},
+    "bf16": {"maml": 1.8e-2, "fomaml": 3.8e-2, "anil": 4.2e-3},
     "fp16": {},
 }
 """Median relative error against float64 of each built-in algorithm's meta-gradient at its default
 configuration (conv4 on glyphs, 5-way 1-shot, 15 queries, zero head, the worse of its paths), as
-``benchmarks/precision.py`` measured it on the CPU (``docs/performance.md``, "Mixed precision")."""
+``benchmarks/precision.py`` measured it on the CPU (``docs/performance.md``, "Mixed precision"); fp16
+is measured on a GPU only (``benchmarks/gpu_check.sh``)."""
 
 _ACTIVE: ContextVar[Optional[Policy]] = ContextVar("bilevel_mixed_precision", default=None)
 
@@ -133,7 +134,8 @@ def precision_warning(precision: str, algorithm: str) -> Optional[str]:
     where = "docs/performance.md, Mixed precision"
     if measured is None:
         return (f"precision={precision}: the meta-gradient error of {algorithm!r} against float64 was not measured "
-                f"(documented bound {ERROR_BOUND:g}; measure it with benchmarks/precision.py)")
+                f"(documented bound {ERROR_BOUND:g}; benchmarks/precision.py measures it, on a GPU through "
+                "benchmarks/gpu_check.sh)")
     verdict = "ABOVE" if measured > ERROR_BOUND else "within"
     return (f"precision={precision}: {algorithm}'s meta-gradient measured {measured:.1e} off float64 (median over "
             f"tasks, conv4 glyphs), {verdict} the documented bound {ERROR_BOUND:g} ({where}); precision=fp32 is exact "
