@@ -74,19 +74,20 @@ def measure_errors(run, args, tasks, name: str) -> list[dict]:
     from bilevel import build_algorithm
     from bilevel.testing import rel_err
 
-    model64 = copy.deepcopy(run.model).double()
-    params64 = {k: v.double() for k, v in run.params.items()}
     algo = build_algorithm(preset(name), run.model)
+    params = algo.meta_parameters(dict(run.params))  # Meta-SGD adds its learning rates
+    model64 = copy.deepcopy(run.model).double()
+    params64 = {k: v.double() for k, v in params.items()}
     rows = []
     for path in algo.executions:
         algo_p, algo64 = algo.with_execution(path), build_algorithm(preset(name), model64, path)
         exact = [algo64.meta_grad(params64, t.to(dtype=torch.float64)).grad for t in tasks]
         for label, context in contexts(args.precisions, name, run.device).items():
             with context():
-                grads = [algo_p.meta_grad(run.params, t).grad for t in tasks]
+                grads = [algo_p.meta_grad(params, t).grad for t in tasks]
                 identity = None
                 if algo.terms and " " not in label:
-                    identity = float(algo_p.meta_grad(run.params, tasks[0], decompose=True).decomposition.identity_error)
+                    identity = float(algo_p.meta_grad(params, tasks[0], decompose=True).decomposition.identity_error)
             errors = [rel_err({k: v.double() for k, v in g.items()}, e) for g, e in zip(grads, exact)]
             finite = all(all(torch.isfinite(v).all() for v in g.values()) for g in grads)
             rows.append({"algorithm": name, "path": path, "precision": label, "finite": finite,

@@ -74,7 +74,8 @@ class Policy:
 ERROR_BOUND = 2e-2
 """The documented bound on a 16-bit meta-gradient's error against float64 (median over tasks)."""
 MEASURED_ERROR: dict[str, dict[str, float]] = {
-    "bf16": {"maml": 1.8e-2, "fomaml": 3.8e-2, "anil": 4.2e-3},
+    "bf16": {"maml": 1.8e-2, "fomaml": 3.8e-2, "anil": 4.2e-3, "imaml": 4.8e-3, "entropy_sgd": 4.2e-2,
+             "r2d2": 4.8e-3, "meta_sgd": 1.8e-2},
     "fp16": {},
 }
 """Median relative error against float64 of each built-in algorithm's meta-gradient at its default
