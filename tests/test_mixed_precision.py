@@ -154,3 +154,4 @@ def test_a_run_is_told_when_its_error_exceeds_the_bound(monkeypatch):
     assert "ABOVE" in precision_warning("bf16", "b") and f"{ERROR_BOUND * 2:.1e}" in precision_warning("bf16", "b")
     assert "not measured" in precision_warning("bf16", "plugin")
     assert precision_warning("fp32", "b") is None
+    assert "slower" in precision_warning("fp16", "a", torch.device("cpu"))

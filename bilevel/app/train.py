@@ -170,7 +170,7 @@ def setup(cfg: Any) -> Run:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
     zeros = structural_zeros(algorithm, cfg.head.policy, ablation.terms)
     warnings = [w for w in [idle_ablation_warning(ablation, algorithm, zeros, cfg.ablation.name),
-                            precision_warning(cfg.precision, algorithm.name)] if w]
+                            precision_warning(cfg.precision, algorithm.name, device)] if w]
     return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals, tests, headline, zeros,
                warnings, replicas, DynamicLossScale() if cfg.precision == "fp16" else None)
 

@@ -125,22 +125,26 @@ def loss_scales() -> tuple[float, float]:
     return s, s * s
 
 
-def precision_warning(precision: str, algorithm: str) -> Optional[str]:
+def precision_warning(precision: str, algorithm: str, device: Optional[torch.device] = None) -> Optional[str]:
     """What a run under ``precision`` should be told about its meta-gradient's accuracy for
     ``algorithm`` (None for fp32): the measured error and :data:`ERROR_BOUND`, and plainly when the
-    error exceeds the bound or was never measured."""
+    error exceeds the bound or was never measured; fp16 on a CPU also hears that it is slow."""
     if precision == "fp32":
         return None
     measured = MEASURED_ERROR.get(precision, {}).get(algorithm)
-    where = "docs/performance.md, Mixed precision"
     if measured is None:
-        return (f"precision={precision}: the meta-gradient error of {algorithm!r} against float64 was not measured "
+        text = (f"precision={precision}: the meta-gradient error of {algorithm!r} against float64 was not measured "
                 f"(documented bound {ERROR_BOUND:g}; benchmarks/precision.py measures it, on a GPU through "
                 "benchmarks/gpu_check.sh)")
-    verdict = "ABOVE" if measured > ERROR_BOUND else "within"
-    return (f"precision={precision}: {algorithm}'s meta-gradient measured {measured:.1e} off float64 (median over "
-            f"tasks, conv4 glyphs), {verdict} the documented bound {ERROR_BOUND:g} ({where}); precision=fp32 is exact "
-            "to ~1e-5")
+    else:
+        verdict = "ABOVE" if measured > ERROR_BOUND else "within"
+        text = (f"precision={precision}: {algorithm}'s meta-gradient measured {measured:.1e} off float64 (median "
+                f"over tasks, conv4 glyphs), {verdict} the documented bound {ERROR_BOUND:g} (docs/performance.md, "
+                "Mixed precision); precision=fp32 is exact to ~1e-5")
+    if precision == "fp16" and device is not None and device.type == "cpu":
+        text += ("; fp16 on the CPU runs torch's reference kernels (measured ~17x slower than fp32 per "
+                 "convolution): use bf16 on a CPU, fp16 on a GPU")
+    return text
 
 
 def unscale(grads: dict[str, Tensor], factor: float) -> dict[str, Tensor]:
