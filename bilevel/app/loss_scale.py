@@ -37,7 +37,8 @@ class DynamicLossScale:
     def accept(self, step: int, grads: Params, loss: Tensor) -> bool:
         """Whether outer step ``step`` may be applied: its meta-gradient and loss are finite
         (one host sync). A non-finite step is counted and logged, and ``S`` shrinks."""
-        finite = bool(torch.stack([torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads.values()]).all())
+        checks = [torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads.values()]
+        finite = bool(torch.stack(checks).all())
         if finite:
             self.good += 1
             if self.good % self.interval == 0:

@@ -369,11 +369,12 @@ class Attempt:
         self.guard.check(done, self.last_good)
         elapsed = time.perf_counter() - means.tick
         params = self.run.params
+        count = max(means.count, 1)  # 0 when every step since the last point was a skipped fp16 step
         scalars = {
-            tags.TRAIN_LOSS: means.loss / max(means.count, 1), tags.TRAIN_ACCURACY: means.accuracy / max(means.count, 1),
+            tags.TRAIN_LOSS: means.loss / count, tags.TRAIN_ACCURACY: means.accuracy / count,
             tags.TRAIN_HEAD_NORM: torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
             tags.TRAIN_HEAD_ROW_SPREAD: row_spread(params[HEAD_WEIGHT], params[HEAD_BIAS]),
-            tags.TRAIN_PARAMS_NORM: tree_norm(params), tags.TRAIN_STEP_SECONDS: elapsed / max(means.count, 1),
+            tags.TRAIN_PARAMS_NORM: tree_norm(params), tags.TRAIN_STEP_SECONDS: elapsed / count,
         }
         scalars.update(result.extras)
         if self.run.loss_scale is not None:

@@ -109,11 +109,6 @@ def mixed_precision(precision: str | Policy, loss_scale: Optional[LossScale] = N
         _ACTIVE.reset(token)
 
 
-def active_policy() -> Optional[Policy]:
-    """The policy of the innermost :func:`mixed_precision` block (None: float32)."""
-    return _ACTIVE.get()
-
-
 def loss_scales() -> tuple[float, float]:
     """``(S, S²)``: the factors the inner loop's encoder pullbacks and the outer backward scale
     their cotangents by, and divide out of their results (1 without a loss scale). Plain
