@@ -2,7 +2,7 @@
 # The GPU checks in one script (docs/performance.md, "GPU"). On a CUDA machine, from the
 # repository root:
 #
-#   bash benchmarks/gpu_check.sh                     # everything, about 8 minutes on one GPU
+#   bash benchmarks/gpu_check.sh                     # everything, about 10 minutes on one GPU
 #   bash benchmarks/gpu_check.sh --device cpu --quick  # the same steps, reduced, on CPU (CI-sized)
 #
 # Steps, each writing JSON/logs to benchmarks/results/ (or $RESULTS):
@@ -13,7 +13,9 @@
 #   3. the switches as measurements: TF32 on (accuracy cost in the same error columns) and
 #      cudnn.benchmark, on the quick grid
 #   4. decomposition_cost.py: what the decomposition adds, on the quick grid
-# No autocast anywhere: inner-loop gradients stay in the run's dtype.
+#   5. mixed precision: precision.py (bf16 and fp16 meta-gradient error vs float64 per algorithm and
+#      path, identity, speed vs fp32) and, on a GPU, the default run at precision=fp32|bf16|fp16
+# Steps 1-4 use no mixed precision: inner-loop gradients stay in the run's dtype.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,5 +75,17 @@ OTHERS=()
 [ "$QUICK" = 1 ] && OTHERS=(--algorithms)  # quick: MAML only; full: every registered algorithm too
 python benchmarks/decomposition_cost.py --device "$DEVICE" "${QUICK_GRID[@]}" "${OTHERS[@]}" \
   --out "$RESULTS/decomposition_cost_$TAG.json"
+
+echo "== 5. mixed precision on $DEVICE"
+PRECISIONS=(bf16 fp16)
+[ "$DEVICE" = cpu ] && PRECISIONS=(bf16)  # CPU fp16 kernels are reference code (~17x slower than fp32)
+python benchmarks/precision.py --device "$DEVICE" --precisions "${PRECISIONS[@]}" \
+  $([ "$QUICK" = 1 ] && echo "--quick --repeats 1 --target-s 0 --meta-batch 2") --out "$RESULTS/precision_$TAG.json"
+if [ "$QUICK" = 0 ]; then
+  for P in fp32 "${PRECISIONS[@]}"; do
+    python -m bilevel.app.train device="$DEVICE" precision="$P" hydra.run.dir="$RESULTS/train_${P}_$TAG" \
+      2>&1 | tail -n 12 | tee "$RESULTS/train_${P}_$TAG.log"
+  done
+fi
 
 echo "gpu_check: done; results in $RESULTS/*_$TAG*"

@@ -85,6 +85,7 @@ from bilevel.primitives.models import BilevelModel, ModelConfig, build_model
 from bilevel.primitives.pooling import max_pool2x2
 from bilevel.primitives.losses import accuracy, cross_entropy, cross_entropy_logits_grad
 from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
+from bilevel.primitives.precision import PRECISIONS, Policy, mixed_precision
 from bilevel.decomposition.structural import structural_zeros
 from bilevel.hypergrad.unrolled import ORDERS, UnrolledAlgorithm, UnrolledConfig
 from bilevel.validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared
@@ -100,6 +101,7 @@ __all__ = [
     "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_displacement", "head_shrink", "head_write", "init_head",
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
+    "PRECISIONS", "Policy", "mixed_precision",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
     "StorageError", "RunInterrupted", "UnknownAlgorithm", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf",

@@ -55,6 +55,8 @@ TRAIN_HEAD_NORM = "train/head_norm"
 TRAIN_HEAD_ROW_SPREAD = "train/head_row_spread"
 TRAIN_PARAMS_NORM = "train/params_norm"
 TRAIN_STEP_SECONDS = "train/step_seconds"
+TRAIN_LOSS_SCALE = "train/loss_scale"
+TRAIN_SKIPPED_STEPS = "train/skipped_steps"
 RUN_EXECUTION = "run/execution"
 """The text panel saying which execution path the run takes and why."""
 

@@ -22,6 +22,7 @@ from bilevel.data.dataset import SPLITS
 from bilevel.execution.mapping import EXECUTIONS
 from bilevel.app.head_policy import HEAD_INITS, HEAD_POLICIES, algorithm_policy
 from bilevel.primitives.models import MODELS, ModelConfig
+from bilevel.primitives.precision import PRECISIONS
 from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_declared, reject_unknown_keys
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -153,12 +154,15 @@ class DistConfig:
 
 @dataclass
 class TrainConfig:
-    """A training run. ``device`` auto|cpu|cuda; ``execution`` auto|vmap|loop|shared.
+    """A training run. ``device`` auto|cpu|cuda; ``execution`` auto|vmap|loop|shared;
+    ``precision`` fp32|bf16|fp16: 16-bit derivative kernels in the encoder under float32 values and
+    parameters (:mod:`bilevel.primitives.precision`; needs ``dtype=float32``; fp16 adds a dynamic
+    loss scale, :mod:`bilevel.app.loss_scale`).
     The model's checks are declared here, as :class:`ModelConfig` lives with the models."""
 
     checks: ClassVar[dict[str, Check]] = {
         "seed": NON_NEGATIVE, "device": OneOf(DEVICES), "dtype": OneOf(DTYPES), "execution": OneOf(EXECUTIONS),
-        "model.name": OneOf(MODELS), "model.channels": AT_LEAST_1, "model.hidden": AT_LEAST_1,
+        "precision": OneOf(PRECISIONS), "model.name": OneOf(MODELS), "model.channels": AT_LEAST_1, "model.hidden": AT_LEAST_1,
         "model.layers": AT_LEAST_1,
     }
 
@@ -175,6 +179,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    precision: str = "fp32"
     execution: str = "auto"
 
 

@@ -41,6 +41,8 @@ DESCRIPTIONS: tuple[tuple[str, str], ...] = (
      "softmax sees (0 for a zero head or equal rows; the initialisation interference needs it)."),
     (re.escape(tags.TRAIN_PARAMS_NORM), "Norm of all meta-parameters after the outer update."),
     (re.escape(tags.TRAIN_STEP_SECONDS), "Wall-clock seconds per outer step since the last point."),
+    (re.escape(tags.TRAIN_LOSS_SCALE), "precision=fp16: the loss scale S after the step."),
+    (re.escape(tags.TRAIN_SKIPPED_STEPS), "precision=fp16: outer steps skipped for a non-finite meta-gradient, so far."),
     (tags.tasks(_ANY_EVAL), "Number of held-out tasks this evaluation averaged over."),
     (tags.accuracy(_EVALS), "Headline: mean query accuracy over the held-out tasks after the headline number of "
                             "test-time inner steps (the number training uses), head as trained."),

@@ -66,10 +66,12 @@ from bilevel.app.evaluation import Evaluation, TaskSet, evaluate, headline_step
 from bilevel.app.execution_choice import ExecutionChoice, PathCheck, cache_key, measure_paths, settle_execution
 from bilevel.app.finite import FiniteGuard, step_tensors
 from bilevel.app.head_policy import before_outer_step, initialise_head
+from bilevel.app.loss_scale import DynamicLossScale
 from bilevel.execution.memory import check_meta_step_memory
 from bilevel.primitives.models import BilevelModel, build_model
 from bilevel.app.naming import Naming, hydra_naming
 from bilevel.primitives.head import row_spread
+from bilevel.primitives.precision import mixed_precision, precision_warning
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
 from bilevel.app.progress import phase_bar, training_bar
 from bilevel.app.resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
@@ -118,6 +120,7 @@ class Run:
     structural: dict[str, str]
     warnings: list[str]
     replicas: Replicas
+    loss_scale: Optional[DynamicLossScale] = None
 
 
 def task_set(cfg: DictConfig, split: str, tasks: int, budget_s: float, device: torch.device, dtype: torch.dtype,
@@ -138,6 +141,9 @@ def setup(cfg: Any) -> Run:
     launch = detect_launch()
     try:
         device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+        if cfg.precision != "fp32" and cfg.dtype != "float32":
+            raise ConfigError(f"precision={cfg.precision} keeps float32 master parameters; it needs dtype=float32, "
+                              f"got dtype={cfg.dtype} (or set precision=fp32)")
         check_launch(launch, cfg, device)
         check_cache_dir()
         device = rank_device(launch, device)
@@ -171,9 +177,10 @@ def setup(cfg: Any) -> Run:
     except (ValueError, FileNotFoundError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
     zeros = structural_zeros(algorithm, cfg.head.policy, ablation.terms)
-    warnings = [w for w in [idle_ablation_warning(ablation, algorithm, zeros, cfg.ablation.name)] if w]
+    warnings = [w for w in [idle_ablation_warning(ablation, algorithm, zeros, cfg.ablation.name),
+                            precision_warning(cfg.precision, algorithm.name, device)] if w]
     return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals, tests, headline, zeros,
-               warnings, replicas)
+               warnings, replicas, DynamicLossScale() if cfg.precision == "fp16" else None)
 
 
 def settle_path(run: Run, recorded: Optional[str]) -> ExecutionChoice:
@@ -198,6 +205,7 @@ def run_state(run: Run, optimizer: torch.optim.Optimizer, step: int, execution: 
         "execution": execution, "config": OmegaConf.to_container(run.cfg, resolve=True),
         "fingerprint": fingerprint(run.cfg, execution, run.device), "time": time.time(),
         "eval_batches": run.eval_tasks.batches,
+        "loss_scale": None if run.loss_scale is None else run.loss_scale.state_dict(),
     }
 
 
@@ -212,6 +220,8 @@ def restore(run: Run, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -
     set_global_rng_state(state["rng"])
     if state.get("eval_batches") is not None and run.cfg.eval == state["config"]["eval"]:
         run.eval_tasks.batches = state["eval_batches"]
+    if run.loss_scale is not None and state.get("loss_scale") is not None:
+        run.loss_scale.load_state_dict(state["loss_scale"])
 
 
 def train(cfg: Any, run_dir: str | Path, show_progress: bool = True, naming: Optional[Naming] = None) -> dict[str, float]:
@@ -219,7 +229,7 @@ def train(cfg: Any, run_dir: str | Path, show_progress: bool = True, naming: Opt
     run = setup(cfg)
     if not run.replicas.writer:
         silence_run_log(Path(run_dir))
-    with run.replicas.running(run_dir) as directory:
+    with run.replicas.running(run_dir) as directory, mixed_precision(run.cfg.precision, run.loss_scale):
         return _train(run, directory, show_progress and run.replicas.writer, naming or Naming(run.algorithm.name))
 
 
@@ -330,18 +340,24 @@ class Attempt:
     path_check: PathCheck
     stalls: StallWatch
     eval_seconds: float = 0.0
+    applied: bool = True
 
     def step(self, step: int, decompose: bool, stop: GracefulStop) -> tuple[MetaStep, Labels]:
         """Outer step ``step`` (from 0): draw the meta-batch, apply the head policy, compute the
         meta-step (with its decomposition when ``decompose``; its ``grad`` is the update the
         ablation follows), reduce it over the processes, and apply the update. Returns the whole
-        meta-batch's meta-step and labels (:meth:`~bilevel.app.distributed.Replicas.reduce_step`)."""
+        meta-batch's meta-step and labels (:meth:`~bilevel.app.distributed.Replicas.reduce_step`).
+        Under fp16 a step whose meta-gradient is not finite is skipped (``applied`` False:
+        :class:`~bilevel.app.loss_scale.DynamicLossScale`)."""
         run, done = self.run, step + 1
         batch = run.sampler.sample().to(run.device, run.dtype)
         before_outer_step(run.params, run.cfg.head.policy)
         result = self.path_check.timed(lambda: run.ablation.step(run.algorithm, run.params, batch, decompose),
                                        plain=not decompose)
         result, labels = run.replicas.reduce_step(result, batch, stop)
+        self.applied = run.loss_scale is None or run.loss_scale.accept(done, result.grad, result.loss)
+        if not self.applied:
+            return result, labels
         for k, p in run.params.items():
             p.grad = result.grad[k]
         self.optimizer.step()
@@ -367,13 +383,17 @@ class Attempt:
             self.path_check.verdict = None
         elapsed = time.perf_counter() - means.tick
         params = self.run.params
+        count = max(means.count, 1)  # 0 when every step since the last point was a skipped fp16 step
         scalars = {
-            tags.TRAIN_LOSS: means.loss / means.count, tags.TRAIN_ACCURACY: means.accuracy / means.count,
+            tags.TRAIN_LOSS: means.loss / count, tags.TRAIN_ACCURACY: means.accuracy / count,
             tags.TRAIN_HEAD_NORM: torch.sqrt(params[HEAD_WEIGHT].pow(2).sum() + params[HEAD_BIAS].pow(2).sum()),
             tags.TRAIN_HEAD_ROW_SPREAD: row_spread(params[HEAD_WEIGHT], params[HEAD_BIAS]),
-            tags.TRAIN_PARAMS_NORM: tree_norm(params), tags.TRAIN_STEP_SECONDS: elapsed / means.count,
+            tags.TRAIN_PARAMS_NORM: tree_norm(params), tags.TRAIN_STEP_SECONDS: elapsed / count,
         }
         scalars.update(result.extras)
+        if self.run.loss_scale is not None:
+            scalars.update({tags.TRAIN_LOSS_SCALE: self.run.loss_scale.scale,
+                            tags.TRAIN_SKIPPED_STEPS: self.run.loss_scale.skipped})
         self.logger.scalars(scalars, done)
         for warning in self.stalls.check(done, result.grad, params, scalars[tags.TRAIN_ACCURACY], means.count):
             log.warning("warning: " + warning)
@@ -448,8 +468,9 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
                 done = step + 1
                 decompose = decomposes_at(step, cfg, run.ablation)
                 result, labels = attempt.step(step, decompose, stop)
-                means.add(result)
-                if decompose:
+                if attempt.applied:
+                    means.add(result)
+                if decompose and attempt.applied:
                     attempt.log_decomposition(result, labels, step)
                 if due(done, cfg.train.log_every, steps):
                     attempt.log_training(done, result, means, bar)

@@ -30,6 +30,7 @@ from bilevel.decomposition.checks import reconstruction_error
 from bilevel.primitives.head import HeadTrace
 from bilevel.primitives.losses import accuracy, cross_entropy_logits_grad
 from bilevel.primitives.params import ENCODER_PREFIX, Params, stack_trees
+from bilevel.primitives.precision import loss_scales, unscale
 
 NodePullback = Callable[[tuple[Tensor, Nodes]], Params]
 """``(∂ℓ/∂loss, ∂ℓ/∂nodes) ↦ ∂ℓ/∂(meta-parameters)``: the VJP of one forward."""
@@ -61,8 +62,11 @@ class Forward(NamedTuple):
 
 
 def plain_row(forward: Forward, pullback: Optional[NodePullback] = None) -> Params:
-    """The plain meta-gradient: the VJP of ``∂L/∂L = 1`` (by ``pullback``, default the forward's)."""
-    return (pullback or forward.pullback)((torch.ones_like(forward.loss), forward.nodes.zeros()))
+    """The plain meta-gradient: the VJP of ``∂L/∂L = 1`` (by ``pullback``, default the forward's);
+    of ``S²`` divided by ``S²`` under an fp16 loss scale (:func:`~bilevel.primitives.precision.loss_scales`)."""
+    _, scale = loss_scales()
+    seed = torch.ones_like(forward.loss) if scale == 1.0 else torch.full_like(forward.loss, scale)
+    return unscale((pullback or forward.pullback)((seed, forward.nodes.zeros())), scale)
 
 
 def ablated_row(forward: Forward, keep: tuple[str, ...], head_grad: Params, direct: dict[str, Params]) -> Params:

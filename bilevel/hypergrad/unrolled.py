@@ -37,6 +37,7 @@ from bilevel.decomposition.assembly import assemble, mean_over_tasks
 from bilevel.decomposition.step import MetaStep, TaskResult, Want
 from bilevel.solvers.sgd import ADAPTED_SETS, InnerResult, autograd_pullbacks, sgd_steps
 from bilevel.primitives.losses import accuracy, cross_entropy
+from bilevel.primitives.precision import loss_scales, unscale
 from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part
 
 ORDERS = ("second_order", "first_order")
@@ -206,12 +207,16 @@ class UnrolledAlgorithm(BilevelAlgorithm):
     def _autograd_task(self, forward: Callable, params: Params, yq: Tensor) -> TaskResult:
         """The plain meta-gradient of ``forward`` (``((loss, nodes), (logits, ...))``) by
         ``torch.autograd.grad``, with the inner
-        pullbacks on autograd too: no ``torch.func`` transform wraps the loop's ops."""
+        pullbacks on autograd too: no ``torch.func`` transform wraps the loop's ops (an fp16 loss
+        scale: :func:`~bilevel.primitives.precision.loss_scales`)."""
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        _, scale = loss_scales()
         with torch.enable_grad(), autograd_pullbacks():
             (loss, _), aux = forward(leaves)
-            grads = torch.autograd.grad(loss, list(leaves.values()), materialize_grads=True)
-        return TaskResult(loss.detach(), accuracy(aux[0].detach(), yq).mean(), grad=dict(zip(leaves, grads)))
+            grads = torch.autograd.grad(loss if scale == 1.0 else loss * scale, list(leaves.values()),
+                                        materialize_grads=True)
+        grad = unscale(dict(zip(leaves, grads)), scale)
+        return TaskResult(loss.detach(), accuracy(aux[0].detach(), yq).mean(), grad=grad)
 
     def _adaptation(self, term_grads: Params, stacked: Nodes, terms: tuple[str, ...], path, xs, xq) -> Params:
         """Σ over feature terms of (full − leaf), the leaf gradients taken w.r.t. the adapted

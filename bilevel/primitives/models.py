@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from bilevel.primitives.params import Params
 from bilevel.primitives.pooling import max_pool2x2
+from bilevel.primitives.precision import mixed_op
 
 Layout = Optional[Sequence[tuple[int, int]]]
 
@@ -55,6 +56,11 @@ class SetBatchNorm(nn.Module):
         return normed.reshape(size, groups, *rest).transpose(0, 1).reshape(part.shape)
 
 
+def _conv3x3(x: Tensor, weight: Tensor) -> Tensor:
+    """The blocks' 3×3 convolution with padding 1 and no bias."""
+    return F.conv2d(x, weight, None, padding=1)
+
+
 class ConvBlock(nn.Module):
     """conv3×3 → SetBatchNorm → max-pool 2 → ReLU, in the default (``NCHW``) layout.
 
@@ -75,10 +81,11 @@ class ConvBlock(nn.Module):
         is exactly 0; a fused bias's float32 gradient (oneDNN on CPU) is a sequential sum over
         ``N·H·W`` values that leaves noise of ~2e-5 of the meta-gradient's norm. Below float64 the
         bias is therefore added on its own, where autograd's reduction is pairwise (noise ~1e-7);
-        float64 keeps the fused kernel (and its bits)."""
+        float64 keeps the fused kernel (and its bits). Under a mixed-precision policy the
+        convolution's derivatives run in 16 bits (:func:`~bilevel.primitives.precision.mixed_op`)."""
         if x.dtype == torch.float64:
             return self.conv(x)
-        return F.conv2d(x, self.conv.weight, None, padding=1) + self.conv.bias[:, None, None]
+        return mixed_op(_conv3x3, x, self.conv.weight) + self.conv.bias[:, None, None]
 
     def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
         y = self.norm(self._convolve(x), layout)
@@ -100,7 +107,8 @@ class Conv4(nn.Module):
 
 
 class MLP(nn.Module):
-    """``Linear → ReLU`` repeated ``layers`` times (no normalisation)."""
+    """``Linear → ReLU`` repeated ``layers`` times (no normalisation); the linear layers go through
+    :func:`~bilevel.primitives.precision.mixed_op`."""
 
     def __init__(self, in_features: int, hidden: int, layers: int) -> None:
         super().__init__()
@@ -110,7 +118,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
         x = x.flatten(1)
         for layer in self.layers:
-            x = F.relu(layer(x))
+            x = F.relu(mixed_op(F.linear, x, layer.weight, layer.bias))
         return x
 
 

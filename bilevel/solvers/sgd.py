@@ -30,6 +30,7 @@ from torch.func import vjp
 from bilevel.primitives.head import HeadState, head_adjust, head_shrink, head_write, init_head, readout
 from bilevel.primitives.losses import cross_entropy_logits_grad
 from bilevel.primitives.models import BilevelModel
+from bilevel.primitives.precision import loss_scales, unscale
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
 
 ADAPTED_SETS = ("all", "head")
@@ -54,16 +55,22 @@ def encoder_pullback(
     model: BilevelModel, encoder: Params, x: Tensor, create_graph: bool
 ) -> tuple[Tensor, Callable[[Tensor], tuple[Params]]]:
     """``φ_θ(x)`` and its VJP ``c ↦ (J_θᵀ c,)``; ``create_graph`` keeps the VJP differentiable
-    (it always is under ``torch.func``; see :func:`autograd_pullbacks`)."""
+    (it always is under ``torch.func``; see :func:`autograd_pullbacks`). Under an fp16 loss scale
+    ``S`` the VJP is taken of ``S·c`` and divided by ``S``
+    (:func:`~bilevel.primitives.precision.loss_scales`)."""
     if not _AUTOGRAD_PULLBACKS.get():
-        return vjp(lambda e: model.encode(e, x), encoder)
-    features = model.encode(encoder, x)
+        features, pull = vjp(lambda e: model.encode(e, x), encoder)
+    else:
+        features = model.encode(encoder, x)
 
-    def pull_back(cotangent: Tensor) -> tuple[Params]:
-        grads = torch.autograd.grad(features, list(encoder.values()), cotangent, create_graph=create_graph)
-        return (dict(zip(encoder, grads)),)
+        def pull(cotangent: Tensor) -> tuple[Params]:
+            grads = torch.autograd.grad(features, list(encoder.values()), cotangent, create_graph=create_graph)
+            return (dict(zip(encoder, grads)),)
 
-    return features, pull_back
+    scale, _ = loss_scales()
+    if scale == 1.0:
+        return features, pull
+    return features, lambda cotangent: (unscale(pull(cotangent * scale)[0], scale),)
 
 
 class InnerResult(NamedTuple):
