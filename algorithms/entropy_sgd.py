@@ -30,12 +30,10 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from bilevel.hypergrad.chain import ChainAlgorithm, ChainConfig
-
-from bilevel.solvers.chain import ChainSpec, draw_noise
-from bilevel.primitives.models import BilevelModel
-from bilevel.primitives.params import HEAD_WEIGHT, Params
-from bilevel.validate import INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, Range
+from bilevel import (
+    HEAD_WEIGHT, INNER_LOOP, NON_NEGATIVE, POSITIVE, BilevelModel, ChainAlgorithm, ChainConfig, ChainSpec, Check,
+    Params, Range, draw_noise,
+)
 
 
 @dataclass

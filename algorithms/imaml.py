@@ -1,7 +1,7 @@
 """iMAML (Rajeswaran et al., 2019): the engine's implicit part around a proximal gradient descent.
 
 Inner problem ``φ* = argmin_φ L_S(φ) + (λ/2)‖φ − φ_0‖²`` over the adapted set, solved by
-``inner_steps`` gradient-descent steps of size ``inner_lr`` (:func:`bilevel.hypergrad.implicit.proximal_solve`,
+``inner_steps`` gradient-descent steps of size ``inner_lr`` (:func:`bilevel.solvers.proximal.proximal_solve`,
 which records the head trace). Meta-gradient: the implicit one, ``u = (I + H/λ)⁻¹ ∇_φ L_Q(φ*)`` by
 ``cg_iters`` CG iterations, at whatever point the solver returned; its decomposition, exact at any
 CG budget thanks to the ``solve_error`` term, comes from :mod:`bilevel.hypergrad.implicit` (docs/theory.md §5).
@@ -21,15 +21,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from bilevel.algorithm import AlgorithmConfig
-from bilevel.data.batch import TaskBatch
-from bilevel.execution.mapping import map_tasks
-from bilevel.primitives.head import readout
-from bilevel.hypergrad.implicit import ImplicitAlgorithm, ImplicitSystem
-from bilevel.solvers.proximal import proximal_solve
-from bilevel.primitives.losses import accuracy
-from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
-from bilevel.validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check
+from bilevel import (
+    AT_LEAST_1, ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, INNER_LOOP, NON_NEGATIVE, POSITIVE, AlgorithmConfig, Check,
+    ImplicitAlgorithm, ImplicitSystem, Params, TaskBatch, accuracy, encoder_part, map_tasks, proximal_solve, readout,
+    tree_detach,
+)
 
 
 @dataclass

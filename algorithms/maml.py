@@ -11,8 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bilevel.hypergrad.unrolled import UnrolledAlgorithm, UnrolledConfig
-from bilevel.validate import INNER_LOOP, Check, Range
+from bilevel import INNER_LOOP, Check, Range, UnrolledAlgorithm, UnrolledConfig
 
 
 @dataclass

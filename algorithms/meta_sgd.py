@@ -27,12 +27,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from bilevel.primitives.head import HeadState, head_write, init_head, readout
-from bilevel.solvers.sgd import InnerResult, encoder_pullback
-from bilevel.primitives.losses import cross_entropy_logits_grad
-from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
-from bilevel.hypergrad.unrolled import ORDERS, UnrolledAlgorithm, UnrolledConfig
-from bilevel.validate import INNER_LOOP, Check, OneOf
+from bilevel import (
+    ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, INNER_LOOP, ORDERS, Check, HeadState, InnerResult, OneOf, Params,
+    UnrolledAlgorithm, UnrolledConfig, cross_entropy_logits_grad, encoder_part, encoder_pullback, head_write, init_head,
+    readout, tree_detach,
+)
 
 LR_PREFIX = "meta_sgd.lr."
 LR_HEAD = "meta_sgd.lr_head"

@@ -31,12 +31,10 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor
 
-from bilevel.algorithm import AlgorithmConfig
-from bilevel.primitives.head import HeadState, head_write, init_head
-from bilevel.solvers.sgd import InnerResult
-from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part
-from bilevel.hypergrad.unrolled import ORDERS, UnrolledAlgorithm
-from bilevel.validate import POSITIVE, Check, OneOf
+from bilevel import (
+    HEAD_BIAS, HEAD_WEIGHT, ORDERS, POSITIVE, AlgorithmConfig, Check, HeadState, InnerResult, OneOf, Params,
+    UnrolledAlgorithm, encoder_part, head_write, init_head,
+)
 
 
 @dataclass

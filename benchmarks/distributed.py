@@ -154,10 +154,10 @@ def worker(args: argparse.Namespace) -> None:
                 start, before = time.perf_counter(), run.replicas.collective_seconds
                 batch = run.sampler.sample().to(run.device, run.dtype)
                 before_outer_step(run.params, run.cfg.head.policy)
-                result, update = run.ablation.step(run.algorithm, run.params, batch, False)
-                result, update, _ = run.replicas.reduce_step(result, update, batch, stop)
+                result = run.ablation.step(run.algorithm, run.params, batch, False)
+                result, _ = run.replicas.reduce_step(result, batch, stop)
                 for k, p in run.params.items():
-                    p.grad = update[k]
+                    p.grad = result.grad[k]
                 optimizer.step()
                 if run.device.type == "cuda":
                     torch.cuda.synchronize(run.device)

@@ -1,7 +1,7 @@
 """The abstract bi-level algorithm, its typed configuration and the plugin registry.
 
 An algorithm maps ``(params, TaskBatch)`` to a meta-gradient (what the outer optimiser
-follows) and, on request, to its :class:`~bilevel.decomposition.cotangents.Decomposition`. Plugins
+follows) and, on request, to its :class:`~bilevel.decomposition.record.Decomposition`. Plugins
 subclass :class:`BilevelAlgorithm`, declare a config dataclass, and register by name with
 :func:`register` or through the ``bilevel.algorithms`` entry-point group, so an external
 package adds an algorithm without touching the engine.
@@ -21,22 +21,26 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from bilevel.data.batch import TaskBatch
-from bilevel.decomposition.assembly import MetaStep, Want
-from bilevel.errors import ConfigError
+from bilevel.decomposition.step import MetaStep, Want
+from bilevel.errors import ConfigError, UnknownAlgorithm
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import Params
-from bilevel.validate import NON_NEGATIVE, Check, check_declared
+from bilevel.validate import AT_LEAST_1, Check, check_declared, closest
 
 ENTRY_POINT_GROUP = "bilevel.algorithms"
+HEAD_ENTRY_TERMS = ("contrastive", "contrastive_query", "contrastive_support", "coefficient")
+"""The terms whose node cotangents live on the trace's entries ``(Φ_τ, A_τ)``: all exactly 0
+without entries."""
 
 
 @dataclass
 class AlgorithmConfig:
     """Fields every algorithm has. ``name`` selects the plugin; ``test_steps`` is the number
-    of inner steps at evaluation (None: the training number). ``checks`` declares the valid
+    of inner steps at evaluation (None: the training number; at least 1, as the headline is
+    the accuracy after adaptation). ``checks`` declares the valid
     values of fields (:mod:`bilevel.validate`); a plugin's Config adds its own."""
 
-    checks: ClassVar[dict[str, Check]] = {"test_steps": NON_NEGATIVE}
+    checks: ClassVar[dict[str, Check]] = {"test_steps": AT_LEAST_1}
 
     name: str = "maml"
     test_steps: Optional[int] = None
@@ -57,6 +61,14 @@ class BilevelAlgorithm(ABC):
     terms: tuple[str, ...] = ()
     splits_contrastive: ClassVar[bool] = False
     executions: tuple[str, ...] = ("loop",)
+    head_policy: ClassVar[str] = "zeroing"
+    """The ``head.policy`` a run uses when the user sets none (``docs/theory.md`` §4). An algorithm
+    whose inner loop cannot learn from a zero head (BOIL: the head is frozen in the inner loop, so
+    from ``W_0 = 0`` the encoder never moves) declares ``"random"``."""
+    head_frozen: ClassVar[bool] = False
+    """True when the inner loop never writes the head (BOIL: it adapts the encoder only). The trace
+    then has no entries: every term but ``init`` (and noise) is exactly 0 (:meth:`structural_zeros`)
+    and the decomposition has no pair weights (``Decomposition.absent``)."""
 
     def __init__(self, model: BilevelModel, config: Any, execution: Optional[str] = None) -> None:
         self.model = model
@@ -120,10 +132,16 @@ class BilevelAlgorithm(ABC):
     def structural_zeros(self, head_policy: str) -> dict[str, str]:
         """Terms exactly 0 on the encoder by construction under ``head_policy``, each with the
         reason (logged once; an ablation that removes only these is warned about). Default: ``init``
-        (``Σ_q g_qᵀ W_0 dφ_q``) when every inner loop starts from ``W_0 = 0``."""
+        (``Σ_q g_qᵀ W_0 dφ_q``) when every inner loop starts from ``W_0 = 0`` (an algorithm whose
+        ``W_0`` is not the meta head overrides this), and every term that reads the trace's entries
+        when :attr:`head_frozen`."""
+        zeros = {}
+        if self.head_frozen:
+            zeros = dict.fromkeys(HEAD_ENTRY_TERMS, "the inner loop never writes the head (head_frozen): the trace "
+                                                    "has no entries")
         if head_policy == "zeroing":
-            return {"init": "head.policy=zeroing starts every inner loop from W_0 = 0"}
-        return {}
+            zeros["init"] = "head.policy=zeroing starts every inner loop from W_0 = 0"
+        return zeros
 
     def meta_parameters(self, params: Params) -> Params:
         """The outer problem's variables: the network's ``params`` plus whatever the algorithm
@@ -180,9 +198,9 @@ def get_algorithm(name: str) -> type[BilevelAlgorithm]:
     """The algorithm class registered under ``name``; a clear error when there is none."""
     _load_plugins()
     if name not in _REGISTRY:
-        from bilevel.app.catalog import unknown_algorithm_message  # the catalog lists presets too
-
-        raise ConfigError(unknown_algorithm_message(name, "algorithm.name"))
+        known = sorted(_REGISTRY)
+        raise UnknownAlgorithm(f"unknown algorithm {name!r} (algorithm.name={name});{closest(name, known)} "
+                               f"registered plugins: {', '.join(known)}", name, "algorithm.name")
     return _REGISTRY[name]
 
 

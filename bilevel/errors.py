@@ -20,6 +20,16 @@ class ConfigError(BilevelError, ValueError):
     exit_code = 2
 
 
+class UnknownAlgorithm(ConfigError):
+    """No plugin is registered under ``name`` (given as the config key ``key``). The registry
+    raises it naming the registered plugins; the app restates it with the presets as well."""
+
+    def __init__(self, message: str, name: str, key: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.key = key
+
+
 class ResumeError(ConfigError):
     """The run directory's checkpoint and the requested run do not go together (different
     trajectory keys, no checkpoint where one is required, one where none is wanted)."""
@@ -28,6 +38,12 @@ class ResumeError(ConfigError):
 class CorruptFileError(BilevelError):
     """A file we wrote does not read back (truncated, overwritten, wrong format version);
     the message names the file and the fix."""
+
+
+class StorageError(BilevelError):
+    """A file of the run or of the cache could not be written or read: the disk is full, a path
+    is not what it should be (a file where a directory belongs), permissions. The message names
+    the file and what the system said; the run keeps its last checkpoint."""
 
 
 class RunDirectoryBusy(BilevelError):

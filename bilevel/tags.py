@@ -2,7 +2,7 @@
 the evaluation, the panels (:mod:`bilevel.app.tb`, :mod:`bilevel.app.tb_layout`) and ``bilevel-report``
 all spell them from here. What each tag means: :mod:`bilevel.app.tb_layout`.
 
-Two spellings of the decomposition exist: :meth:`bilevel.decomposition.cotangents.Decomposition.summary` keys
+Two spellings of the decomposition exist: :meth:`bilevel.decomposition.record.Decomposition.summary` keys
 its scalars ``decomp/<term>/<stat>`` and ``decomp/check/<check>``; what is logged
 (:func:`bilevel.app.tb_layout.present`) is ``terms/<term>/<stat>`` and ``checks/log10_<check>``.
 An evaluation's tags are ``<prefix>/<name>`` for the prefixes :data:`EVAL` and :data:`TEST`
@@ -28,7 +28,7 @@ COS_DIFF_CLASS = "features/cos_diff_class"
 
 
 def decomp(term: str, stat: str) -> str:
-    """``decomp/<term>/<stat>``: a term's statistic as :meth:`~bilevel.decomposition.cotangents.Decomposition.summary` keys it."""
+    """``decomp/<term>/<stat>``: a term's statistic as :meth:`~bilevel.decomposition.record.Decomposition.summary` keys it."""
     return f"{DECOMP_PREFIX}{term}/{stat}"
 
 

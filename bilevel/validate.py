@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -41,6 +42,8 @@ class Range:
     high_open: bool = False
 
     def admits(self, value: Any) -> bool:
+        if not math.isfinite(value):
+            return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         if self.high is not None and (value >= self.high if self.high_open else value > self.high):
@@ -48,6 +51,7 @@ class Range:
         return True
 
     def __str__(self) -> str:
+        """The interval in words; every range admits finite numbers only (NaN and ±inf never pass)."""
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
             return f"in {left}{_number(self.low)}, {_number(self.high)}{right}"
@@ -55,7 +59,7 @@ class Range:
             return f"{'>' if self.low_open else '>='} {_number(self.low)}"
         if self.high is not None:
             return f"{'<' if self.high_open else '<='} {_number(self.high)}"
-        return "any number"
+        return "a finite number"
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,23 @@ INNER_LOOP: dict[str, Check] = {"inner_steps": AT_LEAST_1, "inner_lr": POSITIVE}
 """The checks of the ``inner_steps``/``inner_lr`` pair most algorithms have."""
 
 
+SHOWN_CHARACTERS = 80
+"""The longest value a message repeats in full; a longer one is cut and its length said."""
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to :data:`SHOWN_CHARACTERS` with its length when longer (a message
+    stays one readable paragraph however long the value on the command line was)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARACTERS else f"{text[:SHOWN_CHARACTERS]}... ({len(text)} characters)"
+
+
 def check_value(key: str, value: Any, check: Check) -> None:
     """Raise :class:`ConfigError` naming ``key`` unless ``check`` admits ``value`` (None passes:
-    an optional key that is not set)."""
+    an optional key that is not set). A :class:`Range` refuses NaN and ±inf."""
     if value is not None and not check.admits(value):
-        raise ConfigError(f"{key} must be {check}, got {value!r}")
+        what = f"{check} (a finite number)" if isinstance(check, Range) and not math.isfinite(value) else str(check)
+        raise ConfigError(f"{key} must be {what}, got {shown(value)}")
 
 
 def declared_checks(cls: type) -> dict[str, Check]:

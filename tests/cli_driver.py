@@ -2,7 +2,8 @@
 
     python tests/cli_driver.py < cases.json > results.json
 
-``cases.json``: a list of ``{"args": [...], "cwd": "..."}``. Each child changes to ``cwd``, sends
+``cases.json``: a list of ``{"args": [...], "cwd": "...", "env": {...}}`` (``env`` optional: variables
+the child sets, e.g. ``BILEVEL_CACHE``). Each child changes to ``cwd``, sends
 its stdout and stderr to files there, runs :func:`bilevel.app.train.main` with ``args`` as the
 command line and exits with its status (an uncaught exception prints its traceback, status 1),
 exactly as ``python -m bilevel.app.train ARGS`` would after its imports. Output: a list of
@@ -18,8 +19,9 @@ import traceback
 from pathlib import Path
 
 
-def run_child(args: list[str], cwd: Path) -> None:
+def run_child(args: list[str], cwd: Path, env: dict[str, str]) -> None:
     os.chdir(cwd)
+    os.environ.update(env)
     for fd, name in ((1, "stdout.txt"), (2, "stderr.txt")):
         os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     sys.argv = ["bilevel-train", *args]
@@ -46,7 +48,7 @@ def main() -> None:
         cwd = Path(case["cwd"])
         pid = os.fork()
         if pid == 0:
-            run_child(case["args"], cwd)
+            run_child(case["args"], cwd, case.get("env", {}))
         _, status = os.waitpid(pid, 0)
         results.append({
             "status": os.waitstatus_to_exitcode(status),

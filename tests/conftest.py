@@ -11,14 +11,32 @@
 * ``single_thread``: run a test with one intra-op thread (restored afterwards). On a shared,
   oversubscribed CPU the tiny kernels here run much faster that way than with spinning
   OpenMP workers.
+
+The suite never touches the user's cache: unless ``BILEVEL_CACHE`` is set, it points at a
+directory of the tests' own under the temporary directory (``bilevel-tests-<uid>``; kept between
+sessions so the glyph pool is built once), so the tests' tiny-problem timings never land in
+``~/.cache/bilevel/execution.json``. torch scripts its forward-mode decompositions with the
+deprecated ``torch.jit.script`` the first time ``torch.func.jacfwd``/``hessian`` runs (18
+warnings from ``torch._decomp.decompositions_for_jvp``, used by ``theory_checks``); that module is
+imported here once with exactly that warning silenced.
 """
 from __future__ import annotations
 
+import os
+import tempfile
+import warnings
 from types import SimpleNamespace
 from typing import Callable
 
 import pytest
 import torch
+
+if not os.environ.get("BILEVEL_CACHE"):
+    os.environ["BILEVEL_CACHE"] = os.path.join(tempfile.gettempdir(), f"bilevel-tests-{os.getuid()}")
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401  (torch's own use of the deprecated API)
 
 from bilevel import testing
 from bilevel.testing import Problem

@@ -20,6 +20,7 @@ Run with ``BILEVEL_ALLOCATOR=default``: a re-exec under another allocator would 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import signal
 import sys
@@ -60,17 +61,17 @@ class Probe:
             probe.tasks.append((batch.first_task, batch.classes.clone()))
             return step(self, algorithm, params, batch, decompose)
 
-        def recording_reduce(self, result, update, batch, stop):
+        def recording_reduce(self, result, batch, stop):
             fault = probe.fault is not None and probe.fault[0] == len(probe.steps)
             if fault and probe.fault[1] != "DIVERGE":
                 probe.inject(probe.fault[1])
-            result, update, labels = reduce_step(self, result, update, batch, stop)
+            result, labels = reduce_step(self, result, batch, stop)
             if fault and probe.fault[1] == "DIVERGE":
-                first = next(iter(update))
-                update = {**update, first: update[first] + 1e-3}
+                first = next(iter(result.grad))
+                result = dataclasses.replace(result, grad={**result.grad, first: result.grad[first] + 1e-3})
             d = result.decomposition
             probe.steps.append({
-                "grad": _detached(result.grad), "update": _detached(update), "loss": float(result.loss),
+                "grad": _detached(result.grad), "loss": float(result.loss),
                 "decomposition": None if d is None else {
                     "terms": _detached(d.terms), "total": _detached(d.total), "pair_weights": d.pair_weights.clone(),
                     "feature_cosines": d.feature_cosines.clone(), "same_class": d.same_class.clone(),
@@ -79,7 +80,7 @@ class Probe:
                     "labels": (labels.support_y.clone(), labels.query_y.clone(), labels.ways),
                 },
             })
-            return result, update, labels
+            return result, labels
 
         patch(Ablation, "step", recording_step)
         patch(Replicas, "reduce_step", recording_reduce)

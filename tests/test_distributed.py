@@ -289,7 +289,7 @@ def test_reduced_decomposition_passes_the_identity_check_and_equals_the_single_p
     for s1, s2, s2_rank1 in zip(one.records[0]["steps"], two.records[0]["steps"], two.records[1]["steps"]):
         d1, d2 = s1["decomposition"], s2["decomposition"]
         assert (d1 is None) == (d2 is None)
-        assert same(s2["update"], s2_rank1["update"])  # every rank continues with the same reduced step
+        assert same(s2["grad"], s2_rank1["grad"])  # every rank continues with the same reduced step
         if d1 is None:
             continue
         decomposed += 1
@@ -314,7 +314,7 @@ def test_an_ablated_run_follows_the_reduced_kept_terms(runs):
     one, two = runs("maml", 1, "ablation=contrastive_only"), runs("maml", 2, "ablation=contrastive_only")
     assert rel_err(two.params(), one.params()) <= 1e-12
     for s1, s2 in zip(one.records[0]["steps"], two.records[0]["steps"]):
-        assert rel_err(s2["update"], s1["update"]) <= 1e-11
+        assert rel_err(s2["grad"], s1["grad"]) <= 1e-11
 
 
 def test_uneven_split_gives_the_single_process_meta_gradient(runs):
@@ -448,7 +448,7 @@ def test_execution_auto_is_settled_by_rank_0_for_every_process(tmp_path):
 
 
 def test_a_refused_start_ends_every_process_with_rank_0s_message(tmp_path):
-    from bilevel.app.files import FileLock
+    from bilevel.files import FileLock
 
     with FileLock(tmp_path / "run" / "run.lock"):
         run = processes(tmp_path, 2, BASE + ALGORITHMS["maml"])

@@ -53,6 +53,33 @@ CASES = {
     "more ways than classes": (["data.ways=500"], "classes"),
     "unavailable execution path": (["execution=shared"], "execution=shared is not available"),
     "resume without a checkpoint": (["train.resume=true"], "holds no checkpoint to continue"),
+    # NaN and infinities, for every kind of numeric key (issue 20 §4, issue 23 §5)
+    "NaN learning rate": (["train.lr=nan"], "train.lr must be > 0 (a finite number), got nan"),
+    "infinite inner learning rate": (["algorithm.inner_lr=inf"], "algorithm.inner_lr must be > 0 (a finite number), got inf"),
+    "negative infinite learning rate": (["train.lr=-inf"], "train.lr must be > 0 (a finite number), got -inf"),
+    "NaN head scale": (["head.scale=nan"], "head.scale must be >= 0 (a finite number), got nan"),
+    "NaN budget": (["eval.budget_s=nan"], "eval.budget_s must be >= 0 (a finite number), got nan"),
+    "infinite budget": (["eval.budget_s=inf"], "eval.budget_s must be >= 0 (a finite number), got inf"),
+    "NaN timeout": (["dist.timeout_s=nan"], "dist.timeout_s must be > 0 (a finite number), got nan"),
+    # silent nonsense before: each ran and exited 0
+    "no test steps": (["algorithm.test_steps=0"], "algorithm.test_steps must be >= 1, got 0"),
+    "empty run directory": (["hydra.run.dir="], "hydra.run.dir is empty: the run would write its checkpoint"),
+    "a deleted group": (["~train"], "'~train' deletes 'train' from the config"),
+    "Entropy-SGD's unused train.lr": (["algorithm=entropy_sgd", "train.lr=0.1"],
+                                      "algorithm entropy_sgd does not use train.lr=0.1"),
+    # tracebacks before
+    "an override without a key": (["=3"], "cannot read the command line: '=3' has no key before '='"),
+    "a 300-character directory name": (["hydra.run.dir=runs/" + "x" * 300], "hydra.run.dir holds a name of 300 bytes"),
+    "a 5,000-character option": (["data=" + "y" * 5000], "longer than the file system allows"),
+    "a 5,000-character value": (["train.resume=" + "y" * 5000], "(5002 characters)"),
+    "a model too large to allocate": (["model.hidden=100000000"], "model=mlp has 10,000,002,300,000,005 parameters"),
+    # misleading before
+    "a plugin key its preset lacks": (["algorithm.inner_momentum=1"],
+                                      "is a key of algorithm maml, but the selected preset does not list it, so it "
+                                      "must be added: +algorithm.inner_momentum=1"),
+    "classes before memory": (["data.ways=500", "train.meta_batch=100000000"], "500-way tasks need at least 500 classes"),
+    "a missing data directory before memory": (["data=miniimagenet", "model=conv4", "data.root=missing"],
+                                               "mini-ImageNet directory missing does not exist"),
 }
 
 
@@ -100,8 +127,9 @@ def test_a_refused_command_line_exits_2_with_one_paragraph_and_leaves_nothing(re
     assert result["status"] == 2, result["stderr"]
     assert "Traceback" not in result["stderr"] and "HYDRA_FULL_ERROR" not in result["stderr"]
     lines = result["stderr"].strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result["stderr"]
+    assert lines[0].startswith("error: ") and "" not in lines, result["stderr"]  # one paragraph
     assert message in lines[0]
+    assert len(lines) == 1 or case == "a missing data directory before memory"  # it lists the expected layout
     assert result["stdout"] == ""
     assert sorted(p.name for p in result["cwd"].iterdir()) == [], "a refused start left files behind"
 

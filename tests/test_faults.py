@@ -30,8 +30,8 @@ import bilevel.data.glyphs as glyphs
 from bilevel.algorithm import get_algorithm, register
 from bilevel.app.checkpoint import load_checkpoint
 from bilevel.app.config import register_configs, typed_config
-from bilevel.errors import ConfigError, CorruptFileError, NonFiniteError, ResumeError, RunDirectoryBusy
-from bilevel.app.files import FileLock, save_checked
+from bilevel.errors import ConfigError, CorruptFileError, NonFiniteError, ResumeError, RunDirectoryBusy, StorageError
+from bilevel.files import FileLock, save_checked
 from bilevel.execution.memory import check_meta_step_memory
 from bilevel.primitives.models import build_model
 from bilevel.app.tb import event_files
@@ -414,7 +414,7 @@ def test_signal_finishes_the_step_checkpoints_and_prints_the_resume_command(tmp_
 @pytest.mark.parametrize("overrides, message", [
     (["model.hidden=0"], "model.hidden must be >= 1, got 0"),
     (["model.layers=0"], "model.layers must be >= 1, got 0"),
-    (["algorithm.test_steps=-1"], "algorithm.test_steps must be >= 0, got -1"),
+    (["algorithm.test_steps=-1"], "algorithm.test_steps must be >= 1, got -1"),
     (["eval.final_tasks=0"], "eval.final_tasks must be >= 1, got 0"),
     (["eval.tasks=0"], "eval.tasks must be >= 1, got 0"),
     (["train.meta_batch=100000000"], "train.meta_batch=100000000 needs an estimated"),
@@ -456,3 +456,208 @@ def test_cli_prints_a_config_error_without_traceback_and_exits_2(tmp_path, cache
     assert result.returncode == 2
     assert result.stderr.strip() == "error: model.hidden must be >= 1, got 0"
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+# --- 8. faults that ended in a traceback, lost work or ran on nonsense (issue 23) -------------------------
+
+
+def drive(cases: list[dict], cache: Path) -> list[dict]:
+    """Run ``bilevel-train`` command lines through ``tests/cli_driver.py`` (one import, a fork each)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", BILEVEL_ALLOCATOR="default",
+               BILEVEL_CACHE=str(cache))
+    env.pop("HYDRA_FULL_ERROR", None)
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "cli_driver.py")], input=json.dumps(cases), env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_run_directories_and_caches_that_cannot_be_used_are_said_in_one_paragraph(tmp_path, cache):
+    """A run directory that is a file, under a file, in a virtual file system; a checkpoint.pt that is
+    a directory; BILEVEL_CACHE naming a file: exit 2 (1 for the unreadable checkpoint), no traceback."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "old" / "checkpoint.pt").mkdir(parents=True)
+    cases = {
+        "a file": ([f"hydra.run.dir={tmp_path / 'a_file'}"], 2, "cannot make the run directory"),
+        "under a file": ([f"hydra.run.dir={tmp_path / 'a_file' / 'run'}"], 2, "Not a directory"),
+        "a system folder": (["hydra.run.dir=/proc/bilevel-run"], 2, "cannot make the run directory '/proc/bilevel-run'"),
+        "checkpoint.pt a directory": ([f"hydra.run.dir={tmp_path / 'old'}"], 1,
+                                      f"{tmp_path / 'old' / 'checkpoint.pt'} is not a readable checkpoint file: is a "
+                                      "directory"),
+        "BILEVEL_CACHE a file": ([f"hydra.run.dir={tmp_path / 'cached'}"], 2,
+                                 f"BILEVEL_CACHE={tmp_path / 'a_file'} cannot be a directory"),
+    }
+    runs = []
+    for i, (name, (args, _, _)) in enumerate(cases.items()):
+        (tmp_path / f"cwd{i}").mkdir()
+        env = {"BILEVEL_CACHE": str(tmp_path / "a_file")} if name == "BILEVEL_CACHE a file" else {}
+        runs.append({"args": cli_overrides("maml", *args), "cwd": str(tmp_path / f"cwd{i}"), "env": env})
+    for (name, (_, status, message)), result in zip(cases.items(), drive(runs, cache)):
+        assert result["status"] == status, (name, result["stderr"])
+        assert "Traceback" not in result["stderr"], (name, result["stderr"])
+        assert message in result["stderr"], (name, result["stderr"])
+    assert not (tmp_path / "cached").exists()  # refused before the run directory was taken
+    assert (tmp_path / "old" / "checkpoint.pt").is_dir() and (tmp_path / "a_file").read_text() == "x"
+
+
+def test_an_execution_cache_holding_a_list_is_ignored_and_measured_again(tmp_path, cache, caplog):
+    cache.mkdir(parents=True)
+    (cache / "execution.json").write_text("[1, 2]")
+    with caplog.at_level(logging.WARNING):
+        train(config("execution=auto"), tmp_path / "run", show_progress=False)
+    assert "holds a JSON list, not an object; measuring again" in caplog.text
+    assert isinstance(json.loads((cache / "execution.json").read_text()), dict)
+
+
+def test_a_stale_cached_path_measurement_is_dropped_when_the_steps_disagree(tmp_path, cache, caplog):
+    """Measured under other load: a cached time 1000x off the run's own steps is dropped (the
+    next start measures again), and a run's path never changes mid-run."""
+    train(config("execution=auto"), tmp_path / "first", show_progress=False)
+    entries = json.loads((cache / "execution.json").read_text())
+    assert all("load" in e for e in entries.values())  # the load it was measured under
+    for entry in entries.values():
+        entry["seconds"] = {path: seconds * 1000 for path, seconds in entry["seconds"].items()}
+    (cache / "execution.json").write_text(json.dumps(entries))
+    with caplog.at_level(logging.INFO):
+        train(config("execution=auto"), tmp_path / "second", show_progress=False)
+    assert "as measured once before under load" in caplog.text
+    assert "the measurement is dropped and the next run measures again" in caplog.text
+    assert json.loads((cache / "execution.json").read_text()) == {}
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train(config("execution=auto"), tmp_path / "third", show_progress=False)
+    assert "measured now under load" in caplog.text and "dropped" not in caplog.text
+
+
+def test_deleting_run_lock_lets_no_second_run_in(tmp_path):
+    from bilevel.app.run_dir import RunDirectory
+
+    with RunDirectory(tmp_path / "run"):
+        (tmp_path / "run" / "run.lock").unlink()
+        with pytest.raises(RunDirectoryBusy, match="record was deleted"):
+            RunDirectory(tmp_path / "run").__enter__()
+
+
+def test_a_full_disk_at_start_leaves_no_empty_run_lock(tmp_path, monkeypatch):
+    import errno
+
+    import bilevel.files as files
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "write", full)
+    with pytest.raises(StorageError, match="No space left on device"):
+        train(config(), tmp_path / "run", show_progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "run" / "run.lock").exists()
+
+
+def test_tensorboard_directory_deleted_mid_run_is_made_again(tmp_path, caplog):
+    import shutil
+
+    cls, count = get_algorithm("maml"), [0]
+    step_done = cls.outer_step_done
+
+    def outer_step_done(self) -> None:
+        step_done(self)
+        count[0] += 1
+        if count[0] == 3:
+            shutil.rmtree(tmp_path / "run" / "tb")
+
+    cls.outer_step_done = outer_step_done
+    try:
+        with caplog.at_level(logging.WARNING):
+            metrics = train(config("execution=loop"), tmp_path / "run", show_progress=False)
+    finally:
+        del cls.outer_step_done
+    assert metrics["steps"] == 8 and "was deleted during the run; made it again" in caplog.text
+    assert event_files(tmp_path / "run") and load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 8
+
+
+class _InfiniteLoss(MAML):
+    """MAML whose reported meta-loss is 1e300 (finite in float64, inf in any float32 log) from step 3 on."""
+
+    calls = 0
+
+    def meta_step(self, params, batch, want=Want()):
+        step = super().meta_step(params, batch, want)
+        type(self).calls += 1
+        if type(self).calls >= 3:
+            step.loss = step.loss * 0 + 1e300
+        return step
+
+
+def test_a_float64_loss_beyond_float32_range_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "_REGISTRY", dict(engine._REGISTRY))
+    register("inf_loss_maml")(_InfiniteLoss)
+    _InfiniteLoss.calls = 0
+    with pytest.raises(NonFiniteError, match=r"non-finite values in the meta-loss at step 3,.*beyond float32's range"):
+        train(config("algorithm.name=inf_loss_maml", "dtype=float64", "execution=loop"), tmp_path, show_progress=False)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_ctrl_c_with_the_console_pipe_closed_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, cache):
+    """``bilevel-train ... 2>&1 | tee log`` and Ctrl-C, pressed twice 50 ms apart: tee dies first; the
+    run must survive writing to a pipe nobody reads, take the double press as one, checkpoint, and
+    leave the resume command in train.log."""
+    run_dir = tmp_path / "run"
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the signal
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", BILEVEL_ALLOCATOR="default",
+               BILEVEL_CACHE=str(cache))
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = cli_overrides("maml", "execution=loop", "train.checkpoint_every=4", f"hydra.run.dir={run_dir}")
+    status = subprocess.run([sys.executable, str(ROOT / "tests" / "fault_driver.py"), "maml", "3", "INT2", *args],
+                            cwd=tmp_path, env=env, stdout=write, stderr=write, timeout=120).returncode
+    os.close(write)
+    assert status == 130
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 3
+    log = (run_dir / "train.log").read_text()
+    assert "stopped by SIGINT after step 3" in log and f"train.resume=auto hydra.run.dir={run_dir}" in log
+    assert "Traceback" not in log
+
+
+def test_sigint_at_start_up_twice_exits_130_without_a_traceback_and_leaves_nothing(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    args = cli_overrides("maml", "execution=loop", f"hydra.run.dir={run_dir}")
+    stopped = run_cli([str(ROOT / "tests" / "fault_driver.py"), "maml", "0", "INT2", *args], tmp_path, cache)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.strip() == "interrupted by SIGINT before the run started; nothing was written"
+    assert not run_dir.exists()
+
+
+def test_model_that_cannot_take_the_inputs_is_refused_naming_the_image_size():
+    from bilevel.app.preflight import check_model
+
+    register_configs()
+    with initialize_config_module("configs", version_base="1.3"):
+        cfg = typed_config(compose("train", overrides=["data.image_size=8", "model=conv4"]))
+    with pytest.raises(ConfigError, match=r"model=conv4 cannot take inputs of shape \(1, 8, 8\) \(data.image_size=8\)"):
+        check_model(cfg, (1, 8, 8), torch.device("cpu"), torch.float32)
+
+
+def _burn(seconds: float) -> None:
+    end = __import__("time").perf_counter() + seconds
+    while __import__("time").perf_counter() < end:
+        pass
+
+
+def test_the_final_test_is_the_same_on_an_idle_and_a_busy_machine(tmp_path):
+    """The final test's task count and accuracy do not depend on the machine's load: the same
+    command, alone and beside CPU-burning processes, tests the same tasks."""
+    import multiprocessing
+
+    overrides = ("execution=loop", "eval.final_tasks=60", "eval.batch=20", "train.steps=4")
+    idle = train(config(*overrides), tmp_path / "idle", show_progress=False)
+    burners = [multiprocessing.get_context("fork").Process(target=_burn, args=(120,)) for _ in range(2)]
+    for b in burners:
+        b.start()
+    try:
+        busy = train(config(*overrides), tmp_path / "busy", show_progress=False)
+    finally:
+        for b in burners:
+            b.kill()
+            b.join()
+    assert idle["test_tasks"] == busy["test_tasks"] == 60
+    assert idle["test_accuracy"] == busy["test_accuracy"]

@@ -30,6 +30,7 @@ def test_walltime_counts_runs_and_keeps_cleared_sweeps(tmp_path: Path) -> None:
     kept = walltime.kept_rows(earlier, {name for name, *_ in found})
     assert kept == ["| glyphs/cosine_similarity * | 30 | 30.3 min | 61 s |"]
     assert walltime.kept_rows("\n".join(kept), set()) == kept  # kept twice: marked once
+    assert walltime.kept_rows("\n".join(kept), {"glyphs/cosine_similarity"}) == []  # rerun: the new row replaces it
 
 
 def test_build_pastes_a_report_section(tmp_path: Path) -> None:
@@ -37,3 +38,61 @@ def test_build_pastes_a_report_section(tmp_path: Path) -> None:
     report = "### Arms (mean ± sd)\n\n| a |\n\n### Paired comparisons\n\n| p |\n"
     assert build_results.section(report, "Paired").strip() == "| p |"
     assert build_results.section(report, "Arms").strip() == "| a |"
+
+
+REFERENCE_SHA256 = {1: "8114137cc164064afe1f85e0eb2dda5d24d5ecda7ae2bf06fe83f380d2268fbe"}
+"""The float64 reference meta-gradients of each engine epoch: regenerating the file means the
+engine's meta-gradients changed, so ENGINE_EPOCH must be bumped and the new hash added here."""
+
+
+def test_the_engine_epoch_names_the_saved_reference_meta_gradients() -> None:
+    import hashlib
+
+    from bilevel.app.provenance import ENGINE_EPOCH
+
+    digest = hashlib.sha256((ROOT / "tests" / "data" / "reference_meta_grads.pt").read_bytes()).hexdigest()
+    assert REFERENCE_SHA256.get(ENGINE_EPOCH) == digest, (
+        "tests/data/reference_meta_grads.pt changed: bump ENGINE_EPOCH (bilevel/app/provenance.py) and add its "
+        "hash to REFERENCE_SHA256")
+
+
+def test_a_published_table_is_recomputed_from_the_committed_per_seed_data() -> None:
+    """§7.2 of RESULTS.md (the shots sweep): its arms, declared, effect-size, exploratory and
+    test-time sections, recomputed from ``synthetic_shots.seeds.json`` alone, equal the published
+    report's, and every run records a clean tree of one commit at the current engine epoch."""
+    from bilevel.app.provenance import ENGINE_EPOCH
+    from bilevel.app.report import group_runs
+    from bilevel.app.seed_data import load_seed_data
+    from bilevel.app.study import study_markdown
+
+    build_results = load("build_results")
+    runs = load_seed_data(ROOT / "docs" / "results" / "synthetic_shots.seeds.json")
+    assert len(runs) == 72
+    assert {(r.config["provenance"]["dirty"], r.config["provenance"]["engine_epoch"]) for r in runs} == {
+        (False, ENGINE_EPOCH)}
+    assert len({r.config["provenance"]["commit"] for r in runs}) == 1
+    recomputed = study_markdown(group_runs(runs))
+    published = (ROOT / "docs" / "results" / "synthetic_shots.md").read_text()
+    for heading in ("Arms", "Declared", "Effect sizes", "Exploratory", "Test-time"):
+        assert build_results.section(recomputed, heading) == build_results.section(published, heading)
+    assert "**not reproduced**" in build_results.section(recomputed, "Declared")
+
+
+def test_results_md_is_the_template_built_and_marks_tables_without_per_seed_data(tmp_path: Path) -> None:
+    build_results = load("build_results")
+    template = (ROOT / "docs" / "results" / "RESULTS.template.md").read_text()
+    assert build_results.build(template) == (ROOT / "docs" / "RESULTS.md").read_text()
+    report = tmp_path / "x.md"
+    report.write_text("### Arms\n\n| a |\n")
+    assert build_results.provenance_line(report) == build_results.PREDATES_PROVENANCE
+    run = {"config": {}, "metrics": {}, "curves": {}}
+    record = {"commit": "0123456789", "dirty": False, "engine_sha256": "x", "engine_epoch": 0}
+    seeds = tmp_path / "x.seeds.json"
+    seeds.write_text(json.dumps({"format": 1, "shared": {}, "runs": [{**run, "provenance": record}]}))
+    assert "predates engine epoch" in build_results.provenance_line(report)
+    seeds.write_text(json.dumps({"format": 1, "shared": {}, "runs": [{**run, "provenance": None}]}))
+    assert "predates engine epoch" in build_results.provenance_line(report)
+    current = {**record, "engine_epoch": build_results.ENGINE_EPOCH}
+    seeds.write_text(json.dumps({"format": 1, "shared": {}, "runs": [{**run, "provenance": current}]}))
+    assert build_results.provenance_line(report).startswith("> Recomputable") and "0123456" in \
+        build_results.provenance_line(report)

@@ -12,7 +12,9 @@ import math
 import numpy as np
 import pytest
 
-from bilevel.app.stats import curve_band, format_p, paired, seed_stat, t_quantile
+from scipy.stats import t as t_dist
+
+from bilevel.app.stats import curve_band, format_p, holm, paired, seed_stat, t_quantile, welch
 
 T_TABLE = {3: 4.303, 5: 2.776, 8: 2.365}
 
@@ -96,3 +98,23 @@ def test_curve_band_is_the_pointwise_t_interval() -> None:
     np.testing.assert_allclose(high, mean + half, atol=1e-3)
     one_mean, one_low, _ = curve_band(values[:1])
     np.testing.assert_allclose(one_low, one_mean)
+
+
+def test_holm_adjustment_by_hand() -> None:
+    """m = 4 present p-values: sorted 0.01, 0.02, 0.03, 0.5 → 4·0.01, max(0.04, 3·0.02), max(0.06, 2·0.03), 0.5."""
+    adjusted = holm([0.03, None, 0.01, 0.5, 0.02])
+    assert adjusted[1] is None
+    assert [adjusted[i] for i in (2, 4, 0, 3)] == pytest.approx([0.04, 0.06, 0.06, 0.5])
+    assert holm([0.4, 0.9]) == pytest.approx([0.8, 0.9]) and holm([]) == []
+
+
+def test_welch_against_the_satterthwaite_formulas() -> None:
+    a, b = np.array([0.61, 0.64, 0.58, 0.70]), np.array([0.66, 0.71, 0.69, 0.75, 0.64, 0.73])
+    va, vb = a.var(ddof=1) / 4, b.var(ddof=1) / 6
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 5)
+    mean, se = b.mean() - a.mean(), math.sqrt(va + vb)
+    result = welch(a, b)
+    assert result.df == pytest.approx(df) and result.mean == pytest.approx(mean)
+    assert result.p == pytest.approx(2 * t_dist.sf(mean / se, df))
+    assert result.ci_high - mean == pytest.approx(t_dist.ppf(0.975, df) * se)
+    assert welch([0.5], b) is None and welch([0.5, 0.5], [0.5, 0.5]) is None

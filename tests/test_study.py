@@ -169,7 +169,8 @@ def test_cli_writes_statistics_json_and_figures(sweep: Path, tmp_path: Path, cap
     main([str(sweep), "--out", str(tmp_path / "fig"), "--markdown", str(md)])
     text = md.read_text()
     assert text in capsys.readouterr().out
-    assert "Paired comparisons" in text and "Wilcoxon p" in text and "Cosine probe" in text
+    assert "Exploratory: paired comparisons" in text and "Wilcoxon p" in text and "Cosine probe" in text
+    assert "Declared comparisons" not in text  # this sweep declares none
     study = json.loads((tmp_path / "fig" / "study.json").read_text())
     assert len(study["arms"]) == 4 and len(study["comparisons"]) == 4 and study["cosine"]
     for name in ("learning_curves.png", "cosine_heatmaps.png"):

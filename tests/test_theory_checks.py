@@ -2,8 +2,9 @@
 
 The claims pass on the engine as it is; a deliberately broken term (the contrastive
 cotangent scaled by 1.01) makes the identity claim fail and the runner exit non-zero; a
-mis-recorded head trace makes the reconstruction claim fail; a check that raises becomes a
-FAIL row instead of crashing the run.
+mis-recorded head trace makes the reconstruction claim fail; R2-D2 without its ``+ λI`` fails
+its closed form and meta-gradient, Meta-SGD that ignores its learned rates fails every rate claim;
+a check that raises becomes a FAIL row instead of crashing the run.
 """
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import json
 import math
 
 import pytest
+import torch
 
+import algorithms.meta_sgd
+import algorithms.r2d2
 import bilevel.solvers.sgd
 import bilevel.hypergrad.rows
 from bilevel.decomposition.cotangents import Nodes, term_cotangents
 from bilevel.primitives.head import HeadState, head_write
 from theory_checks import __main__ as runner
-from theory_checks import maml_claims
+from algorithms.meta_sgd import learning_rates
+from theory_checks import maml_claims, meta_sgd_claims, r2d2_claims
 from theory_checks.core import ClaimResult
 
 MAML_ONLY = "theory_checks.maml_claims."
@@ -106,3 +111,34 @@ def test_claim_result_comparisons(compare, value, passed):
 def test_claim_result_rejects_unknown_comparison():
     with pytest.raises(ValueError, match="compare must be one of"):
         ClaimResult("c", "d", 0.0, 0.0, "~")
+
+
+def _ridge_without_lambda(features, labels, ways, lam):
+    """R2-D2's dual solve with the ``+ λI`` dropped: ``(ΦΦᵀ + 1)⁻¹ Y``."""
+    onehot = (labels.unsqueeze(-1) == torch.arange(ways)).to(features.dtype)
+    return torch.linalg.solve(features @ features.transpose(-1, -2) + 1.0, onehot)
+
+
+def test_r2d2_without_its_ridge_term_fails_the_closed_form_and_the_meta_gradient(monkeypatch, capsys):
+    monkeypatch.setattr(algorithms.r2d2, "ridge_coefficients", _ridge_without_lambda)
+    head, trace = r2d2_claims.r2d2_closed_form_and_trace()
+    assert not head.passed and head.value > 1e-3
+    assert trace.passed  # the trace still explains whatever head was written
+    failed = [r.description for r in r2d2_claims.r2d2_meta_gradient() if not r.passed]
+    assert len(failed) == 2 and all("primal ridge head" in d for d in failed)
+    assert runner.main(["--only", "r2d2_claims"]) == 1
+
+
+def test_meta_sgd_that_ignores_its_rates_fails_the_rate_claims(monkeypatch):
+    """The inner loop steps with the initial rate ``α`` whatever the learned rates are: MAML at
+    uniform rates (so that claim still holds), wrong everywhere the rates matter."""
+    def fixed_rates(params):
+        rates, head = learning_rates(params)
+        return {k: torch.full_like(v, meta_sgd_claims.ALPHA) for k, v in rates.items()}, torch.full_like(
+            head, meta_sgd_claims.ALPHA)
+
+    monkeypatch.setattr(algorithms.meta_sgd, "learning_rates", fixed_rates)
+    assert all(r.passed for r in meta_sgd_claims.meta_sgd_uniform_rates_are_maml())
+    rows = meta_sgd_claims.meta_sgd_learned_rates()
+    assert len(rows) == 5 and not any(r.passed for r in rows)
+    assert runner.main(["--only", "meta_sgd_claims"]) == 1

@@ -6,10 +6,21 @@ unknown config-group option (``algorithm=reptil``), a malformed override. :func:
 each into a :class:`~bilevel.errors.ConfigError` — one paragraph naming the key, what is valid
 and, for a typo, the closest valid key or option — which ``bilevel-train`` prints without a
 traceback, exiting 2. Anything else stays an exception with its traceback (a bug).
+
+Some command lines Hydra accepts but a run must not: :func:`check_overrides` refuses them before
+Hydra sees them (an override without a key, ``=3``; a deleted key of the run, ``~train``, which
+would run on the schema's defaults unnoticed — Hydra's own ``~hydra...`` are left to it; an
+empty ``hydra.run.dir=``, which would write the run into the working directory; a file or
+directory name longer than the file system allows). An
+:class:`OSError` raised while Hydra prepares the run (its run directory cannot be made, a name
+is too long) is said by :func:`explain_os_error`.
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
 import re
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra import compose, initialize_config_module
@@ -18,10 +29,15 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from bilevel.algorithm import available_algorithms, get_algorithm
 from bilevel.app.catalog import GROUP as ALGORITHM_GROUP
 from bilevel.app.catalog import unknown_algorithm_message
 from bilevel.errors import ConfigError
-from bilevel.validate import closest, unknown_key_error
+from bilevel.validate import closest, shown, unknown_key_error
+
+RUN_DIR_KEY = "hydra.run.dir"
+NAME_MAX = 255
+"""The longest file or directory name (one path component, in bytes) Linux file systems take."""
 
 TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "bool": "true or false"}
 
@@ -54,8 +70,67 @@ def _keys(node: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def check_overrides(overrides: Sequence[str]) -> None:
+    """Refuse (:class:`ConfigError`) the overrides Hydra would accept but a run must not (module
+    docstring), before Hydra composes anything."""
+    for word in overrides:
+        key, equals, value = word.partition("=")
+        if equals and not key.lstrip("+~"):
+            raise ConfigError(f"cannot read the command line: {shown(word)} has no key before '='. Overrides "
+                              f"are key=value, e.g. train.steps=3")
+        if key.startswith("~") and not key[1:].startswith("hydra"):
+            raise ConfigError(f"{shown(word)} deletes {key[1:]!r} from the config: a run needs every key of its "
+                              f"schema and would silently fall back on the schema's defaults. Set the values "
+                              f"instead ({key[1:]}.KEY=VALUE), or pick another config group option")
+        if key.lstrip("+") == RUN_DIR_KEY:
+            _check_run_dir(value)
+
+
+def _check_run_dir(value: str) -> None:
+    """``hydra.run.dir=value``: not empty, and no name in it longer than the file system allows."""
+    if not value.strip():
+        raise ConfigError(f"{RUN_DIR_KEY} is empty: the run would write its checkpoint, config and metrics into "
+                          f"the working directory. Set {RUN_DIR_KEY}=DIR (a new or an earlier run's directory), "
+                          f"or leave it out for outputs/<date>/<time>")
+    long = [part for part in Path(value).parts if len(part.encode()) > NAME_MAX]
+    if long:
+        raise ConfigError(f"{RUN_DIR_KEY} holds a name of {len(long[0].encode())} bytes ({shown(long[0])}); file "
+                          f"systems take at most {NAME_MAX} per file or directory name: choose a shorter "
+                          f"{RUN_DIR_KEY}")
+
+
+def explain_os_error(error: OSError) -> ConfigError:
+    """What an :class:`OSError` raised while Hydra prepares a run (before the run's own code)
+    means: a name too long, or a run directory that cannot be made (a file is in its place or on
+    its path, no permission, a read-only or virtual file system)."""
+    where = shown(str(error.filename)) if error.filename is not None else "a path of the run"
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENAMETOOLONG:
+        return ConfigError(f"a name on the command line is longer than the file system allows (at most {NAME_MAX} "
+                           f"bytes per file or directory name): {where}. Shorten the value that made it "
+                           f"({RUN_DIR_KEY}, hydra.job.name or a config group option)")
+    return ConfigError(f"cannot make the run directory {where}: {reason}. Set {RUN_DIR_KEY}=DIR to a directory "
+                       f"this user can create and write (not a file, not inside a read-only or system folder)")
+
+
+def _preset_lacks(cfg: DictConfig, key: str) -> Optional[str]:
+    """When ``key`` is ``algorithm.FIELD``, a field of the selected plugin's Config that its preset
+    does not list: the plugin's name, else None."""
+    group, _, field = key.partition(".")
+    node = cfg.get(ALGORITHM_GROUP)
+    name = node.get("name") if isinstance(node, DictConfig) else None
+    if group != ALGORITHM_GROUP or "." in field or name not in available_algorithms():
+        return None
+    return str(name) if field in {f.name for f in dataclasses.fields(get_algorithm(str(name)).Config)} else None
+
+
 def _unknown_key(key: str, overrides: Sequence[str]) -> ConfigError:
     cfg = _compose_without(overrides, key)
+    plugin = _preset_lacks(cfg, key)
+    if plugin is not None:
+        value = next((o.partition("=")[2] for o in overrides if o.partition("=")[0] == key), "VALUE")
+        return ConfigError(f"{key} is a key of algorithm {plugin}, but the selected preset does not list it, so it "
+                           f"must be added: +{key}={value}")
     parts = key.split(".")
     parent, depth = cfg, 0
     while depth < len(parts) - 1 and isinstance(parent, DictConfig) and parts[depth] in parent:
@@ -71,7 +146,7 @@ def _bad_value(override: str, cause: BaseException) -> ConfigError:
     expected = next((words for name, words in TYPE_WORDS.items() if name in message), None)
     if expected is None:
         return ConfigError(f"{key}: {message}")
-    return ConfigError(f"{key.lstrip('+~')} must be {expected}, got {value!r}")
+    return ConfigError(f"{key.lstrip('+~')} must be {expected}, got {shown(value)}")
 
 
 def _unknown_option(error: MissingConfigException) -> ConfigError:
@@ -79,7 +154,8 @@ def _unknown_option(error: MissingConfigException) -> ConfigError:
     if group == ALGORITHM_GROUP:
         return ConfigError(unknown_algorithm_message(option, ALGORITHM_GROUP))
     options = list(error.options or [])
-    return ConfigError(f"unknown {group} {option!r} ({group}={option});{closest(option, options)} "
+    named = f"{option!r} ({group}={option})" if shown(option) == repr(option) else shown(option)
+    return ConfigError(f"unknown {group} {named};{closest(option, options)} "
                        f"choose {group}=NAME from: {', '.join(options)}")
 
 

@@ -20,7 +20,7 @@ from bilevel.app.cosine_protocol import CosineConfig
 from bilevel.data import DataConfig
 from bilevel.data.dataset import SPLITS
 from bilevel.execution.mapping import EXECUTIONS
-from bilevel.app.head_policy import HEAD_POLICIES
+from bilevel.app.head_policy import HEAD_INITS, HEAD_POLICIES, algorithm_policy
 from bilevel.primitives.models import MODELS, ModelConfig
 from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_declared, reject_unknown_keys
 
@@ -30,15 +30,33 @@ RESUME_MODES = ("auto", "true", "false", "force")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
+OmegaConf.register_new_resolver("algorithm_head_policy", algorithm_policy, replace=True)
+
+
 @dataclass
 class HeadConfig:
     """Head policy (docs/theory.md §4), one of :data:`bilevel.app.head_policy.HEAD_POLICIES` (what
-    each does: :mod:`bilevel.app.head_policy`); ``scale`` multiplies the initial head of ``scaled``."""
+    each does: :mod:`bilevel.app.head_policy`); ``scale`` multiplies the initial head of ``scaled``;
+    ``init`` draws a random head: ``default`` (``nn.Linear``'s) or ``paper`` (the authors' Kaiming
+    normal, zero bias). Unset, ``policy`` is the algorithm's own
+    (:func:`~bilevel.app.head_policy.algorithm_policy`; :func:`validate` records the value)."""
 
-    checks: ClassVar[dict[str, Check]] = {"policy": OneOf(HEAD_POLICIES), "scale": NON_NEGATIVE}
+    checks: ClassVar[dict[str, Check]] = {"policy": OneOf(HEAD_POLICIES), "scale": NON_NEGATIVE,
+                                          "init": OneOf(HEAD_INITS)}
 
-    policy: str = "zeroing"
+    policy: str = "${algorithm_head_policy:${algorithm.name}}"
     scale: float = 1.0
+    init: str = "default"
+
+
+@dataclass
+class StudyConfig:
+    """A study's declared comparisons (``configs/experiment/*.yaml``; read by ``bilevel-report``,
+    :mod:`bilevel.app.study_claims`): ``name`` and ``comparisons``, a list of mappings. Not part of
+    a run's trajectory: the report groups runs without it."""
+
+    name: str = ""
+    comparisons: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -90,11 +108,12 @@ class TrainLoopConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation (:mod:`bilevel.app.evaluation`): every ``train.eval_every`` steps on up to
-    ``tasks`` tasks of ``split``, and once at the end on up to ``final_tasks`` tasks of
-    ``final_split``, in batches of ``batch`` tasks drawn from a fixed sequence. ``budget_s`` /
-    ``final_budget_s`` cap each evaluation's time (0: no cap) by the measured time of a batch;
-    the task count used is reported. Accuracy after every test-time inner step, with and
+    """Held-out evaluation (:mod:`bilevel.app.evaluation`): every ``train.eval_every`` steps on
+    ``tasks`` tasks of ``split``, and once at the end on ``final_tasks`` tasks of ``final_split``,
+    in batches of ``batch`` tasks drawn from a fixed sequence: the same tasks on any machine under
+    any load. ``budget_s`` / ``final_budget_s`` (None or 0: none, the default) instead cap each
+    evaluation's time by the measured time of a batch, a count that then depends on the machine
+    and is logged as such. Accuracy after every test-time inner step, with and
     without test-time zeroing, with 95 % confidence intervals over the tasks; the headline is
     the accuracy after ``headline_step`` inner steps (None: the number training uses)."""
 
@@ -108,8 +127,8 @@ class EvalConfig:
     final_tasks: int = 400
     final_split: str = "test"
     batch: int = 20
-    budget_s: float = 10.0
-    final_budget_s: float = 30.0
+    budget_s: Optional[float] = None
+    final_budget_s: Optional[float] = None
     headline_step: Optional[int] = None
 
 
@@ -152,6 +171,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     cosine: CosineConfig = field(default_factory=CosineConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
@@ -178,8 +198,10 @@ def typed_config(cfg: Any) -> DictConfig:
 def validate(cfg: DictConfig) -> None:
     """Reject keys the schema lacks and values its checks refuse (:class:`ConfigError`, naming
     the key and the valid values). ``train.resume`` is read case-insensitively (``true``
-    on the command line arrives as a boolean)."""
+    on the command line arrives as a boolean); ``head.policy`` is settled (its default is the
+    algorithm's)."""
     cfg.train.resume = str(cfg.train.resume).lower()
+    cfg.head.policy = str(cfg.head.policy)  # the algorithm's default, resolved: config.yaml records the value
     reject_unknown_keys(cfg, OmegaConf.structured(TrainConfig))
     check_declared(cfg)
 

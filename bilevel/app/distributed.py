@@ -61,6 +61,8 @@ from bilevel.algorithm import MetaStep
 from bilevel.data import TaskSampler
 from bilevel.data.batch import TaskBatch, task_position
 from bilevel.decomposition.checks import identity_error
+from bilevel.decomposition.record import Decomposition
+from bilevel.decomposition.reduction import MAX, MEAN, ROWS, reduce_fields
 from bilevel.errors import BilevelError, ConfigError, DistributedError
 from bilevel.primitives.params import Params
 from bilevel.app.run_dir import RunDirectory
@@ -377,39 +379,29 @@ class Replicas:
         self._collective(what, lambda: dist.all_reduce(flat))
         return _map(pack.value, slots)
 
-    def reduce_step(self, result: MetaStep, update: Params, batch: TaskBatch,
-                    stop: GracefulStop) -> tuple[MetaStep, Params, Optional[Union[TaskBatch, GatheredLabels]]]:
-        """The meta-step, update and labels of the whole meta-batch from this rank's share
-        ``batch`` (one ``all_reduce``, module docstring). The labels are ``batch`` itself with one
-        process, :class:`GatheredLabels` on decomposition steps, else None. Also agrees on
-        stopping: the largest signal any rank had received when it packed this step
-        (:meth:`stop_signal`), so every rank stops after the same step."""
+    def reduce_step(self, result: MetaStep, batch: TaskBatch,
+                    stop: GracefulStop) -> tuple[MetaStep, Optional[Union[TaskBatch, GatheredLabels]]]:
+        """The meta-step and labels of the whole meta-batch from this rank's share ``batch`` (one
+        ``all_reduce``, module docstring; every field reduced as its type declares, ``REDUCTION``).
+        The labels are ``batch`` itself with one process, :class:`GatheredLabels` on decomposition
+        steps, else None. Also agrees on stopping: the largest signal any rank had received when
+        it packed this step (:meth:`stop_signal`), so every rank stops after the same step."""
         if not self.launch.distributed:
-            return result, update, batch
+            return result, batch
         decomposition = result.decomposition
 
         def plan(pack: _Pack) -> dict[str, Any]:
+            reducers = {MEAN: pack.mean, ROWS: pack.rows, MAX: pack.maximum}
             slots: dict[str, Any] = {
-                "grad": _map(pack.mean, result.grad), "update": _map(pack.mean, update),
-                "loss": pack.mean(result.loss), "accuracy": pack.mean(result.accuracy),
-                "extras": _map(pack.mean, result.extras),
+                "step": reduce_fields(vars(result), MetaStep.REDUCTION, reducers),
                 "signum": pack.maximum(torch.tensor(float(stop.signum or 0), device=result.loss.device)),
             }
             if decomposition is not None:
-                slots["decomposition"] = {
-                    "terms": _map(pack.mean, decomposition.terms),
-                    "total": _map(pack.mean, decomposition.total),
-                    "encoder_adaptation": _map(pack.mean, decomposition.encoder_adaptation),
-                    "extras": _map(pack.mean, decomposition.extras),
-                    "pair_weights": pack.rows(decomposition.pair_weights),
-                    "feature_cosines": pack.rows(decomposition.feature_cosines),
-                    "same_class": pack.rows(decomposition.same_class),
-                    "reconstruction_error": pack.maximum(decomposition.reconstruction_error),
-                }
+                slots["decomposition"] = reduce_fields(vars(decomposition), Decomposition.REDUCTION, reducers)
                 slots["labels"] = (pack.rows(batch.support_y), pack.rows(batch.query_y))
             return slots
 
-        dtype = next(iter(update.values())).dtype
+        dtype = next(iter(result.grad.values())).dtype
         reduced = self._reduced(batch, plan, dtype, "the reduction of the meta-step")
         self._agreed_signum = int(reduced["signum"]) or None
         labels = None
@@ -418,9 +410,7 @@ class Replicas:
             decomposition = dataclasses.replace(
                 decomposition, **parts, identity_error=identity_error(parts["terms"], parts["total"]))
             labels = GatheredLabels(*reduced["labels"], ways=batch.ways)
-        step = dataclasses.replace(result, grad=reduced["grad"], loss=reduced["loss"], accuracy=reduced["accuracy"],
-                                   extras=reduced["extras"], decomposition=decomposition)
-        return step, reduced["update"], labels
+        return dataclasses.replace(result, **reduced["step"], decomposition=decomposition), labels
 
     def stop_signal(self, stop: GracefulStop) -> Optional[int]:
         """The signal the run stops for after this step: this process's own with one process;

@@ -1,15 +1,19 @@
-"""Held-out evaluation: a fixed task sequence, a time budget, per-task accuracies, 95 % CIs.
+"""Held-out evaluation: a fixed task sequence, a fixed task count, per-task accuracies, 95 % CIs.
 
 **Tasks.** A :class:`TaskSet` draws batches of ``eval.batch`` tasks, in order, from a sampler
 of its split seeded with ``seed + EVAL_SEED_OFFSET``: the sequence is fixed, and an
 evaluation of ``n`` batches always uses its first ``n`` (a prefix), so a given task count
 always means the same tasks. Batches are drawn when first needed and kept.
 
-**Budget.** A set's first evaluation times its first batch (both head variants) and settles
-the number of batches for the rest of the run: ``min(max batches, max(1, ⌊budget / seconds
-per batch⌋))``, or every batch up to the maximum when the budget is 0. Every later
-evaluation of the set uses the same tasks, so a curve compares like with like; the count used
-is reported (``eval/tasks``, ``test_tasks``) and kept by checkpoints.
+**Count.** By default an evaluation uses every batch up to its task count (``eval.tasks``,
+``eval.final_tasks``), whatever the machine's speed or load: the same command evaluates the same
+tasks, and its progress bar knows its total (and so its ETA) from the start. Only when a time
+budget is asked for (``eval.budget_s`` / ``eval.final_budget_s`` > 0; null or 0: none) does a
+set's first evaluation time its first batch (both head variants) and settle the number of
+batches for the rest of the run: ``min(max batches, max(1, ⌊budget / seconds per batch⌋))`` —
+a count that depends on the machine, logged as such. Every later evaluation of the set uses the
+same tasks, so a curve compares like with like; the count used is reported (``eval/tasks``,
+``test_tasks``) and kept by checkpoints.
 
 **Statistics.** Each task contributes its query accuracy after ``0 … test_steps`` inner steps;
 per step, the mean over the ``n`` tasks and the half-width of its 95 % confidence interval
@@ -19,6 +23,7 @@ unless ``eval.headline_step`` names another.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +41,7 @@ from bilevel.primitives.params import Params
 
 EVAL_SEED_OFFSET = 10_000  # every evaluation sampler: seed + this
 Z_95 = 1.96
+log = logging.getLogger(__name__)
 
 
 def headline_step(algorithm: BilevelAlgorithm, requested: Optional[int]) -> int:
@@ -91,13 +97,13 @@ class Evaluation:
 class TaskSet:
     """The fixed evaluation tasks of one split and their settled count (module docstring)."""
 
-    def __init__(self, data_cfg: DataConfig, split: str, max_tasks: int, batch: int, budget_s: float, seed: int,
-                 device: torch.device, dtype: torch.dtype,
+    def __init__(self, data_cfg: DataConfig, split: str, max_tasks: int, batch: int, budget_s: Optional[float],
+                 seed: int, device: torch.device, dtype: torch.dtype,
                  share: Callable[[TaskSampler], TaskSampler] = lambda sampler: sampler) -> None:
         size = min(batch, max_tasks)
-        self.split, self.budget_s = split, budget_s
+        self.split, self.budget_s, self.size = split, budget_s or 0.0, size
         self.max_batches = math.ceil(max_tasks / size)
-        self.batches: Optional[int] = None  # settled by the first evaluation
+        self.batches: Optional[int] = None if self.budget_s > 0 else self.max_batches  # a budget: settled by the first evaluation
         self._sampler = share(build_sampler(data_cfg, split, size, seed=seed + EVAL_SEED_OFFSET))
         self._drawn: list[TaskBatch] = []
         self._device, self._dtype = device, dtype
@@ -112,6 +118,9 @@ class TaskSet:
         """Fix the number of batches from the time one batch took (see the module docstring)."""
         if self.budget_s > 0:
             self.batches = min(self.max_batches, max(1, int(self.budget_s // max(seconds_per_batch, 1e-9))))
+            log.info(f"{self.split}: {self.batches * self.size} of {self.max_batches * self.size} tasks fit the "
+                     f"{self.budget_s:g}-second time budget (a count that depends on this machine's speed and load; "
+                     f"without a budget every task is evaluated)")
         else:
             self.batches = self.max_batches
         return self.batches
@@ -134,6 +143,8 @@ def evaluate(algorithm: BilevelAlgorithm, params: Params, tasks: TaskSet, headli
     plain: list[Tensor] = []
     zeroed: list[Tensor] = []
     i = 0
+    if progress is not None and tasks.batches is not None:
+        progress(0, tasks.batches)
     while i < (tasks.batches or tasks.max_batches):
         tick = time.perf_counter()
         batch = tasks.batch(i)

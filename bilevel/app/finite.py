@@ -2,7 +2,10 @@
 
 After every outer step :meth:`FiniteGuard.observe` checks, on the device, the meta-loss, every
 gradient the optimiser followed, every parameter after the update and the optimiser state shaped
-like the parameters (moment estimates, momentum buffers), and keeps per tensor the first step at which it held a NaN or an infinity.
+like the parameters (moment estimates, momentum buffers), and keeps per tensor the first step at which it held a NaN or an infinity
+— or, in a float64 run, a value beyond float32's range (``|x| > 3.4e38``), which every log
+(TensorBoard, ``metrics.json`` readers) records as an infinity: a diverged float64 run whose loss
+reads ``inf`` everywhere is stopped like a float32 one.
 Nothing is read back until :meth:`FiniteGuard.check` (called at log, evaluation and checkpoint
 steps and before stopping), which costs one sync and raises
 :class:`~bilevel.errors.NonFiniteError` naming the first bad tensor in causal order (loss,
@@ -32,6 +35,11 @@ def step_tensors(loss: Tensor, grads: Params, params: Params, optimizer: torch.o
     return named
 
 
+def _in_float32(t: Tensor) -> Tensor:
+    """``t`` as float32 when it is float64 (a value beyond float32's range becomes ±inf), else ``t``."""
+    return t.float() if t.dtype == torch.float64 else t
+
+
 class FiniteGuard:
     """Accumulates where and when non-finite values appeared (see the module docstring)."""
 
@@ -42,6 +50,7 @@ class FiniteGuard:
         self._first = torch.empty(0, dtype=torch.int64, device=device)  # first bad step per slot, -1: finite
         self._names: tuple[str, ...] = ()
         self._slots = torch.empty(0, dtype=torch.int64, device=device)
+        self._float64 = False
 
     def observe(self, step: int, named: list[tuple[str, Tensor]]) -> None:
         """Record which of ``named`` hold non-finite values after ``step`` (no sync)."""
@@ -53,7 +62,8 @@ class FiniteGuard:
             self._first = torch.cat([self._first, self._first.new_full((grown,), -1)])
             self._slots = torch.tensor([self._index[n] for n in names], dtype=torch.int64, device=self.device)
             self._names = names
-        bad = ~torch.stack([torch.isfinite(t).all() for _, t in named])
+        self._float64 = self._float64 or any(t.dtype == torch.float64 for _, t in named)
+        bad = ~torch.stack([torch.isfinite(_in_float32(t)).all() for _, t in named])
         current = self._first[self._slots]
         self._first[self._slots] = torch.where(bad & (current < 0), step, current)
 
@@ -70,6 +80,7 @@ class FiniteGuard:
                 f"non-finite values in {culprits[0]} at step {at}{others}, found by the check after step {step} "
                 f"(the previous check, after step {self.checked_until}, passed); last good checkpoint: {last_good}. "
                 "Lower train.lr or the algorithm's inner_lr, or use dtype=float64. The run was stopped; no "
-                "metrics were written."
+                "metrics were written." + (" (In float64, a value beyond float32's range, 3.4e38, counts as "
+                                           "infinite: every log would record it as inf.)" if self._float64 else "")
             )
         self.checked_until = step

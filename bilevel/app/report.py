@@ -48,6 +48,9 @@ from bilevel.app.stats import curve_band
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 RUN_KEYS = ("seed", "train.resume", "execution")
+RECORD_PREFIXES = ("study.", "provenance.")
+"""Config sections that describe a run without defining its setting: the study's declared
+comparisons and the code it ran (:mod:`bilevel.app.provenance`)."""
 RUN_DIR_CONTENTS = f"a run directory must contain {CONFIG_FILE} and a {EVENTS_DIR}/ folder of TensorBoard events"
 
 EVAL_ACCURACY = tags.accuracy(tags.EVAL)
@@ -182,7 +185,8 @@ def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
     """Runs with equal configs except :data:`RUN_KEYS`, in order of first appearance."""
     buckets: dict[str, tuple[dict[str, Any], list[RunRecord]]] = {}
     for run in runs:
-        setting = {k: v for k, v in flatten(run.config).items() if k not in RUN_KEYS}
+        setting = {k: v for k, v in flatten(run.config).items()
+                   if k not in RUN_KEYS and not k.startswith(RECORD_PREFIXES)}
         key = json.dumps({k: format_value(v) for k, v in setting.items()}, sort_keys=True)
         buckets.setdefault(key, (setting, []))[1].append(run)
     settings = [s for s, _ in buckets.values()]
@@ -453,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="figure directory (default: report/ under the first RUN_DIR)")
     parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the summaries as JSON")
+    parser.add_argument("--seeds", type=Path, metavar="PATH",
+                        help="also write the per-seed data (bilevel.app.seed_data) as PATH; a RUN_DIR that is "
+                        "such a file (*.seeds.json) is read in place of run directories")
     return parser
 
 
@@ -460,9 +467,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point ``bilevel-report``; exits with code 2 when a path holds no run."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from bilevel.app import seed_data  # noqa: PLC0415  (it imports this module)
+
     try:
-        runs = find_runs(args.paths)
-    except NoRunsError as error:
+        dirs = [p for p in args.paths if not p.is_file()]
+        runs = [r for p in args.paths if p.is_file() for r in seed_data.load_seed_data(p)]
+        runs += find_runs(dirs) if dirs else []
+    except (NoRunsError, ValueError) as error:
         parser.error(str(error))
     warning = short_run_warning(runs)
     if warning is not None:
@@ -470,8 +481,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     groups = group_runs(runs)
     summaries = [summarise(g) for g in groups]
     from bilevel.app.study import study_dict, study_markdown  # noqa: PLC0415  (they import this module)
+    from bilevel.app.study_claims import declarations  # noqa: PLC0415
     from bilevel.app.study_figures import STUDY_FIGURES  # noqa: PLC0415
 
+    try:
+        declarations(groups)
+    except ValueError as error:
+        parser.error(f"{error} (fix study.comparisons in the study config, configs/experiment/)")
     table = markdown_table(summaries)
     statistics = study_markdown(groups)
     sys.stdout.write(table + "\n" + statistics)
@@ -481,7 +497,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(report_json(summaries))
-    out = args.out if args.out is not None else args.paths[0] / "report"
+    if args.seeds is not None:
+        seed_data.write_seed_data(runs, args.seeds)
+    first = args.paths[0].parent if args.paths[0].is_file() else args.paths[0]
+    out = args.out if args.out is not None else first / "report"
     for path in write_figures(groups, out) + write_figures(groups, out, STUDY_FIGURES):
         print(f"wrote {path}")
     (out / "study.json").write_text(json.dumps(study_dict(groups), indent=1))

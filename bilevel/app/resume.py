@@ -29,8 +29,9 @@ FORCEABLE = ("train.steps", "train.eval_every", "train.log_every", "train.image_
 """Keys that may change with ``train.resume=force`` (exact keys, or prefixes ending in '.').
 ``train.decompose_every`` is not among them: with an ablation, decomposition steps take the
 encoder's update from the decomposition, so that cadence is part of the trajectory."""
-NOT_COMPARED = ("train.resume", "dist.")
-"""Keys that are not part of the run: how it is resumed and how its processes talk. The number
+NOT_COMPARED = ("train.resume", "dist.", "study.")
+"""Keys that are not part of the run: how it is resumed, how its processes talk, and the study's
+declared comparisons (what the report tests, not what the run computes). The number
 of processes is not in the fingerprint either: a run may resume on another world size
 (``docs/distributed.md``)."""
 RESOLVED = ("execution", "device")

@@ -1,31 +1,40 @@
 """A run directory, held by one process at a time.
 
-Contents: ``config.yaml`` (the resolved config of the current attempt; earlier attempts'
-differing configs are kept as ``config.1.yaml``, ``config.2.yaml``, ...), ``checkpoint.pt`` and
+Contents: ``config.yaml`` (the resolved config of the current attempt and, under ``provenance:``,
+the code it ran: :func:`bilevel.app.provenance.provenance`; earlier attempts' differing records
+are kept as ``config.1.yaml``, ``config.2.yaml``, ...), ``checkpoint.pt`` and
 ``checkpoint.prev.pt`` (:mod:`bilevel.app.checkpoint`), ``tb/`` (TensorBoard), ``metrics.json``
 (written last, by a run that finished) and ``run.lock`` while a run holds it.
 
-Invariants: entering takes the lock without waiting — a second run in the same directory
-fails at start with :class:`~bilevel.errors.RunDirectoryBusy`, naming the holder — and
-removes the temporary files of writes that were killed. Nothing else is touched until
+Invariants: entering takes the lock without waiting — an ``flock`` on the directory and on
+``run.lock`` (:class:`~bilevel.files.DirectoryLock`: deleting ``run.lock`` lets no second run
+in) — so a second run in the same directory fails at start with
+:class:`~bilevel.errors.RunDirectoryBusy`, naming the holder; and it removes the temporary files of
+writes that were killed. A path that cannot be a run directory (a file, a read-only place) is a
+:class:`~bilevel.errors.ConfigError` before anything is written. Nothing else is touched until
 :meth:`RunDirectory.begin`, which the trainer calls only once the run is known to start
 (config valid, resume contract met): so a refused run leaves the directory's record as it was.
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from bilevel.app.checkpoint import latest_checkpoint
-from bilevel.errors import RunDirectoryBusy
-from bilevel.app.files import FileLock, atomic_write_text, temp_files
+from bilevel.app.provenance import provenance
+from bilevel.errors import ConfigError, RunDirectoryBusy
+from bilevel.files import DirectoryLock, atomic_write_text, storage_error, temp_files
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
 LOCK = "run.lock"
 LOG = "train.log"
+PROVENANCE = "provenance"
 
 
 def _without_comments(text: str) -> list[str]:
@@ -37,11 +46,19 @@ class RunDirectory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock = FileLock(self.path / LOCK)
+        self._lock = DirectoryLock(self.path, LOCK)
 
     def __enter__(self) -> "RunDirectory":
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not self._lock.acquire(blocking=False):
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            taken = self._lock.acquire(blocking=False)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise storage_error(err) from None
+            raise ConfigError(f"cannot use {self.path} as the run directory: {err.strerror or err} "
+                              f"({err.filename}). Choose a directory this user can create and write "
+                              f"(hydra.run.dir=DIR)") from None
+        if not taken:
             raise RunDirectoryBusy(
                 f"run directory {self.path} is in use by another run ({self._lock.holder()}); wait for it to "
                 "finish or choose another hydra.run.dir. (The lock is released when its holder exits, even "
@@ -60,10 +77,12 @@ class RunDirectory:
         return latest_checkpoint(self.path)
 
     def begin(self, config_yaml: str, note: str) -> None:
-        """Start an attempt: keep an earlier ``config.yaml`` whose config differs as
-        ``config.<n>.yaml``, write this attempt's (``note`` as a comment on its first line), and
-        remove the ``metrics.json`` a finished or interrupted attempt left."""
+        """Start an attempt: keep an earlier ``config.yaml`` whose record differs as
+        ``config.<n>.yaml``, write this attempt's (``note`` as a comment on its first line, the
+        :data:`PROVENANCE` block last), and remove the ``metrics.json`` a finished or interrupted
+        attempt left."""
         config = self.path / CONFIG
+        config_yaml += yaml.safe_dump({PROVENANCE: provenance()}, sort_keys=False)
         if config.exists() and _without_comments(config.read_text()) != _without_comments(config_yaml):
             taken = [int(m.group(1)) for p in self.path.glob("config.*.yaml")
                      if (m := re.fullmatch(r"config\.(\d+)\.yaml", p.name))]
@@ -84,7 +103,7 @@ def discard_unstarted(path: str | Path, within: str | Path) -> bool:
     path, within = Path(path).resolve(), Path(within).resolve()
     if not path.is_dir() or any(p.name not in (LOCK, LOG) for p in path.iterdir()):
         return False
-    lock = FileLock(path / LOCK)
+    lock = DirectoryLock(path, LOCK)
     if not lock.acquire(blocking=False):
         return False
     try:

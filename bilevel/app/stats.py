@@ -13,6 +13,15 @@ two-sided; :func:`scipy.stats.ttest_rel`) and the Wilcoxon signed-rank test (two
 for small ``n``, zero differences dropped; :func:`scipy.stats.wilcoxon`), and how many seeds
 ``b`` wins. With ``n = 5`` the smallest two-sided Wilcoxon p-value is ``2 / 2⁵ = 0.0625``: at
 five seeds only the t test can reach 0.05, at eight seeds both can.
+
+**Unpaired differences** (:func:`welch`): ``x̄_b − x̄_a`` with Welch's standard error
+``sqrt(s_a²/n_a + s_b²/n_b)``, the Welch–Satterthwaite degrees of freedom
+``(s_a²/n_a + s_b²/n_b)² / ((s_a²/n_a)²/(n_a − 1) + (s_b²/n_b)²/(n_b − 1))``, a two-sided t test and
+the t-based 95 % interval with those degrees of freedom.
+
+**Multiplicity** (:func:`holm`): Holm's step-down adjustment of ``m`` p-values: sorted ascending
+``p_(1) ≤ … ≤ p_(m)``, ``p̃_(i) = max_{j ≤ i} min(1, (m − j + 1) · p_(j))``; rejecting where
+``p̃ < α`` controls the family-wise error rate at ``α``.
 """
 from __future__ import annotations
 
@@ -117,3 +126,46 @@ def curve_band(values: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarra
         return mean, mean.copy(), mean.copy()
     half = t_quantile(x.shape[0]) * x.std(0, ddof=1) / math.sqrt(x.shape[0])
     return mean, mean - half, mean + half
+
+
+def holm(pvalues: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """Holm-adjusted p-values (module docstring), in the input order; a missing p stays None and
+    does not count towards ``m``."""
+    present = sorted((p, i) for i, p in enumerate(pvalues) if p is not None and not math.isnan(p))
+    m = len(present)
+    out: list[Optional[float]] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    """Welch's comparison ``b − a`` of two independent samples (module docstring)."""
+
+    n_a: int
+    n_b: int
+    mean: float
+    ci_low: float
+    ci_high: float
+    df: float
+    p: float
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> Optional[Unpaired]:
+    """Welch's t test and interval of ``mean(b) − mean(a)``; None unless both have 2 values and
+    the standard error is positive."""
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if xa.size < 2 or xb.size < 2:
+        return None
+    va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
+    se = math.sqrt(va + vb)
+    if se <= 1e-12:
+        return None
+    df = (va + vb) ** 2 / (va ** 2 / (xa.size - 1) + vb ** 2 / (xb.size - 1))
+    mean = float(xb.mean() - xa.mean())
+    half = float(sps.t.ppf(0.975, df)) * se
+    p = float(2 * sps.t.sf(abs(mean) / se, df))
+    return Unpaired(int(xa.size), int(xb.size), mean, mean - half, mean + half, float(df), p)

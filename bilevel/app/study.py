@@ -11,8 +11,12 @@ CI over seeds; paired t and Wilcoxon signed-rank).
   the validation curve over the last quarter of training (its last value minus its value a
   quarter of the steps earlier: near 0 when the curve has flattened), and the mean wall time of
   a run (``metrics.json``'s ``wall_seconds``: a resumed run's last attempt only).
-* **Comparisons.** Every two arms whose settings differ in exactly one key are compared
-  paired by seed on the headline test accuracy, ``b − a`` with ``a`` the arm listed first.
+* **Declared comparisons.** The paper's claims the study config declares, tested with Holm's
+  correction and judged by one rule (:mod:`bilevel.app.study_claims`), with the paper's Δ
+  beside ours.
+* **Exploratory comparisons.** Every other two arms whose settings differ in exactly one key,
+  paired by seed on the headline test accuracy, ``b − a`` with ``a`` the arm listed first (raw
+  p-values: no multiplicity correction).
 * **Test-time zeroing.** Within every arm, zeroed minus as-trained test accuracy, paired
   within each run (the same tasks, the same parameters).
 * **Decomposition.** Per arm, each term's share of the encoder meta-gradient and the
@@ -25,39 +29,20 @@ CI over seeds; paired t and Wilcoxon signed-rank).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from bilevel import tags
 from bilevel.app.cosine_protocol import load_probe
 from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord, format_value, span, table
 from bilevel.app.stats import Paired, SeedStat, format_p, paired, seed_stat
+from bilevel.app.study_claims import (by_seed, claims_dict, claims_markdown, declared_results, effect_sizes_markdown,
+                                      metric, seed_of)
+from bilevel.app.study_decomposition import decomposition_markdown, decomposition_rows
 
 TEST = "test_accuracy"
 TEST_ZEROED = "test_zeroed_accuracy"
-
-
-def seed_of(run: RunRecord) -> int:
-    """The run's seed (its config's ``seed``)."""
-    return int(run.config.get("seed", 0))
-
-
-def by_seed(group: Group, value: Callable[[RunRecord], Optional[float]]) -> dict[int, float]:
-    """``{seed: value(run)}`` over the group's runs that have the value."""
-    out = {}
-    for run in group.runs:
-        v = value(run)
-        if v is not None:
-            out[seed_of(run)] = float(v)
-    return out
-
-
-def metric(name: str) -> Callable[[RunRecord], Optional[float]]:
-    """A run's ``metrics.json`` entry ``name`` (None for a run that has not finished)."""
-    return lambda run: run.metrics.get(name)
 
 
 def val_change(run: RunRecord) -> Optional[float]:
@@ -149,10 +134,13 @@ def _context(group: Group, key: str) -> str:
 
 
 def paired_comparisons(groups: Sequence[Group], per_seed: Callable[[Group], dict[int, float]],
-                       quantity: str) -> list[Comparison]:
-    """Paired comparisons of ``per_seed`` (an arm's ``{seed: value}``) across every one-key pair of arms."""
+                       quantity: str, skip: frozenset | set = frozenset()) -> list[Comparison]:
+    """Paired comparisons of ``per_seed`` (an arm's ``{seed: value}``) across every one-key pair of
+    arms but those in ``skip`` (sets of two arm labels)."""
     out = []
     for key, a, b in one_key_pairs(groups):
+        if frozenset((a.label, b.label)) in skip:
+            continue
         result = paired(per_seed(a), per_seed(b))
         if result is not None:
             out.append(Comparison(key, format_value(a.setting[key]), format_value(b.setting[key]), _context(a, key),
@@ -163,6 +151,12 @@ def paired_comparisons(groups: Sequence[Group], per_seed: Callable[[Group], dict
 def comparisons(groups: Sequence[Group], name: str = TEST) -> list[Comparison]:
     """Paired comparisons of ``metrics.json``'s ``name`` across every one-key pair of arms."""
     return paired_comparisons(groups, lambda g: by_seed(g, metric(name)), name)
+
+
+def exploratory(groups: Sequence[Group]) -> list[Comparison]:
+    """:func:`comparisons` of the headline test accuracy but the pairs a declared difference tests."""
+    tested = {frozenset(pair) for t in declared_results(groups) if len(t.arms) == 1 for pair in t.arms}
+    return paired_comparisons(groups, lambda g: by_seed(g, metric(TEST)), TEST, skip=tested)
 
 
 def zeroing_effects(groups: Sequence[Group]) -> list[tuple[str, Paired]]:
@@ -243,65 +237,6 @@ def cosine_comparisons(groups: Sequence[Group], quantity: str = "gap") -> list[t
             for c in paired_comparisons(groups, at(step), f"cosine {quantity}")]
 
 
-# ---- decomposition over training ------------------------------------------------------------
-
-SHARE_TAG = re.compile(r"^terms/([^/]+)/share$")
-PAIR_TAGS = ("pairs/same_class_weight", "pairs/diff_class_weight")
-HEAD_NORM, HEAD_ROW_SPREAD = tags.TRAIN_HEAD_NORM, tags.TRAIN_HEAD_ROW_SPREAD
-
-
-def mean_over_training(run: RunRecord, tag: str) -> Optional[float]:
-    """The mean of ``tag`` over every step the run logged it (None when never logged)."""
-    return float(run.scalars[tag][1].mean()) if tag in run.scalars else None
-
-
-@dataclass
-class DecompositionRow:
-    """One arm: per decomposition term, its share ``⟨term, total⟩ / ‖total‖²`` of the encoder
-    meta-gradient averaged over the logged steps of each run; the same/different-class pair
-    weights averaged likewise (negative: the pairs attract); the head's norm and row spread
-    (:func:`~bilevel.primitives.head.row_spread`) at the end."""
-
-    label: str
-    shares: dict[str, Optional[SeedStat]]
-    pair_weights: dict[str, Optional[SeedStat]]
-    head_norm_last: Optional[SeedStat]
-    head_row_spread_last: Optional[SeedStat]
-
-
-def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
-    """A row per arm that logged a decomposition (statistics over seeds of per-run means)."""
-    terms = sorted({m.group(1) for g in groups for r in g.runs for t in r.scalars if (m := SHARE_TAG.match(t))})
-    rows = []
-    for g in groups:
-        if not any(SHARE_TAG.match(t) for r in g.runs for t in r.scalars):
-            continue
-        shares = {t: seed_stat(by_seed(g, lambda r, t=t: mean_over_training(r, f"terms/{t}/share")).values())
-                  for t in terms}
-        pairs = {tag.split("/")[1]: seed_stat(by_seed(g, lambda r, tag=tag: mean_over_training(r, tag)).values())
-                 for tag in PAIR_TAGS}
-        last = {tag: seed_stat(by_seed(g, lambda r, tag=tag: r.final(tag)).values()) for tag in (HEAD_NORM, HEAD_ROW_SPREAD)}
-        rows.append(DecompositionRow(g.label, shares, pairs, last[HEAD_NORM], last[HEAD_ROW_SPREAD]))
-    return rows
-
-
-def _sd_cell(stat: Optional[SeedStat]) -> str:
-    if stat is None:
-        return "—"
-    return f"{stat.mean:+.3g}" if stat.sd is None else f"{stat.mean:+.3g} ± {stat.sd:.2g}"
-
-
-def decomposition_markdown(rows: Sequence[DecompositionRow]) -> str:
-    """Term shares, pair weights, head norm and row spread per arm (mean ± sd over seeds, 3 significant digits)."""
-    terms = sorted({t for r in rows for t in r.shares})
-    header = ["arm"] + [f"{t} share" for t in terms] + ["same-class pair weight", "diff-class pair weight",
-                                                         "head norm (last)", "head row spread (last)"]
-    body = [[r.label] + [_sd_cell(r.shares.get(t)) for t in terms]
-            + [_sd_cell(r.pair_weights.get(k)) for k in ("same_class_weight", "diff_class_weight")]
-            + [_sd_cell(r.head_norm_last), _sd_cell(r.head_row_spread_last)] for r in rows]
-    return table(header, body)
-
-
 # ---- output ------------------------------------------------------------------------------------
 
 def _stat(stat: Optional[SeedStat], digits: int = 3) -> str:
@@ -359,8 +294,14 @@ def cosine_markdown(rows: Sequence[CosineRow], compared: Sequence[tuple[int, Com
 
 
 SECTIONS = (
-    ("Paired comparisons of the headline test accuracy (b − a, paired by seed)",
-     comparisons, lambda rows, _: comparisons_markdown(rows)),
+    ("Declared comparisons (the paper's claims, declared in the study config; p Holm-adjusted over this table; "
+     "verdicts by one rule: bilevel.app.study_claims.verdict)",
+     declared_results, lambda rows, _: claims_markdown(rows)),
+    ("Effect sizes: the paper's Δ next to ours (95% CI over seeds)",
+     declared_results, lambda rows, _: effect_sizes_markdown(rows)),
+    ("Exploratory: paired comparisons of the headline test accuracy, every other pair of arms differing in one "
+     "key (b − a, paired by seed; raw p, no multiplicity correction)",
+     exploratory, lambda rows, _: comparisons_markdown(rows)),
     ("Test-time zeroing (zeroed − as trained, paired within each run)",
      zeroing_effects, lambda rows, _: zeroing_markdown(rows)),
     ("Decomposition over training (per run: mean over the logged steps; then mean ± sd over seeds)",
@@ -387,7 +328,8 @@ def study_dict(groups: Sequence[Group]) -> dict[str, Any]:
     """Everything :func:`study_markdown` shows, as JSON-ready data."""
     return {
         "arms": [asdict(arm_row(g)) for g in groups],
-        "comparisons": [asdict(c) for c in comparisons(groups)],
+        "declared": claims_dict(declared_results(groups)),
+        "comparisons": [asdict(c) for c in exploratory(groups)],
         "test_time_zeroing": [{"arm": label, **asdict(p)} for label, p in zeroing_effects(groups)],
         "decomposition": [asdict(r) for r in decomposition_rows(groups)],
         "cosine": [asdict(r) for r in cosine_rows(groups)],

@@ -7,6 +7,8 @@
   is the ``ways × (2·ways + 1)`` map of :mod:`bilevel.app.cosine_protocol` — query class (rows)
   against support class (left block) and query class (right block), a blank column between —
   averaged over the arm's seeds (Kao et al., 2022, Fig. 3).
+* ``forest.png``: one row per declared comparison (:mod:`bilevel.app.study_claims`): our effect
+  and its 95 % CI over seeds, the paper's Δ as a diamond where it gives one, the verdict.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from matplotlib.figure import Figure
 
 from bilevel.app.report import EVAL_ACCURACY, Group, band, common_curve
 from bilevel.app.study import probe_steps, probed
+from bilevel.app.study_claims import NOT_REPRODUCED, REPRODUCED, declared_results
+
+VERDICT_COLORS = {REPRODUCED: "C2", NOT_REPRODUCED: "C3"}
 
 
 def learning_curves_figure(groups: Sequence[Group]) -> Optional[Figure]:
@@ -83,7 +88,32 @@ def cosine_heatmaps_figure(groups: Sequence[Group], steps: Optional[Sequence[str
     return fig
 
 
+def forest_figure(groups: Sequence[Group]) -> Optional[Figure]:
+    """The declared comparisons: ours (mean, 95 % CI; coloured by verdict) and the paper's Δ."""
+    rows = declared_results(groups)
+    if not rows:
+        return None
+    fig = Figure(figsize=(8, 1.0 + 0.55 * len(rows)), layout="constrained")
+    ax = fig.subplots()
+    for y, t in enumerate(reversed(rows)):
+        e, color = t.effect, VERDICT_COLORS.get(t.verdict, "C7")
+        ax.errorbar(e.mean, y, xerr=[[e.mean - e.ci_low], [e.ci_high - e.mean]], fmt="o", color=color, capsize=3,
+                    label=t.verdict)
+        if t.declared.paper_delta is not None:
+            ax.plot(t.declared.paper_delta, y, "D", color="black", markerfacecolor="none", label="the paper's Δ")
+    ax.set_yticks(range(len(rows)), [f"{t.declared.name}\n{t.context}" for t in reversed(rows)], fontsize="x-small")
+    ax.axvline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("effect on the headline test accuracy (declared quantity; 95% CI over seeds)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize="x-small")
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title("Declared comparisons: ours vs the paper (verdicts Holm-adjusted)")
+    return fig
+
+
 STUDY_FIGURES = (
+    ("forest.png", forest_figure),
     ("learning_curves.png", learning_curves_figure),
     ("cosine_heatmaps.png", cosine_heatmaps_figure),
 )

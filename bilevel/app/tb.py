@@ -27,6 +27,7 @@ from tensorboard.plugins.scalar import metadata as scalar_metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from bilevel import tags
+from bilevel.files import KeptDirectory
 from bilevel.data.batch import TaskBatch
 from bilevel.decomposition.record import Decomposition
 from bilevel.app.distributed import GatheredLabels
@@ -70,7 +71,7 @@ class RunLogger:
         self.structural = dict(structural or {})
         self._described: set[str] = set()
         self.name = run_name(name)
-        self.writer = SummaryWriter(log_dir=str(root / self.name))
+        self.writer = KeptDirectory(SummaryWriter(log_dir=str(root / self.name)))  # survives a deleted tb/
         if resume is not None:
             self._carry(earlier, *resume)
         else:

@@ -9,7 +9,7 @@ Tags (``docs/tutorial.md`` reads them):
   confidence bounds (``accuracy_low``/``accuracy_high``); ``*_zeroed/`` the same with
   test-time zeroing;
 * ``terms/<term>/share|norm|cos_total`` of the encoder meta-gradient and ``terms/total/norm``
-  (:meth:`bilevel.decomposition.cotangents.Decomposition.summary`; shares and cosines rounded to
+  (:meth:`bilevel.decomposition.record.Decomposition.summary`; shares and cosines rounded to
   :data:`ROUND_DIGITS` decimals, so that float round-off does not draw as swings);
 * ``pairs/same_class_weight|diff_class_weight``, ``features/cos_same_class|cos_diff_class``;
 * ``checks/log10_identity``, ``checks/log10_reconstruction``: the two checks, as powers of ten.

@@ -7,7 +7,7 @@ A run, in order (``docs/reliability.md`` states what is guaranteed):
    estimate of one meta-step — and builds data, model and algorithm.
 2. :func:`train` takes the run directory (:mod:`bilevel.app.run_dir`: lock, stale temporary files),
    reads its checkpoint and checks the resume contract (:mod:`bilevel.app.resume`), settles the
-   execution path (:mod:`bilevel.execution.choice`) — :func:`begin`, then :func:`resume` — and
+   execution path (:mod:`bilevel.app.execution_choice`) — :func:`begin`, then :func:`resume` — and
    only then writes ``config.yaml`` (:func:`open_run`). Each step is :meth:`Attempt.step`, its
    logging :meth:`Attempt.log_training` / :meth:`Attempt.log_decomposition`, the evaluations
    :meth:`Attempt.evaluate`, the checkpoints :meth:`Attempt.checkpoint`, the end :meth:`Attempt.finish`.
@@ -50,8 +50,9 @@ from bilevel import tags
 from bilevel.decomposition.ablation import Ablation, resolve_ablation
 from bilevel.execution.allocator import ensure_allocator
 from bilevel.algorithm import BilevelAlgorithm, MetaStep, build_algorithm
-from bilevel.app.checkpoint import LATEST, save_checkpoint
-from bilevel.app.cli_errors import explain, override_words
+from bilevel.app.catalog import unknown_algorithm_message
+from bilevel.app.checkpoint import LATEST, latest_checkpoint, save_checkpoint
+from bilevel.app.cli_errors import check_overrides, explain, explain_os_error, override_words
 from bilevel.app.cosine_protocol import CosineProbe
 from bilevel.app.console import log_file, log_started, silence_run_log
 from bilevel.app.config import DEVICES, flatten, register_configs, typed_config, validate
@@ -60,9 +61,9 @@ from bilevel.app.distributed import (
     GatheredLabels, Quiet, Replicas, check_command_line, check_launch, detect_launch, rank_device, resolve_backend,
     tasks_in_memory,
 )
-from bilevel.errors import BilevelError, ConfigError, RunInterrupted
+from bilevel.errors import BilevelError, ConfigError, RunInterrupted, StorageError, UnknownAlgorithm
 from bilevel.app.evaluation import Evaluation, TaskSet, evaluate, headline_step
-from bilevel.execution.choice import ExecutionChoice, cache_key, measure_paths, settle_execution
+from bilevel.app.execution_choice import ExecutionChoice, PathCheck, cache_key, measure_paths, settle_execution
 from bilevel.app.finite import FiniteGuard, step_tensors
 from bilevel.app.head_policy import before_outer_step, initialise_head
 from bilevel.execution.memory import check_meta_step_memory
@@ -72,9 +73,13 @@ from bilevel.primitives.head import row_spread
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
 from bilevel.app.progress import phase_bar, training_bar
 from bilevel.app.resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
-from bilevel.app.rng import global_rng_state, set_global_rng_state
+from bilevel.rng import global_rng_state, set_global_rng_state
 from bilevel.app.run_dir import RunDirectory, discard_unstarted
 from bilevel.app.signals import GracefulStop
+from bilevel.files import check_cache_dir, storage_error
+from bilevel.app.preflight import check_model, check_outer_lr
+from bilevel.app.streams import survive_closed_console
+from bilevel.app.stalls import StallWatch
 from bilevel.decomposition.structural import idle_ablation_warning, structural_zeros
 from bilevel.app.summary import evaluation_line, run_summary, run_title
 from bilevel.app.tb import RunLogger
@@ -134,19 +139,26 @@ def setup(cfg: Any) -> Run:
     try:
         device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
         check_launch(launch, cfg, device)
+        check_cache_dir()
         device = rank_device(launch, device)
         replicas = Replicas(launch, device, resolve_backend(cfg.dist.backend, device), cfg.dist.timeout_s,
                             cfg.dist.check_every)
         torch.manual_seed(cfg.seed)
         shape = input_shape(cfg.data)
+        sampler = launch.share(build_sampler(cfg.data, "train", cfg.train.meta_batch, seed=cfg.seed))
+        evals = task_set(cfg, cfg.eval.split, cfg.eval.tasks, cfg.eval.budget_s, device, dtype, launch.share)
+        tests = task_set(cfg, cfg.eval.final_split, cfg.eval.final_tasks, cfg.eval.final_budget_s, device, dtype,
+                         launch.share)  # data (directories, classes per split) before the memory estimates
+        check_model(cfg, shape, device, dtype)
         model = build_model(cfg.model, shape, cfg.data.ways)
         algorithm = build_algorithm(cfg.algorithm, model)
         check_meta_step_memory(model, shape, cfg, algorithm.config, algorithm.train_steps, device, dtype,
                                tasks_in_memory(launch, cfg.train.meta_batch, device))
         model.to(device=device, dtype=dtype)
         params = model.init_params()
-        initialise_head(params, cfg.head.policy, cfg.head.scale)
+        initialise_head(params, cfg.head.policy, cfg.head.scale, cfg.head.init)
         params = algorithm.meta_parameters(params)
+        check_outer_lr(cfg, algorithm, params)
         ablation = resolve_ablation(
             None if cfg.ablation.keep is None else list(cfg.ablation.keep), list(cfg.ablation.drop), algorithm
         )
@@ -155,10 +167,6 @@ def setup(cfg: Any) -> Run:
                 f"execution={cfg.execution} is not available for algorithm {algorithm.name!r} with this "
                 f"configuration; available: {', '.join(algorithm.executions)} (or auto)"
             )
-        sampler = launch.share(build_sampler(cfg.data, "train", cfg.train.meta_batch, seed=cfg.seed))
-        evals = task_set(cfg, cfg.eval.split, cfg.eval.tasks, cfg.eval.budget_s, device, dtype, launch.share)
-        tests = task_set(cfg, cfg.eval.final_split, cfg.eval.final_tasks, cfg.eval.final_budget_s, device, dtype,
-                         launch.share)
         headline = headline_step(algorithm, cfg.eval.headline_step)
     except (ValueError, FileNotFoundError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
@@ -169,7 +177,7 @@ def setup(cfg: Any) -> Run:
 
 
 def settle_path(run: Run, recorded: Optional[str]) -> ExecutionChoice:
-    """The run's execution path (:func:`~bilevel.execution.choice.settle_execution`); a
+    """The run's execution path (:func:`~bilevel.app.execution_choice.settle_execution`); a
     measurement draws its batch from a sampler of its own."""
     cfg, algorithm = run.cfg, run.algorithm
 
@@ -319,24 +327,27 @@ class Attempt:
     last_good: str
     show_progress: bool
     probe: CosineProbe
+    path_check: PathCheck
+    stalls: StallWatch
     eval_seconds: float = 0.0
 
     def step(self, step: int, decompose: bool, stop: GracefulStop) -> tuple[MetaStep, Labels]:
         """Outer step ``step`` (from 0): draw the meta-batch, apply the head policy, compute the
-        meta-step (with its decomposition when ``decompose``) and the update the ablation
-        follows, reduce both over the processes, and apply the update. Returns the whole
+        meta-step (with its decomposition when ``decompose``; its ``grad`` is the update the
+        ablation follows), reduce it over the processes, and apply the update. Returns the whole
         meta-batch's meta-step and labels (:meth:`~bilevel.app.distributed.Replicas.reduce_step`)."""
         run, done = self.run, step + 1
         batch = run.sampler.sample().to(run.device, run.dtype)
         before_outer_step(run.params, run.cfg.head.policy)
-        result, update = run.ablation.step(run.algorithm, run.params, batch, decompose)
-        result, update, labels = run.replicas.reduce_step(result, update, batch, stop)
+        result = self.path_check.timed(lambda: run.ablation.step(run.algorithm, run.params, batch, decompose),
+                                       plain=not decompose)
+        result, labels = run.replicas.reduce_step(result, batch, stop)
         for k, p in run.params.items():
-            p.grad = update[k]
+            p.grad = result.grad[k]
         self.optimizer.step()
         run.algorithm.outer_step_done()
         self.probe.after_update(done, run.params)
-        self.guard.observe(done, step_tensors(result.loss, update, run.params, self.optimizer))
+        self.guard.observe(done, step_tensors(result.loss, result.grad, run.params, self.optimizer))
         run.replicas.check_replicas(done, lambda: run_state(run, self.optimizer, done, self.path), ignore=("time",))
         return result, labels
 
@@ -351,6 +362,9 @@ class Attempt:
         """Log the training scalars after ``done`` steps (means since the last point, norms,
         seconds per step, the algorithm's extras) once they are checked finite."""
         self.guard.check(done, self.last_good)
+        if self.path_check.verdict:
+            log.warning("warning: " + self.path_check.verdict)
+            self.path_check.verdict = None
         elapsed = time.perf_counter() - means.tick
         params = self.run.params
         scalars = {
@@ -361,6 +375,8 @@ class Attempt:
         }
         scalars.update(result.extras)
         self.logger.scalars(scalars, done)
+        for warning in self.stalls.check(done, result.grad, params, scalars[tags.TRAIN_ACCURACY], means.count):
+            log.warning("warning: " + warning)
         bar.set_postfix(loss=f"{float(scalars[tags.TRAIN_LOSS]):.3f}",
                         acc=f"{float(scalars[tags.TRAIN_ACCURACY]):.3f}")
 
@@ -421,7 +437,8 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
     if start == 0:
         probe.after_update(0, run.params)
     attempt = Attempt(run, directory, optimizer, choice.path, logger, FiniteGuard(run.device, checked_until=start),
-                      last_good, show_progress, probe)
+                      last_good, show_progress, probe, PathCheck(choice, run.device, run.replicas.writer),
+                      StallWatch(cfg.data.ways, cfg.train.meta_batch * cfg.data.ways * cfg.data.queries))
     steps = cfg.train.steps
     try:
         with GracefulStop() as stop, \
@@ -474,25 +491,31 @@ sets the variable for Hydra."""
 
 
 def _exit_on(error: BaseException, run_dir: str) -> None:
-    """Say ``error`` without a traceback (the resume command too when the run stopped) and exit
-    with its status; with ``HYDRA_FULL_ERROR=1`` re-raise it. A run that had started says it
-    through its log (console and ``train.log``); a refused start prints it and leaves no run
-    directory behind (:func:`~bilevel.app.run_dir.discard_unstarted`)."""
+    """Say ``error`` without a traceback (the resume command too when the run stopped, or when
+    storage failed and a checkpoint is there to resume) and exit with its status; with
+    ``HYDRA_FULL_ERROR=1`` re-raise it. A run that had started says it through its log (console
+    and ``train.log``); a refused or interrupted start prints it and leaves no run directory behind
+    (:func:`~bilevel.app.run_dir.discard_unstarted`). A further Ctrl-C meanwhile is ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if _TRACEBACKS["shown"]:
         raise error
+    started = log_started(Path(run_dir))
     stopped = isinstance(error, (RunInterrupted, KeyboardInterrupt))
     if isinstance(error, KeyboardInterrupt):
-        message, status = "interrupted by SIGINT; the run directory keeps its last checkpoint, if any", 130
+        message, status = ("interrupted by SIGINT; the run directory keeps its last checkpoint, if any" if started
+                           else "interrupted by SIGINT before the run started; nothing was written"), 130
+    elif isinstance(error, UnknownAlgorithm):  # the registry names its plugins; the catalog adds the presets
+        message, status = unknown_algorithm_message(error.name, error.key), error.exit_code
     else:
         message, status = str(error), error.exit_code
     lines = [message if stopped else f"error: {message}"]
-    if stopped:
+    if started and (stopped or (isinstance(error, StorageError) and latest_checkpoint(run_dir) is not None)):
         lines.append("resume with: " + resume_command(HydraConfig.get().overrides.task, run_dir))
-    if log_started(Path(run_dir)):
+    if started:
         log.error("\n".join(lines))
     else:
         print("\n".join(lines), file=sys.stderr, flush=True)
-    if status == ConfigError.exit_code and detect_launch().writer:  # one process removes it, or they race
+    if not started and detect_launch().writer:  # one process removes it, or they race
         discard_unstarted(run_dir, os.getcwd())
     sys.exit(status)
 
@@ -504,26 +527,36 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
         metrics = train(cfg, run_dir, naming=hydra_naming())
     except (BilevelError, KeyboardInterrupt) as error:
         _exit_on(error, run_dir)
+    except OSError as error:  # the disk, the file system or a path under the run: a fault, not a bug
+        _exit_on(storage_error(error), run_dir)
     return metrics.get("test_accuracy")
 
 
 def main() -> None:
     """Console entry point ``bilevel-train``. Runs under the page-retaining allocator
     (:mod:`bilevel.execution.allocator`) unless ``BILEVEL_ALLOCATOR=default``. Hydra's refusals of the
-    command line (:mod:`bilevel.app.cli_errors`) are printed as one paragraph, exit status 2."""
+    command line (:mod:`bilevel.app.cli_errors`) are printed as one paragraph, exit status 2, and so
+    is a run directory Hydra cannot make; Ctrl-C before the run starts exits 130 without a
+    traceback. Output to a console whose reader has gone is dropped (:mod:`bilevel.app.streams`)."""
+    survive_closed_console()
     ensure_allocator(os.environ.get("BILEVEL_ALLOCATOR", "retain"), ["-m", "bilevel.app.train"] + sys.argv[1:])
     _TRACEBACKS["shown"] = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its failures to us instead of printing them
     try:
         check_command_line(sys.argv[1:])
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(error.exit_code)
-    register_configs()
-    try:
+        check_overrides(override_words(sys.argv[1:]))
+        register_configs()
         _hydra_main()
+    except KeyboardInterrupt:
+        if _TRACEBACKS["shown"]:
+            raise
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("interrupted by SIGINT before the run started; nothing was written", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as error:  # noqa: BLE001  (explained or re-raised)
-        explained = None if _TRACEBACKS["shown"] else explain(error, override_words(sys.argv[1:]))
+        explained = None if _TRACEBACKS["shown"] else (
+            error if isinstance(error, ConfigError) else explain(error, override_words(sys.argv[1:]))
+            or (explain_os_error(error) if isinstance(error, OSError) else None))
         if explained is None:
             raise
         print(f"error: {explained}", file=sys.stderr, flush=True)

@@ -8,11 +8,14 @@ nothing kept out, the trainer uses the algorithm's plain meta-gradient, unchange
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bilevel.algorithm import BilevelAlgorithm
 from bilevel.data.batch import TaskBatch
-from bilevel.decomposition.assembly import MetaStep, Want
+from bilevel.decomposition.step import MetaStep, Want
 from bilevel.primitives.params import Params
+
+if TYPE_CHECKING:
+    from bilevel.algorithm import BilevelAlgorithm
 
 CONTRASTIVE_SIDES = ("contrastive_query", "contrastive_support")
 
@@ -32,12 +35,11 @@ class Ablation:
         unless the run is plain."""
         return Want(terms=self.terms if decompose else (), keep=None if self.plain else self.kept)
 
-    def step(self, algorithm: BilevelAlgorithm, params: Params, batch: TaskBatch, decompose: bool) -> tuple[MetaStep, Params]:
-        """The meta-step (with its decomposition when ``decompose``) and the gradient the outer
-        optimiser follows: the plain meta-gradient, untouched, or the ablated one (the engine's
-        cheaper exact path when no decomposition is asked for)."""
-        result = algorithm.meta_step(params, batch, self.want(decompose))
-        return result, result.grad
+    def step(self, algorithm: BilevelAlgorithm, params: Params, batch: TaskBatch, decompose: bool) -> MetaStep:
+        """The meta-step (with its decomposition when ``decompose``) whose ``grad`` is the gradient
+        the outer optimiser follows: the plain meta-gradient, untouched, or the ablated one (the
+        engine's cheaper exact path when no decomposition is asked for)."""
+        return algorithm.meta_step(params, batch, self.want(decompose))
 
 
 def resolve_ablation(keep: list[str] | None, drop: list[str], algorithm: BilevelAlgorithm) -> Ablation:

@@ -27,7 +27,7 @@ that sum with the algorithm's own hypergradient, computed independently.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -64,8 +64,20 @@ class Nodes(NamedTuple):
 
 
 def pair_weights(trace: HeadTrace, logits_grad: Tensor) -> Tensor:
-    """``C_τ[s, q] = g_q · A_τ,s`` stacked over entries: ``[..., entries, n_s, n_q]``."""
+    """``C_τ[s, q] = g_q · A_τ,s`` stacked over entries: ``[..., entries, n_s, n_q]`` (a trace
+    with at least one entry: :func:`pair_statistics` handles an empty one)."""
     return torch.stack([a @ logits_grad.transpose(-1, -2) for a in trace.coeffs], dim=-3)
+
+
+def pair_statistics(trace: HeadTrace, query_features: Tensor,
+                    logits_grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The pair weights (:func:`pair_weights`) and the cosines of the query features with the
+    first entry's support features (:func:`cosine_matrix`). ``(None, None)`` for a trace with no
+    entries — an inner loop that never writes the head (head-frozen, e.g. BOIL): no support sample
+    reaches the query logits, so there are no pairs and no support features to compare."""
+    if not trace.coeffs:
+        return None, None
+    return pair_weights(trace, logits_grad), cosine_matrix(trace.features[0], query_features)
 
 
 def term_cotangents(

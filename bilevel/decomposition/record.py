@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from bilevel import tags
+from bilevel.decomposition.reduction import MAX, MEAN, ROWS
 from bilevel.primitives.params import ENCODER_PREFIX, Params, tree_norm, tree_vdot
 
 
@@ -28,6 +29,9 @@ class Decomposition:
     first inner step. ``encoder_adaptation`` (full-network inner loops only) is the part of
     the feature terms that flows through the Jacobian of the encoder's inner updates
     beyond the identity (docs/theory.md §3.3) — a diagnostic that overlaps the terms, not a term.
+    ``absent`` names the diagnostics this step does not have, with the reason: an inner loop that
+    never writes the head (head-frozen) has ``pair_weights`` with 0 entries and NaN
+    ``feature_cosines``, and :meth:`summary` leaves their statistics out rather than report 0.
     """
 
     terms: dict[str, Params]
@@ -39,6 +43,12 @@ class Decomposition:
     identity_error: Tensor
     encoder_adaptation: Optional[Params] = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)
+
+    REDUCTION = {"terms": MEAN, "total": MEAN, "encoder_adaptation": MEAN, "extras": MEAN, "pair_weights": ROWS,
+                 "feature_cosines": ROWS, "same_class": ROWS, "reconstruction_error": MAX}
+    """How the fields reduce over processes; ``identity_error`` is recomputed from the reduced
+    ``terms`` and ``total`` (a mean of errors is not the error of the means)."""
 
     def combine(self, keep: tuple[str, ...]) -> Params:
         """The ablated meta-gradient: the sum of the ``keep`` terms on the encoder, the exact
@@ -72,10 +82,12 @@ class Decomposition:
         out[tags.decomp(tags.TOTAL, tags.NORM)] = total_sq.sqrt()
         out[tags.CHECK_RECONSTRUCTION] = self.reconstruction_error
         out[tags.CHECK_IDENTITY] = self.identity_error
-        weights = self.pair_weights.sum(-3)
-        out[tags.PAIRS_SAME_CLASS] = masked_mean(weights, self.same_class)
-        out[tags.PAIRS_DIFF_CLASS] = masked_mean(weights, ~self.same_class)
-        out[tags.COS_SAME_CLASS] = masked_mean(self.feature_cosines, self.same_class)
-        out[tags.COS_DIFF_CLASS] = masked_mean(self.feature_cosines, ~self.same_class)
+        if "pair_weights" not in self.absent:
+            weights = self.pair_weights.sum(-3)
+            out[tags.PAIRS_SAME_CLASS] = masked_mean(weights, self.same_class)
+            out[tags.PAIRS_DIFF_CLASS] = masked_mean(weights, ~self.same_class)
+        if "feature_cosines" not in self.absent:
+            out[tags.COS_SAME_CLASS] = masked_mean(self.feature_cosines, self.same_class)
+            out[tags.COS_DIFF_CLASS] = masked_mean(self.feature_cosines, ~self.same_class)
         out.update(self.extras)
         return out

@@ -91,9 +91,11 @@ def check_meta_step_memory(model: BilevelModel, input_shape: tuple[int, ...], cf
     if need > available:
         fits = max(available // per_task, 0) * meta_batch // tasks
         held = "" if tasks == meta_batch else f"; {tasks} tasks in this device's memory at once"
+        fix = (f"train.meta_batch must be <= {fits} here (or lower data.shots/queries, the inner steps or the model "
+               f"size)" if fits > 0 else f"not even one task fits: lower data.ways ({cfg.data.ways}), "
+               f"data.shots/queries, the inner steps or the model size")
         raise ConfigError(
             f"train.meta_batch={meta_batch} needs an estimated {_size(need)} for one meta-step "
             f"({_size(per_task)} per task of {samples} samples{held}), but {_size(available)} is available on "
-            f"{device.type}; train.meta_batch must be <= {fits} here (or lower data.shots/queries, the "
-            f"inner steps or the model size)"
+            f"{device.type}; {fix}"
         )

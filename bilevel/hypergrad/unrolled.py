@@ -33,7 +33,8 @@ from bilevel.decomposition.cotangents import Nodes
 from bilevel.execution.mapping import map_meta_steps, map_tasks
 from bilevel.primitives.head import init_head, readout
 from bilevel.hypergrad.rows import Forward, node_rows
-from bilevel.decomposition.assembly import MetaStep, TaskResult, Want, assemble, mean_over_tasks
+from bilevel.decomposition.assembly import assemble, mean_over_tasks
+from bilevel.decomposition.step import MetaStep, TaskResult, Want
 from bilevel.solvers.sgd import ADAPTED_SETS, InnerResult, autograd_pullbacks, sgd_steps
 from bilevel.primitives.losses import accuracy, cross_entropy
 from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part
@@ -241,18 +242,20 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         return map_tasks(fn, mode, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
 
     def _evaluate_task(self, params, xs, ys, xq, yq, steps: int) -> Tensor:
-        """Step by step from the previous adapted state; with momentum (whose velocity a
+        """Step 0 is the state :meth:`inner_loop` starts from (``steps=0``: the meta head, or
+        whatever initial head the plugin builds); each further step continues from the previous
+        adapted state (``steps=1``, ``head=`` the adapted head). With momentum (whose velocity a
         restart would lose) every step count runs from the start."""
-        accs, start = [], params
+        restart = self.config.inner_momentum != 0
+        inner, accs = self.inner_loop(params, xs, ys, steps=0, first_order=True), []
         for t in range(steps + 1):
             if t:
-                restart = self.config.inner_momentum != 0
-                inner = self.inner_loop(start if restart else params, xs, ys, steps=t if restart else 1,
-                                        first_order=True)
-                params = {**params, **{ENCODER_PREFIX + k: v.detach() for k, v in inner.encoder.items()},
-                          HEAD_WEIGHT: inner.head.weight.detach(), HEAD_BIAS: inner.head.bias.detach()}
-            phi_q = self.model.encode(encoder_part(params), xq)
-            accs.append(accuracy(readout(phi_q, params[HEAD_WEIGHT], params[HEAD_BIAS]), yq))
+                adapted = {**params, **{ENCODER_PREFIX + k: v.detach() for k, v in inner.encoder.items()}}
+                head = init_head(inner.head.weight.detach(), inner.head.bias.detach())
+                inner = self.inner_loop(params if restart else adapted, xs, ys, head=None if restart else head,
+                                        steps=t if restart else 1, first_order=True)
+            phi_q = self.model.encode(inner.encoder, xq)
+            accs.append(accuracy(readout(phi_q, inner.head.weight, inner.head.bias), yq))
         return torch.stack(accs)
 
     def _evaluate_shared(self, params, batch, steps: int) -> Tensor:

@@ -6,15 +6,30 @@ this folder; written by ``bilevel-report ... --markdown FILE``) whose ``### `` h
 in RESULTS.md is bilevel-report's output, unedited:
 
     python docs/results/build_results.py
+
+Above each pasted table goes its provenance (:func:`provenance_line`), from the sweep's per-seed
+file ``FILE`` → ``<stem>.seeds.json`` (``bilevel-report --seeds``): the commit and engine epoch its
+runs record, or a mark — *predates provenance* (no per-seed file: the table cannot be recomputed
+from the repository, and its runs recorded no code) or *predates engine epoch N* (some run
+recorded an older epoch, or none: the engine's float64 meta-gradients changed since).
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's engine, not an installed one
+
+from bilevel.app.provenance import ENGINE_EPOCH  # noqa: E402
+
 DIRECTIVE = re.compile(r"^\{\{([^#}]+)(?:#([^}]+))?\}\}$")
+PREDATES_PROVENANCE = ("> ⚠ **predates provenance**: no per-seed data in the repository; this table cannot be "
+                       "recomputed from it, and its runs recorded no commit or engine epoch.")
 
 
 def section(text: str, heading: str) -> str:
@@ -24,6 +39,27 @@ def section(text: str, heading: str) -> str:
         if part.startswith(heading):
             return part.split("\n", 1)[1].strip("\n") + "\n"
     raise KeyError(f"no section starting with {heading!r}")
+
+
+def seeds_file(report: Path) -> Path:
+    """The per-seed file of a report ``X.md``: ``X.seeds.json``."""
+    return report.with_name(report.stem + ".seeds.json")
+
+
+def provenance_line(report: Path) -> Optional[str]:
+    """The line above a pasted table of ``report`` (module docstring); None for a file that is not
+    a sweep's report (no ``### `` sections)."""
+    seeds = seeds_file(report)
+    if not seeds.is_file():
+        return PREDATES_PROVENANCE
+    records = [run.get("provenance") for run in json.loads(seeds.read_text())["runs"]]
+    epochs = {None if r is None else r.get("engine_epoch") for r in records}
+    if None in epochs or min(epochs) < ENGINE_EPOCH:
+        return (f"> ⚠ **predates engine epoch {ENGINE_EPOCH}**: some of its runs recorded an older engine epoch "
+                f"(or none): the engine's float64 meta-gradients changed since they ran.")
+    commits = sorted({r["commit"][:7] + (" (dirty tree)" if r["dirty"] else "") for r in records})
+    return (f"> Recomputable: per-seed data in `results/{seeds.name}` ({len(records)} runs; commit "
+            f"{', '.join(commits)}; engine epoch {ENGINE_EPOCH}).")
 
 
 def build(template: str) -> str:
@@ -38,6 +74,8 @@ def build(template: str) -> str:
             out.append(f"*(not run: {match.group(1).strip()} does not exist)*")
             continue
         text = path.read_text()
+        if "\n### " in "\n" + text:
+            out.append(provenance_line(path) + "\n")
         out.append((section(text, heading.strip()) if heading else text).rstrip("\n"))
     return "\n".join(out) + "\n"
 

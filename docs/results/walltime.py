@@ -25,11 +25,11 @@ def rows(root: Path) -> list[tuple[str, int, float, float]]:
 
 
 def kept_rows(table: str, present: set[str]) -> list[str]:
-    """The data rows of an earlier table whose sweep is not in ``present``, marked as kept."""
+    """The data rows of an earlier table whose sweep is not in ``present`` (kept or not before), marked as kept."""
     out = []
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("| ") and cells[0] != "sweep" and cells[0] not in present:
+        if line.startswith("| ") and cells[0] != "sweep" and cells[0].removesuffix(" *") not in present:
             name = cells[0] if cells[0].endswith("*") else cells[0] + " *"
             out.append("| " + " | ".join([name] + cells[1:]) + " |")
     return out

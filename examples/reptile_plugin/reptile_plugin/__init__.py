@@ -21,10 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bilevel.hypergrad.chain import ChainAlgorithm, ChainConfig
-
-from bilevel.solvers.chain import ChainSpec
-from bilevel.validate import INNER_LOOP, Check
+from bilevel import INNER_LOOP, ChainAlgorithm, ChainConfig, ChainSpec, Check
 
 __all__ = ["Reptile", "ReptileConfig"]
 

@@ -11,7 +11,12 @@ Invariants:
   naming the file, never a pickle error.
 * :class:`FileLock` is an advisory ``flock``: the kernel drops it when its holder dies (even by
   ``kill -9``), so a lock file left behind never blocks anyone; it records its holder's pid and
-  host for the message of whoever has to wait.
+  host for the message of whoever has to wait. A lock whose record cannot be written (a full
+  disk) is not taken and leaves no file. :class:`DirectoryLock` also locks the directory itself,
+  so deleting the lock file while its holder runs lets no second holder in.
+* An :class:`OSError` on a file of the run or the cache becomes a :class:`~bilevel.errors.StorageError`
+  naming the file and what the system said (:func:`storage_error`); a checked file that is not a
+  readable file (a directory in its place) is a :class:`~bilevel.errors.CorruptFileError`.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import datetime
 import fcntl
 import hashlib
 import io
+import logging
 import os
 import socket
 import tempfile
@@ -27,7 +33,7 @@ from typing import Any, Optional
 
 import torch
 
-from bilevel.errors import CorruptFileError
+from bilevel.errors import ConfigError, CorruptFileError, StorageError
 
 MAGIC = "BILEVEL"
 TEMP_SUFFIX = ".tmp"
@@ -36,6 +42,26 @@ TEMP_SUFFIX = ".tmp"
 def cache_dir() -> Path:
     """The per-user cache: ``$BILEVEL_CACHE`` if set, else ``~/.cache/bilevel``."""
     return Path(os.environ.get("BILEVEL_CACHE") or Path.home() / ".cache" / "bilevel")
+
+
+def check_cache_dir() -> Path:
+    """The cache directory, refused (:class:`ConfigError`) when it, or the nearest part of its path
+    that exists, is not a directory (``BILEVEL_CACHE`` naming a file)."""
+    path = cache_dir()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        named = "BILEVEL_CACHE" if os.environ.get("BILEVEL_CACHE") else "the cache directory"
+        raise ConfigError(f"{named}={path} cannot be a directory: {existing} is a file. Point BILEVEL_CACHE at a "
+                          f"directory (it is made if missing), or unset it for ~/.cache/bilevel")
+    return path
+
+
+def storage_error(error: OSError) -> StorageError:
+    """The :class:`StorageError` of a failed read or write: the file, what the system said, and
+    what to do about the common causes."""
+    where = f" {error.filename}" if error.filename is not None else ""
+    return StorageError(f"could not write or read{where}: {error.strerror or error}. Free disk space or fix the "
+                        f"path or its permissions; the run directory keeps its last checkpoint, if any")
 
 
 def temp_files(directory: Path) -> list[Path]:
@@ -88,12 +114,16 @@ def load_checked(path: str | os.PathLike, kind: str, version: int, map_location:
     """Load a file written by :func:`save_checked`; :class:`CorruptFileError` (naming the file and
     what is wrong with it) unless kind, version, size and checksum all match."""
     path = Path(path)
-    data = path.read_bytes()
-    line, _, payload = data.partition(b"\n")
-    fields = line.decode("ascii", errors="replace").split(" ")
 
     def corrupt(problem: str) -> CorruptFileError:
         return CorruptFileError(f"{path} is not a readable {kind} file: {problem}")
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise corrupt(err.strerror.lower() if err.strerror else str(err)) from None
+    line, _, payload = data.partition(b"\n")
+    fields = line.decode("ascii", errors="replace").split(" ")
 
     if len(fields) != 5 or fields[0] != MAGIC or fields[1] != kind:
         what = "it is empty" if not data else f"no '{MAGIC} {kind}' header (written by an older version, or overwritten)"
@@ -137,8 +167,13 @@ class FileLock:
                 break
             os.close(fd)  # the holder released and removed it while we waited: lock the new one
         since = datetime.datetime.now().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode())
+        except OSError:
+            self.path.unlink(missing_ok=True)
+            os.close(fd)
+            raise
         self._fd = fd
         return True
 
@@ -163,3 +198,73 @@ class FileLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class DirectoryLock(FileLock):
+    """A :class:`FileLock` on ``directory/name`` that also holds an ``flock`` on the directory
+    itself: the directory cannot be deleted while its holder works in it, so whoever deletes the
+    lock file cannot let a second holder in (the second would lock a new file, but not the
+    directory)."""
+
+    def __init__(self, directory: str | os.PathLike, name: str) -> None:
+        super().__init__(Path(directory) / name)
+        self._dir_fd: Optional[int] = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            taken = super().acquire(blocking)
+        except BlockingIOError:
+            taken = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if not taken:
+            os.close(fd)
+            return False
+        self._dir_fd = fd
+        return True
+
+    def holder(self) -> str:
+        """As :meth:`FileLock.holder`, or that the holder's record was deleted."""
+        try:
+            return self.path.read_text().strip() or "a process that is starting"
+        except FileNotFoundError:
+            return f"a process whose {self.path.name} record was deleted"
+
+    def release(self) -> None:
+        super().release()
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)  # closing the only descriptor drops its flock
+            self._dir_fd = None
+
+
+class KeptDirectory:
+    """A writer (e.g. a TensorBoard ``SummaryWriter``, whose event file is reopened by path for
+    every record) whose directory ``log_dir`` is made again, with one warning, when it was deleted
+    while the run writes there: the run goes on (its checkpoints hold its state), the events
+    written before the deletion are lost with the directory. Every other attribute is the writer's."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+        self._warned = False
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._writer, name)
+        if not callable(attribute):
+            return attribute
+
+        def kept(*args: Any, **kwargs: Any) -> Any:
+            directory = Path(self._writer.log_dir)
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                if not self._warned:
+                    self._warned = True
+                    logging.getLogger(__name__).warning(
+                        f"warning: {directory} was deleted during the run; made it again (the events logged "
+                        f"before are lost; the checkpoints are not affected)")
+            return attribute(*args, **kwargs)
+
+        return kept
