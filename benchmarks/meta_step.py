@@ -32,6 +32,16 @@ autograd loop's).
     PYTHONPATH=. python benchmarks/meta_step.py --out meta_step.json            # full grid
     PYTHONPATH=. python benchmarks/meta_step.py --quick                         # 4 small cells
     PYTHONPATH=. python benchmarks/meta_step.py --meta-batch 32 --device cuda   # a sub-grid
+
+``--defaults NAME ...`` replaces the grid by the float32 error rows of whole algorithms, each at its
+own default configuration (``configs/algorithm/NAME.yaml``, else the plugin's defaults; Entropy-SGD
+without noise, since float32 and float64 would draw different noise), per execution path, on 1-shot
+tasks: the median and largest error over ``ERROR_TASKS`` tasks, raw and decision-matched (the
+float64 run's max-pool and ReLU decisions imposed, ``bilevel.testing.float32_errors``: round-off
+alone). ``--example-plugins`` registers the Reptile example (``examples/reptile_plugin``) first.
+
+    PYTHONPATH=. python benchmarks/meta_step.py --threads 1 --example-plugins \
+        --defaults maml fomaml anil imaml entropy_sgd r2d2 meta_sgd reptile
 """
 from __future__ import annotations
 
@@ -54,6 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     parser.add_argument("--baselines", nargs="*", default=["higher", "autograd"], choices=("higher", "autograd"))
+    parser.add_argument("--defaults", nargs="+", default=None, metavar="NAME",
+                        help="instead of the grid: float32-vs-float64 error rows of these algorithms at their defaults")
+    parser.add_argument("--example-plugins", action="store_true", help="register examples/reptile_plugin first")
     parser.add_argument("--baseline-model", default="paper", choices=("paper", "ours"),
                         help="the conv4 the baselines run: torch.nn layers as the paper's code writes them "
                              "(paper_conv4.py), or this project's model (engine-only comparison)")
@@ -280,10 +293,50 @@ def report(rows: list[dict[str, Any]], args, device) -> dict[str, Any]:
     return summary
 
 
+def default_error_rows(run, args) -> list[dict[str, Any]]:
+    """Per algorithm of ``--defaults`` and path: float32-vs-float64 errors at its defaults (module docstring)."""
+    from bilevel import build_algorithm
+    from bilevel.testing import default_config, float32_errors
+
+    if args.example_plugins:
+        import sys
+        from pathlib import Path
+
+        from bilevel.algorithm import register
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "reptile_plugin"))
+        import reptile_plugin
+
+        register("reptile")(reptile_plugin.Reptile)
+    batch = cell_batches(run, args, ERROR_TASKS, 1)[0]
+    tasks = [batch.task(i) for i in range(ERROR_TASKS)]
+    rows = []
+    for name in args.defaults:
+        config = {**default_config(name), **({"noise": 0.0} if name == "entropy_sgd" else {})}
+        algo = build_algorithm(config, run.model)
+        params = algo.meta_parameters({k: v.to(run.device) for k, v in run.model.init_params().items()})
+        errors, _ = float32_errors(algo, params, tasks)
+        for path, (raw, matched) in errors.items():
+            rows.append({"algorithm": name, "path": path, "raw_per_task": raw, "matched_per_task": matched,
+                         "raw_median": statistics.median(raw), "raw_max": max(raw),
+                         "matched_median": statistics.median(matched), "matched_max": max(matched)})
+            print(f"[{name} {path}] raw {rows[-1]['raw_median']:.2e}, matched {rows[-1]['matched_median']:.2e}",
+                  flush=True)
+    print(f"\nfloat32 error vs float64 at each algorithm's defaults ({ERROR_TASKS} tasks, 1-shot, "
+          f"{args.queries} queries)")
+    print_table(["algorithm", "path", "raw median", "raw max", "matched median", "matched max"],
+                [[r["algorithm"], r["path"], r["raw_median"], r["raw_max"], r["matched_median"], r["matched_max"]]
+                 for r in rows])
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     run = start(args)
     device, model = run.device, run.model
+    if args.defaults:
+        finish(run.env, default_error_rows(run, args), {}, args)
+        return
     rows = []
     for shots, tasks in itertools.product(args.shots, args.meta_batch):
         batches = cell_batches(run, args, tasks, shots)

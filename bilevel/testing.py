@@ -10,23 +10,36 @@
   plain-autograd unrolled MAML — ``F.cross_entropy`` of the whole model through
   ``functional_call``, inner gradients by ``torch.autograd.grad`` (``create_graph`` for second
   order). It shares nothing with the engine but the model definition.
+* :func:`reference_chain_direction`: a plain-autograd SGD / Langevin chain over every parameter
+  (Entropy-SGD's and Reptile's direction without noise), independent of ``bilevel.solvers.chain``.
+* :func:`conv_decisions`: record the discrete decisions of conv4's blocks (each max-pool's argmax and
+  each ReLU's sign) in one run and impose them on another, so that a float32 run can be compared
+  with float64 on the same piece of a piecewise-smooth map (``docs/performance.md``).
+* :func:`default_config` and :func:`float32_errors`: an algorithm's default configuration and, per
+  execution path and task, its float32 meta-gradient's error against float64, raw and
+  decision-matched (used by ``tests/test_precision.py`` and ``benchmarks/meta_step.py``).
 * :func:`rel_err`: ``‖a − b‖ / ‖b‖`` over tensors or parameter dicts, as a float.
 
-Nothing here is imported by the engine; it depends only on ``torch`` and the model builders.
+Nothing here is imported by the engine; it depends only on ``torch``, ``omegaconf`` (the presets
+of ``configs/algorithm/``) and the engine's public builders.
 """
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from importlib.resources import files
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor
 from torch.func import functional_call
 
 from bilevel.algorithm import BilevelAlgorithm, build_algorithm
 from bilevel.data.batch import TaskBatch
-from bilevel.primitives.models import BilevelModel, ModelConfig, build_model
+from bilevel.primitives.models import BilevelModel, ConvBlock, Layout, ModelConfig, build_model
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, is_head
 
 INPUT_SHAPES = {"mlp": (4,), "conv4": (1, 16, 16)}
@@ -156,6 +169,107 @@ def reference_meta_grad(model: BilevelModel, params: Params, batch: TaskBatch, *
     leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     loss = reference_meta_loss(model, leaves, batch, steps=steps, lr=lr, adapt=adapt, first_order=first_order)
     return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def reference_chain_direction(model: BilevelModel, params: Params, x: Tensor, y: Tensor, *, steps: int, lr: float,
+                              gamma: float, ema: float, scale: float) -> Params:
+    """``d = s (x − μ_L)`` of a noiseless chain over every parameter on the batch ``(x, y)``:
+    ``x'_ℓ = x'_{ℓ−1} − η' (∇f(x'_{ℓ−1}) + γ (x'_{ℓ−1} − x))``, ``μ_ℓ = (1 − a) μ_{ℓ−1} + a x'_ℓ``,
+    ``x'_0 = μ_0 = x``, ``f`` the ``F.cross_entropy`` of the whole model, gradients by
+    ``torch.autograd.grad``. Both are carried as displacements from ``x`` (same values, no float32
+    cancellation in ``x − μ``)."""
+    start = {k: v.detach() for k, v in params.items()}
+    moved = {k: torch.zeros_like(v) for k, v in start.items()}
+    mean = {k: torch.zeros_like(v) for k, v in start.items()}
+    for _ in range(steps):
+        leaves = {k: (start[k] + moved[k]).requires_grad_() for k in start}
+        loss = F.cross_entropy(functional_call(model, leaves, (x,)), y)
+        grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        moved = {k: moved[k] - lr * (grads[k] + gamma * moved[k]) for k in start}
+        mean = {k: (1 - ema) * mean[k] + ema * moved[k] for k in start}
+    return {k: -scale * m for k, m in mean.items()}
+
+
+@contextmanager
+def conv_decisions(decisions: list[tuple[Tensor, Tensor]], replay: bool) -> Iterator[None]:
+    """Inside the block, every conv4 block (:class:`~bilevel.primitives.models.ConvBlock`) appends its
+    discrete decisions ``(argmax of each 2×2 window, pooled value > 0)`` to ``decisions``
+    (``replay=False``), or takes them from ``decisions`` in call order (``replay=True``): the pool
+    picks the recorded position and the ReLU keeps the recorded signs, so values and gradients are
+    those of the model on the recorded piece. A replay must make the same calls as the recording:
+    a call of another shape, or decisions left over, raise ``ValueError``. Record outside
+    ``vmap`` (the decisions are plain tensors); a replay may run under ``vmap`` of one task."""
+    forward, pending = ConvBlock.forward, iter(decisions)
+
+    def recording(block: ConvBlock, x: Tensor, layout: Layout = None) -> Tensor:
+        pooled, index = F.max_pool2d(block.norm(block._convolve(x), layout), 2, return_indices=True)
+        decisions.append((index, pooled > 0))
+        return F.relu(pooled)
+
+    def replaying(block: ConvBlock, x: Tensor, layout: Layout = None) -> Tensor:
+        normed = block.norm(block._convolve(x), layout)
+        index, positive = next(pending, (None, None))
+        if index is None or tuple(index.shape) != (*normed.shape[:-2], normed.shape[-2] // 2, normed.shape[-1] // 2):
+            raise ValueError("conv_decisions: the replay calls a conv block the recording did not call")
+        pooled = normed.flatten(-2).gather(-1, index.flatten(-2)).view(index.shape)
+        return pooled * positive.to(pooled.dtype)
+
+    ConvBlock.forward = replaying if replay else recording
+    try:
+        yield
+    finally:
+        ConvBlock.forward = forward
+    if replay and next(pending, None) is not None:
+        raise ValueError("conv_decisions: the replay made fewer conv block calls than the recording")
+
+
+def default_config(name: str) -> dict[str, Any]:
+    """The ``algorithm`` node of the preset ``configs/algorithm/<name>.yaml``, else ``{"name": name}``
+    (a plugin without a preset runs at its Config's defaults)."""
+    preset = files("configs") / "algorithm" / f"{name}.yaml"
+    if preset.is_file():
+        return OmegaConf.to_container(OmegaConf.load(str(preset)).algorithm)
+    return {"name": name}
+
+
+def float32_errors(
+    algo: BilevelAlgorithm, params: Params, tasks: Sequence[TaskBatch], replay_above: float = 0.0,
+) -> tuple[dict[str, tuple[list[float], list[float]]], list[Params]]:
+    """Per execution path of ``algo`` (float32), per task: the relative error of its meta-gradient
+    against the same algorithm in float64 (model, parameters and images cast up), *raw* and
+    *decision-matched* (the float64 run's conv decisions imposed by :func:`conv_decisions`, so
+    the error is round-off alone; a task whose raw error is at most ``replay_above`` keeps it, to
+    save the replay); and the float64 meta-gradients of the first path's runs. The float64 runs
+    take ``loop`` (a ``vmap`` path replays them) or the path itself; ``params`` are
+    ``algo.meta_parameters`` of the network's."""
+    algo64 = type(algo)(copy.deepcopy(algo.model).to(torch.float64), algo.config)
+    params64 = {k: v.to(torch.float64) for k, v in params.items()}
+    runs: dict[str, list[tuple[Params, list]]] = {}
+
+    def float64_on(path: str) -> list[tuple[Params, list]]:
+        path = "loop" if path == "vmap" else path
+        if path not in runs:
+            runs[path] = []
+            for task in tasks:
+                decisions: list[tuple[Tensor, Tensor]] = []
+                with conv_decisions(decisions, replay=False):
+                    exact = algo64.with_execution(path).meta_grad(params64, task.to(dtype=torch.float64)).grad
+                runs[path].append((exact, decisions))
+        return runs[path]
+
+    out = {}
+    for path in algo.executions:
+        on_path, raw, matched = algo.with_execution(path), [], []
+        for task, (exact, decisions) in zip(tasks, float64_on(path)):
+            raw.append(rel_err({k: v.double() for k, v in on_path.meta_grad(params, task).grad.items()}, exact))
+            if raw[-1] <= replay_above:
+                matched.append(raw[-1])
+                continue
+            with conv_decisions(decisions, replay=True):
+                grad = on_path.meta_grad(params, task).grad
+            matched.append(rel_err({k: v.double() for k, v in grad.items()}, exact))
+        out[path] = (raw, matched)
+    return out, [exact for exact, _ in next(iter(runs.values()))]
 
 
 def rel_err(a: Union[Tensor, Mapping[str, Tensor]], b: Union[Tensor, Mapping[str, Tensor]],
