@@ -7,15 +7,23 @@ adaptation diagnostic and the ablated gradient — must agree to 1e-12 relative,
 """
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+from hydra import compose, initialize_config_module
 
 from algorithms.meta_sgd import MetaSGD
 import bilevel.algorithm as engine
 from bilevel import build_algorithm
 from bilevel.algorithm import algorithm_config, register
+from bilevel.app.checkpoint import load_checkpoint
+from bilevel.app.config import register_configs, typed_config
+from bilevel.app.train import train
 from bilevel.errors import ConfigError
+from bilevel.execution.memory import estimate_bytes
 from bilevel.hypergrad.recompute import parse_memory
+from bilevel.primitives.models import build_model
 from bilevel.testing import rel_err, seeded_problem
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -95,3 +103,41 @@ def test_refusals_are_clear():
     with pytest.raises(ConfigError, match="recompute:K with an integer K >= 1"):
         p.algorithm().with_memory("recompute:0")
     assert [parse_memory(m) for m in ("store", "recompute", "recompute:4")] == [None, 1, 4]
+
+
+# --- the memory budget chooses among the ways to run (bilevel.execution.memory) -------------------------
+
+TWENTY_STEPS = ["data=synthetic", "model=mlp", "model.hidden=32", "data.ways=3", "data.shots=5", "data.queries=2",
+                "data.synthetic_dim=16", "data.synthetic_classes=8", "train.meta_batch=2", "train.steps=2",
+                "train.eval_every=2", "train.decompose_every=1", "train.image_every=0", "eval.tasks=2",
+                "eval.final_tasks=2", "device=cpu", "algorithm=maml", "algorithm.inner_steps=20", "execution=loop"]
+
+
+def composed(*overrides: str):
+    register_configs()
+    with initialize_config_module("configs", version_base="1.3"):
+        return compose("train", overrides=TWENTY_STEPS + list(overrides))
+
+
+def test_a_twenty_step_run_fits_a_budget_where_store_is_refused(tmp_path, monkeypatch, caplog):
+    """The budget lies between the two estimates: ``store`` is refused before any work, naming
+    the numbers and the way out; ``auto`` picks ``recompute``, says so, records it and trains
+    (decomposing at every step)."""
+    monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO)
+    cfg = typed_config(composed())
+    shape = (cfg.data.synthetic_dim,)
+    model = build_model(cfg.model, shape, cfg.data.ways)
+    algorithm = build_algorithm(cfg.algorithm, model)
+    store, recompute = (estimate_bytes(model, shape, cfg, algorithm, "loop", m, torch.float32, 2)
+                        for m in ("store", "recompute"))
+    assert 3 * recompute < store
+    budget = f"train.memory_gb={(store * recompute) ** 0.5 / 2**30:.9f}"
+    with pytest.raises(ConfigError, match=r"execution=loop memory=store: .*but the budget is .*memory=recompute"):
+        train(composed(budget), tmp_path / "store", show_progress=False)
+    assert not (tmp_path / "store").exists()
+    train(composed(budget, "memory=auto"), tmp_path / "auto", show_progress=False)
+    state = load_checkpoint(tmp_path / "auto" / "checkpoint.pt")
+    assert (state["memory"], state["step"]) == ("recompute", 2)
+    assert "memory: recompute" in (tmp_path / "auto" / "config.yaml").read_text()
+    assert "re-runs the inner steps a segment at a time instead of holding them (memory=recompute)" in caplog.text

@@ -69,12 +69,14 @@ class TrainLoopConfig:
     ``resume``: ``auto`` continues the directory's checkpoint when its trajectory keys match
     (else starts a new run), ``true`` requires a checkpoint, ``force`` also lets
     ``steps`` and the logging cadence change, ``false`` refuses a directory that holds one
-    (:mod:`bilevel.app.resume`)."""
+    (:mod:`bilevel.app.resume`). ``memory_gb``: the memory one meta-step may take (null: what the
+    device has available less a margin); ``execution``/``memory`` set to ``auto`` pick the fastest
+    combination that fits, and a configuration that fits none is refused (:mod:`bilevel.execution.memory`)."""
 
     checks: ClassVar[dict[str, Check]] = {
         "steps": AT_LEAST_1, "meta_batch": AT_LEAST_1, "lr": POSITIVE, "eval_every": AT_LEAST_1,
         "log_every": AT_LEAST_1, "decompose_every": NON_NEGATIVE, "image_every": NON_NEGATIVE,
-        "checkpoint_every": AT_LEAST_1, "resume": OneOf(RESUME_MODES),
+        "checkpoint_every": AT_LEAST_1, "resume": OneOf(RESUME_MODES), "memory_gb": POSITIVE,
     }
 
     steps: int = 400
@@ -86,6 +88,7 @@ class TrainLoopConfig:
     image_every: int = 200
     checkpoint_every: int = 100
     resume: str = "auto"
+    memory_gb: Optional[float] = None
 
 
 @dataclass
@@ -134,7 +137,8 @@ class DistConfig:
 
 @dataclass
 class TrainConfig:
-    """A training run. ``device`` auto|cpu|cuda; ``execution`` auto|vmap|loop|shared.
+    """A training run. ``device`` auto|cpu|cuda; ``execution`` auto|vmap|loop|shared; ``memory``
+    store|recompute|recompute:K|auto (:mod:`bilevel.hypergrad.recompute`; checked by the algorithm).
     The model's checks are declared here, as :class:`ModelConfig` lives with the models."""
 
     checks: ClassVar[dict[str, Check]] = {
@@ -156,6 +160,7 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "float32"
     execution: str = "auto"
+    memory: str = "store"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Settling a run's execution path once, deterministically, and saying why.
 
-The path is, in order: the one set in the config (``execution=loop``); the one recorded in
-the checkpoint being resumed (a run never changes path); the only one the algorithm offers;
-the fastest in the measurement cached for this machine and configuration; else the fastest
-when measured now. A measurement (:func:`measure_paths`) runs on a batch of its own sampler
+The path — with the memory strategy (``memory``: :mod:`bilevel.hypergrad.recompute`), among
+the combinations that fit the memory budget (:func:`bilevel.execution.memory.memory_plans`) — is,
+in order: the one set in the config (``execution=loop``, ``memory=store``); the one recorded in
+the checkpoint being resumed (a run never changes path or strategy); the only one the algorithm
+offers or the budget admits; the fastest in the measurement cached for this machine and
+configuration; else the fastest when measured now. A measurement (:func:`measure_paths`) runs on a batch of its own sampler
 and restores the algorithm's state and the global random state afterwards, so it consumes
 none of the run's draws; it is cached in ``execution.json`` under the cache directory
 (:func:`bilevel.app.files.cache_dir`), keyed by the machine (host, processor or GPU, torch
@@ -37,22 +39,35 @@ CACHE_FILE = "execution.json"
 
 @dataclass(frozen=True)
 class ExecutionChoice:
-    """The path a run takes and, in one plain sentence, why."""
+    """The path and memory strategy a run takes and, in plain words, why."""
 
     path: str
     reason: str
+    memory: str = "store"
 
 
-def measure_paths(algorithm: BilevelAlgorithm, params: Params, batch: TaskBatch, device: torch.device) -> dict[str, float]:
-    """Seconds per meta-step of each of ``algorithm.executions`` on ``batch``; the algorithm's
-    state (e.g. a noise generator) and the global random state are restored."""
+Way = tuple[str, str]
+"""A way to run the meta-step: ``(execution path, memory strategy)``."""
+
+
+def way_label(way: Way, ways: Sequence[Way]) -> str:
+    """``loop`` when every candidate holds memory the same way, else ``loop/recompute``."""
+    return way[0] if len({m for _, m in ways}) == 1 else f"{way[0]}/{way[1]}"
+
+
+def measure_paths(algorithm: BilevelAlgorithm, params: Params, batch: TaskBatch, device: torch.device,
+                  ways: Sequence[Way]) -> dict[str, float]:
+    """Seconds per meta-step of each of ``ways`` on ``batch``, keyed by :func:`way_label`; the
+    algorithm's state (e.g. a noise generator) and the global random state are restored."""
     state, rng = copy.deepcopy(algorithm.state_dict()), global_rng_state()
+    by_label = {way_label(w, ways): w for w in ways}
 
-    def attempt(mode: str) -> None:
-        algorithm.with_execution(mode).meta_grad(params, batch)
+    def attempt(label: str) -> None:
+        path, memory = by_label[label]
+        algorithm.with_execution(path).with_memory(memory).meta_grad(params, batch)
 
     try:
-        return choose_execution(attempt, algorithm.executions, device)[1]
+        return choose_execution(attempt, list(by_label), device)[1]
     finally:
         algorithm.load_state_dict(state)
         set_global_rng_state(rng)
@@ -99,30 +114,43 @@ def _timings(timings: dict[str, float]) -> str:
     return ", ".join(f"{m} {t * 1e3:.1f} ms" for m, t in sorted(timings.items(), key=lambda kv: kv[1]))
 
 
-def settle_execution(requested: str, available: Sequence[str], recorded: Optional[str], key: str,
-                     measure: Callable[[], dict[str, float]]) -> ExecutionChoice:
-    """The run's path and why, in plain words (see the module docstring); ``measure`` runs only
-    on a cache miss."""
+def memory_words(memory: str) -> str:
+    """What ``memory`` holds for the backward, in words."""
+    if memory == "store":
+        return "the backward holds every inner step's activations (memory=store)"
+    return f"the backward re-runs the inner steps a segment at a time instead of holding them (memory={memory})"
 
-    def chose(path: str, why: str) -> ExecutionChoice:
-        return ExecutionChoice(path, f"tasks run {PATHS_IN_WORDS.get(path, path)} (execution={path}): {why}")
 
-    if requested != "auto":
+def settle_execution(requested: Way, ways: Sequence[Way], recorded: Optional[Way], key: str,
+                     measure: Callable[[], dict[str, float]], budget: str = "") -> ExecutionChoice:
+    """The run's path and memory strategy and why, in plain words (see the module docstring):
+    ``requested`` is the config's ``(execution, memory)``, ``ways`` the combinations allowed that
+    fit the memory budget (``budget``: how it was set and what fitted, in words); ``measure``
+    times ``ways`` (keyed by :func:`way_label`) and runs only on a cache miss."""
+
+    def chose(way: Way, why: str) -> ExecutionChoice:
+        path, memory = way
+        return ExecutionChoice(path, f"tasks run {PATHS_IN_WORDS.get(path, path)} (execution={path}): {why}; "
+                                     f"{memory_words(memory)}{budget}", memory)
+
+    if "auto" not in requested:
         return chose(requested, "as set in the config")
     if recorded is not None:
         return chose(recorded, "as in the checkpoint being resumed (a run never changes how it runs its tasks)")
-    if len(available) == 1:
-        return chose(available[0], "the only way this algorithm offers with this configuration")
+    if len(ways) == 1:
+        return chose(ways[0], "the only way this algorithm offers with this configuration and memory budget")
     path = cache_dir() / CACHE_FILE
     entry = _read_cache(path).get(key)
-    if entry is not None and entry["path"] in available:
-        return chose(entry["path"], f"the faster way on this machine for this configuration, as measured once "
-                                    f"before ({_timings(entry['seconds'])} per step; to measure again, delete {path})")
+    labels = {way_label(w, ways): w for w in ways}
+    if entry is not None and (entry["path"], entry.get("memory", "store")) in ways:
+        return chose((entry["path"], entry.get("memory", "store")), f"the faster way on this machine for this "
+                     f"configuration, as measured once before ({_timings(entry['seconds'])} per step; to measure "
+                     f"again, delete {path})")
     timings = measure()
-    fastest = min(timings, key=timings.__getitem__)
+    fastest = labels[min(timings, key=timings.__getitem__)]
     with FileLock(path.with_name(path.name + ".lock")):
         cache = _read_cache(path)
-        cache[key] = {"path": fastest, "seconds": timings}
+        cache[key] = {"path": fastest[0], "memory": fastest[1], "seconds": timings}
         atomic_write_text(json.dumps(cache, indent=1, sort_keys=True), path)
     return chose(fastest, f"the faster way on this machine for this configuration, measured now on a batch of "
                           f"its own ({_timings(timings)} per step) and kept for later runs in {path}")
