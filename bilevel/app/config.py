@@ -22,6 +22,7 @@ from bilevel.data.dataset import SPLITS
 from bilevel.execution.mapping import EXECUTIONS
 from bilevel.app.head_policy import HEAD_POLICIES
 from bilevel.primitives.models import MODELS, ModelConfig
+from bilevel.primitives.resnet12 import POOLS
 from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_declared, reject_unknown_keys
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -144,7 +145,7 @@ class TrainConfig:
     checks: ClassVar[dict[str, Check]] = {
         "seed": NON_NEGATIVE, "device": OneOf(DEVICES), "dtype": OneOf(DTYPES), "execution": OneOf(EXECUTIONS),
         "model.name": OneOf(MODELS), "model.channels": AT_LEAST_1, "model.hidden": AT_LEAST_1,
-        "model.layers": AT_LEAST_1,
+        "model.layers": AT_LEAST_1, "model.pool": OneOf(POOLS),
     }
 
     algorithm: Any = field(default_factory=lambda: {"name": "maml"})
