@@ -13,6 +13,7 @@
 #   3. the switches as measurements: TF32 on (accuracy cost in the same error columns) and
 #      cudnn.benchmark, on the quick grid
 #   4. decomposition_cost.py: what the decomposition adds, on the quick grid
+#   5. memory.py: peak memory and time of memory=store vs recompute against the inner steps
 # No autocast anywhere: inner-loop gradients stay in the run's dtype.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,5 +74,10 @@ OTHERS=()
 [ "$QUICK" = 1 ] && OTHERS=(--algorithms)  # quick: MAML only; full: every registered algorithm too
 python benchmarks/decomposition_cost.py --device "$DEVICE" "${QUICK_GRID[@]}" "${OTHERS[@]}" \
   --out "$RESULTS/decomposition_cost_$TAG.json"
+
+echo "== 5. memory: store vs recompute on $DEVICE"
+MEMORY_GRID=(--backbones conv4 resnet12 --shots 1 --meta-batch 2)
+[ "$QUICK" = 1 ] && MEMORY_GRID=(--quick --backbones conv4 --paths loop --baselines --repeats 1)
+python benchmarks/memory.py --device "$DEVICE" "${MEMORY_GRID[@]}" --out "$RESULTS/memory_$TAG.json"
 
 echo "gpu_check: done; results in $RESULTS/*_$TAG*"

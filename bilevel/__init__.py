@@ -12,8 +12,8 @@ The layers, each a sub-package (lower layers never import higher ones):
 - ``bilevel.execution`` — how the tasks of a meta-batch run (vmap / loop) and how a run's path
   is chosen;
 - ``bilevel.hypergrad`` — the hypergradient rules: unrolled (``UnrolledAlgorithm``), implicit
-  (``ImplicitAlgorithm``, exact at any CG budget), chain (``ChainAlgorithm``), and the
-  node-pullback rows they share;
+  (``ImplicitAlgorithm``, exact at any CG budget), chain (``ChainAlgorithm``), the
+  node-pullback rows they share, and the memory strategies (``memory=store|recompute[:K]``);
 - ``bilevel.algorithm`` — the plugin interface (``BilevelAlgorithm``) and the registry
   (entry-point group ``bilevel.algorithms``; the engine imports no plugin);
 - ``bilevel.app`` — the Hydra trainer (``bilevel-train``), config, logging, checkpoints,
@@ -62,6 +62,7 @@ from bilevel.primitives.head import (
     readout,
     reconstruct_logits,
 )
+from bilevel.hypergrad.recompute import Steps, autograd_vjp, parse_memory, recompute_vjp
 from bilevel.hypergrad.rows import Forward, ablated_row, node_rows, plain_row, term_rows
 from bilevel.decomposition.assembly import MetaStep, TaskResult, Want, assemble, mean_over_tasks
 from bilevel.hypergrad.implicit import (
@@ -93,7 +94,7 @@ __all__ = [
     "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_displacement", "head_shrink", "head_write", "init_head",
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
-    "Params", "UnrolledAlgorithm", "UnrolledConfig",
+    "Params", "UnrolledAlgorithm", "UnrolledConfig", "Steps", "autograd_vjp", "parse_memory", "recompute_vjp",
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
     "RunInterrupted", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
     "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "ci95", "headline_step", "structural_zeros",
