@@ -12,8 +12,8 @@ support and query samples of a task; ``P``: inner steps whose activations are he
 (:mod:`bilevel.hypergrad.recompute`), 1 when the inner loop adapts only the head (one encoder
 pass); ``S`` = 2 for second order (the inner gradients keep their graph), else 1; ``|θ|``: the
 model's parameters. The ``vmap`` and ``shared`` paths hold every task of the meta-batch at once,
-``loop`` one; every path holds the meta-batch's images and one gradient per task. Measured on
-conv4 (docs/performance.md, "Memory") the formula is 2.5-4× above the real peak.
+``loop`` one; every path holds the meta-batch's images and one gradient per task. Against the
+peaks measured on conv4 and ResNet-12 (docs/performance.md, "Memory") it is 1.3-3.5× too high.
 
 The budget is ``train.memory_gb`` or, when null, the memory available now less
 :data:`MARGIN` (``MemAvailable`` of ``/proc/meminfo`` on CPU, ``torch.cuda.mem_get_info`` on
