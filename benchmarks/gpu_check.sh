@@ -15,7 +15,8 @@
 #   4. decomposition_cost.py: what the decomposition adds, on the quick grid
 #   5. mixed precision: precision.py (bf16 and fp16 meta-gradient error vs float64 per algorithm and
 #      path, identity, speed vs fp32) and, on a GPU, the default run at precision=fp32|bf16|fp16
-# Steps 1-4 use no mixed precision: inner-loop gradients stay in the run's dtype.
+#   6. memory.py: peak memory and time of memory=store vs recompute against the inner steps
+# Steps 1-4 and 6 use no mixed precision: inner-loop gradients stay in the run's dtype.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,5 +88,9 @@ if [ "$QUICK" = 0 ]; then
       2>&1 | tail -n 12 | tee "$RESULTS/train_${P}_$TAG.log"
   done
 fi
+echo "== 6. memory: store vs recompute on $DEVICE"
+MEMORY_GRID=(--backbones conv4 resnet12 --shots 1 --meta-batch 2)
+[ "$QUICK" = 1 ] && MEMORY_GRID=(--quick --backbones conv4 --paths loop --baselines --repeats 1)
+python benchmarks/memory.py --device "$DEVICE" "${MEMORY_GRID[@]}" --out "$RESULTS/memory_$TAG.json"
 
 echo "gpu_check: done; results in $RESULTS/*_$TAG*"

@@ -6,8 +6,8 @@ contract is in ``pyproject.toml`` and checked by ``lint-imports``, docs/architec
 - ``bilevel.app`` — the Hydra trainer (``bilevel-train``), config, logging, checkpoints,
   evaluation, the run's execution choice, distributed runs, the report (``bilevel-report``);
 - ``bilevel.hypergrad`` — the hypergradient rules: unrolled (``UnrolledAlgorithm``), implicit
-  (``ImplicitAlgorithm``, exact at any CG budget), chain (``ChainAlgorithm``), and the
-  node-pullback rows they share;
+  (``ImplicitAlgorithm``, exact at any CG budget), chain (``ChainAlgorithm``), the
+  node-pullback rows they share, and the memory strategies (``memory=store|recompute[:K]``);
 - ``bilevel.execution`` — how the tasks of a meta-batch run (vmap / loop / shared), memory
   estimates;
 - ``bilevel.algorithm`` — the plugin interface (``BilevelAlgorithm``) and the registry
@@ -67,6 +67,7 @@ from bilevel.primitives.head import (
     readout,
     reconstruct_logits,
 )
+from bilevel.hypergrad.recompute import Steps, autograd_vjp, recompute_vjp
 from bilevel.hypergrad.rows import Forward, ablated_row, node_rows, plain_row, term_rows
 from bilevel.decomposition.assembly import assemble, mean_over_tasks
 from bilevel.decomposition.step import MetaStep, TaskResult, Want
@@ -88,7 +89,7 @@ from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Pa
 from bilevel.primitives.precision import PRECISIONS, Policy, mixed_precision
 from bilevel.decomposition.structural import structural_zeros
 from bilevel.hypergrad.unrolled import ORDERS, UnrolledAlgorithm, UnrolledConfig
-from bilevel.validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared
+from bilevel.validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared, parse_memory
 
 __all__ = [
     "Ablation", "resolve_ablation", "AlgorithmConfig", "BilevelAlgorithm", "MetaStep",
@@ -102,7 +103,7 @@ __all__ = [
     "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
     "PRECISIONS", "Policy", "mixed_precision",
-    "Params", "UnrolledAlgorithm", "UnrolledConfig",
+    "Params", "UnrolledAlgorithm", "UnrolledConfig", "Steps", "autograd_vjp", "parse_memory", "recompute_vjp",
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
     "StorageError", "RunInterrupted", "UnknownAlgorithm", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf",
     "Range",

@@ -99,6 +99,38 @@ class BilevelAlgorithm(ABC):
         twin._execution = self._checked_execution(execution)
         return twin
 
+    memories: tuple[str, ...] = ("store",)
+    """The memory strategies the algorithm offers (``store``; ``recompute`` takes ``recompute:K``
+    too: :mod:`bilevel.hypergrad.recompute`)."""
+    memory: str = "store"
+    """How the meta-step holds what its backward needs: ``store`` or ``recompute[:K]``."""
+
+    def memory_note(self) -> str:
+        """Why a strategy is missing from :attr:`memories`, for the refusal (default: nothing)."""
+        return ""
+
+    def with_memory(self, memory: str) -> "BilevelAlgorithm":
+        """The same algorithm holding its backward by ``memory`` (a :class:`ConfigError` naming
+        what is available when it does not offer that strategy)."""
+        try:
+            parse_memory(memory)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if str(memory).partition(":")[0] not in self.memories:
+            note = self.memory_note()
+            raise ConfigError(
+                f"memory={memory} is not available for algorithm {getattr(self, 'name', type(self).__name__)!r} "
+                f"with this configuration; available: {', '.join(self.memories)}" + (f" ({note})" if note else "")
+            )
+        twin = copy.copy(self)
+        twin.memory = str(memory)
+        return twin
+
+    @property
+    def segment(self) -> Optional[int]:
+        """Steps per recomputed segment (None: ``memory=store``)."""
+        return parse_memory(self.memory)
+
     @property
     def eval_steps(self) -> int:
         """Inner steps at evaluation time."""

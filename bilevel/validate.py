@@ -153,3 +153,15 @@ def reject_unknown_keys(config: DictConfig, schema: DictConfig, prefix: str = ""
         child, child_schema = config[key], schema[key]
         if isinstance(child, DictConfig) and _dataclass_type(child_schema) is not None:
             reject_unknown_keys(child, child_schema, f"{prefix}{key}.")
+
+
+def parse_memory(memory: str) -> Optional[int]:
+    """The segment length ``K`` of ``recompute[:K]`` (1 for ``recompute``), None for ``store``;
+    a :class:`ValueError` saying what is valid otherwise."""
+    kind, _, k = str(memory).partition(":")
+    if kind == "store" and not k:
+        return None
+    if kind == "recompute" and (not k or (k.isdigit() and int(k) >= 1)):
+        return int(k) if k else 1
+    raise ValueError(f"memory must be store, recompute or recompute:K with an integer K >= 1 (steps per "
+                     f"recomputed segment), got {memory!r}")

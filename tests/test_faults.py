@@ -32,7 +32,7 @@ from bilevel.app.checkpoint import load_checkpoint
 from bilevel.app.config import register_configs, typed_config
 from bilevel.errors import ConfigError, CorruptFileError, NonFiniteError, ResumeError, RunDirectoryBusy, StorageError
 from bilevel.files import FileLock, save_checked
-from bilevel.execution.memory import check_meta_step_memory
+from bilevel.execution.memory import memory_plans
 from bilevel.primitives.models import build_model
 from bilevel.app.tb import event_files
 from bilevel.app.train import train
@@ -446,8 +446,7 @@ def test_memory_estimate_admits_the_default_runs(preset):
         cfg = typed_config(compose("train", overrides=[f"algorithm={preset}"]))
     model = build_model(cfg.model, (1, 28, 28), cfg.data.ways)
     algorithm = engine.build_algorithm(cfg.algorithm, model)
-    check_meta_step_memory(model, (1, 28, 28), cfg, algorithm.config, algorithm.train_steps, torch.device("cpu"),
-                           torch.float32)
+    assert memory_plans(model, (1, 28, 28), cfg, algorithm, torch.device("cpu"), torch.float32)
 
 
 def test_cli_prints_a_config_error_without_traceback_and_exits_2(tmp_path, cache):

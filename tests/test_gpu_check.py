@@ -20,7 +20,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "passed" in (tmp_path / "precision_cpu_quick.log").read_text()
     for name in ("meta_step_cpu_quick", "meta_step_cpu_quick_tf32", "meta_step_cpu_quick_cudnn_benchmark",
-                 "decomposition_cost_cpu_quick", "precision_cpu_quick"):
+                 "decomposition_cost_cpu_quick", "precision_cpu_quick", "memory_cpu_quick"):
         result = json.loads((tmp_path / f"{name}.json").read_text())
         assert result["rows"], name
     grid = json.loads((tmp_path / "meta_step_cpu_quick.json").read_text())

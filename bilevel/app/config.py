@@ -23,6 +23,7 @@ from bilevel.execution.mapping import EXECUTIONS
 from bilevel.app.head_policy import HEAD_INITS, HEAD_POLICIES, algorithm_policy
 from bilevel.primitives.models import MODELS, ModelConfig
 from bilevel.primitives.precision import PRECISIONS
+from bilevel.primitives.resnet12 import POOLS
 from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_declared, reject_unknown_keys
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -88,12 +89,14 @@ class TrainLoopConfig:
     ``resume``: ``auto`` continues the directory's checkpoint when its trajectory keys match
     (else starts a new run), ``true`` requires a checkpoint, ``force`` also lets
     ``steps`` and the logging cadence change, ``false`` refuses a directory that holds one
-    (:mod:`bilevel.app.resume`)."""
+    (:mod:`bilevel.app.resume`). ``memory_gb``: the memory one meta-step may take (null: what the
+    device has available less a margin); ``execution``/``memory`` set to ``auto`` pick the fastest
+    combination that fits, and a configuration that fits none is refused (:mod:`bilevel.execution.memory`)."""
 
     checks: ClassVar[dict[str, Check]] = {
         "steps": AT_LEAST_1, "meta_batch": AT_LEAST_1, "lr": POSITIVE, "eval_every": AT_LEAST_1,
         "log_every": AT_LEAST_1, "decompose_every": NON_NEGATIVE, "image_every": NON_NEGATIVE,
-        "checkpoint_every": AT_LEAST_1, "resume": OneOf(RESUME_MODES),
+        "checkpoint_every": AT_LEAST_1, "resume": OneOf(RESUME_MODES), "memory_gb": POSITIVE,
     }
 
     steps: int = 400
@@ -105,6 +108,7 @@ class TrainLoopConfig:
     image_every: int = 200
     checkpoint_every: int = 100
     resume: str = "auto"
+    memory_gb: Optional[float] = None
 
 
 @dataclass
@@ -154,7 +158,8 @@ class DistConfig:
 
 @dataclass
 class TrainConfig:
-    """A training run. ``device`` auto|cpu|cuda; ``execution`` auto|vmap|loop|shared;
+    """A training run. ``device`` auto|cpu|cuda; ``execution`` auto|vmap|loop|shared; ``memory``
+    store|recompute|recompute:K|auto (:mod:`bilevel.hypergrad.recompute`; checked by the algorithm);
     ``precision`` fp32|bf16|fp16: 16-bit derivative kernels in the encoder under float32 values and
     parameters (:mod:`bilevel.primitives.precision`; needs ``dtype=float32``; fp16 adds a dynamic
     loss scale, :mod:`bilevel.app.loss_scale`).
@@ -163,7 +168,7 @@ class TrainConfig:
     checks: ClassVar[dict[str, Check]] = {
         "seed": NON_NEGATIVE, "device": OneOf(DEVICES), "dtype": OneOf(DTYPES), "execution": OneOf(EXECUTIONS),
         "precision": OneOf(PRECISIONS), "model.name": OneOf(MODELS), "model.channels": AT_LEAST_1, "model.hidden": AT_LEAST_1,
-        "model.layers": AT_LEAST_1,
+        "model.layers": AT_LEAST_1, "model.pool": OneOf(POOLS),
     }
 
     algorithm: Any = field(default_factory=lambda: {"name": "maml"})
@@ -181,6 +186,7 @@ class TrainConfig:
     dtype: str = "float32"
     precision: str = "fp32"
     execution: str = "auto"
+    memory: str = "store"
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Settling a run's execution path once, deterministically, and saying why.
 
-The path is, in order: the one set in the config (``execution=loop``); the one recorded in
-the checkpoint being resumed (a run never changes path); the only one the algorithm offers;
-the fastest in the measurement cached for this machine and configuration; else the fastest
-when measured now. A measurement (:func:`measure_paths`) runs on a batch of its own sampler
+The path — with the memory strategy (``memory``: :mod:`bilevel.hypergrad.recompute`), among
+the combinations that fit the memory budget (:func:`bilevel.execution.memory.memory_plans`) — is,
+in order: the one set in the config (``execution=loop``, ``memory=store``); the one recorded in
+the checkpoint being resumed (a run never changes path or strategy); the only one the algorithm
+offers or the budget admits; the fastest in the measurement cached for this machine and
+configuration; else the fastest when measured now. A measurement (:func:`measure_paths`) runs on a batch of its own sampler
 and restores the algorithm's state and the global random state afterwards, so it consumes
 none of the run's draws; it is cached in ``execution.json`` under the cache directory
 (:func:`bilevel.files.cache_dir`), keyed by the machine (host, processor or GPU, torch
@@ -50,25 +52,38 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ExecutionChoice:
-    """The path a run takes and, in one plain sentence, why; when it came from the cache, the
-    cached seconds per meta-step of that path and the cache key (for :class:`PathCheck`)."""
+    """The path and memory strategy a run takes and, in plain words, why; when it came from the
+    cache, the cached seconds per meta-step of that way and the cache key (for :class:`PathCheck`)."""
 
     path: str
     reason: str
+    memory: str = "store"
     cached_s: Optional[float] = None
     key: Optional[str] = None
 
 
-def measure_paths(algorithm: BilevelAlgorithm, params: Params, batch: TaskBatch, device: torch.device) -> dict[str, float]:
-    """Seconds per meta-step of each of ``algorithm.executions`` on ``batch``; the algorithm's
-    state (e.g. a noise generator) and the global random state are restored."""
-    state, rng = copy.deepcopy(algorithm.state_dict()), global_rng_state()
+Way = tuple[str, str]
+"""A way to run the meta-step: ``(execution path, memory strategy)``."""
 
-    def attempt(mode: str) -> None:
-        algorithm.with_execution(mode).meta_grad(params, batch)
+
+def way_label(way: Way, ways: Sequence[Way]) -> str:
+    """``loop`` when every candidate holds memory the same way, else ``loop/recompute``."""
+    return way[0] if len({m for _, m in ways}) == 1 else f"{way[0]}/{way[1]}"
+
+
+def measure_paths(algorithm: BilevelAlgorithm, params: Params, batch: TaskBatch, device: torch.device,
+                  ways: Sequence[Way]) -> dict[str, float]:
+    """Seconds per meta-step of each of ``ways`` on ``batch``, keyed by :func:`way_label`; the
+    algorithm's state (e.g. a noise generator) and the global random state are restored."""
+    state, rng = copy.deepcopy(algorithm.state_dict()), global_rng_state()
+    by_label = {way_label(w, ways): w for w in ways}
+
+    def attempt(label: str) -> None:
+        path, memory = by_label[label]
+        algorithm.with_execution(path).with_memory(memory).meta_grad(params, batch)
 
     try:
-        return choose_execution(attempt, algorithm.executions, device)[1]
+        return choose_execution(attempt, list(by_label), device)[1]
     finally:
         algorithm.load_state_dict(state)
         set_global_rng_state(rng)
@@ -110,10 +125,13 @@ def _read_cache(path: Path) -> dict[str, Any]:
     return cache
 
 
-def _usable(entry: Any, available: Sequence[str]) -> bool:
-    """A cache entry names an available path and holds its time in seconds."""
-    return (isinstance(entry, dict) and entry.get("path") in available and isinstance(entry.get("seconds"), dict)
-            and isinstance(entry["seconds"].get(entry["path"]), (int, float)))
+def _cached_way(entry: Any, ways: Sequence[Way]) -> Optional[tuple[Way, float]]:
+    """The way a cache entry names, when it is one of ``ways`` and holds its time in seconds."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("seconds"), dict):
+        return None
+    way = (entry.get("path"), entry.get("memory", "store"))
+    seconds = entry["seconds"].get(way_label(way, ways)) if way in ways else None
+    return (way, float(seconds)) if isinstance(seconds, (int, float)) else None
 
 
 def _load() -> str:
@@ -144,35 +162,48 @@ def _timings(timings: dict[str, float]) -> str:
     return ", ".join(f"{m} {t * 1e3:.1f} ms" for m, t in sorted(timings.items(), key=lambda kv: kv[1]))
 
 
-def settle_execution(requested: str, available: Sequence[str], recorded: Optional[str], key: str,
-                     measure: Callable[[], dict[str, float]]) -> ExecutionChoice:
-    """The run's path and why, in plain words (see the module docstring); ``measure`` runs only
-    on a cache miss."""
+def memory_words(memory: str) -> str:
+    """What ``memory`` holds for the backward, in words."""
+    if memory == "store":
+        return "the backward holds every inner step's activations (memory=store)"
+    return f"the backward re-runs the inner steps a segment at a time instead of holding them (memory={memory})"
 
-    def chose(path: str, why: str) -> ExecutionChoice:
-        return ExecutionChoice(path, f"tasks run {PATHS_IN_WORDS.get(path, path)} (execution={path}): {why}")
 
-    if requested != "auto":
+def settle_execution(requested: Way, ways: Sequence[Way], recorded: Optional[Way], key: str,
+                     measure: Callable[[], dict[str, float]], budget: str = "") -> ExecutionChoice:
+    """The run's path and memory strategy and why, in plain words (see the module docstring):
+    ``requested`` is the config's ``(execution, memory)``, ``ways`` the combinations allowed that
+    fit the memory budget (``budget``: how it was set and what fitted, in words); ``measure``
+    times ``ways`` (keyed by :func:`way_label`) and runs only on a cache miss."""
+
+    def chose(way: Way, why: str, cached_s: Optional[float] = None) -> ExecutionChoice:
+        path, memory = way
+        return ExecutionChoice(path, f"tasks run {PATHS_IN_WORDS.get(path, path)} (execution={path}): {why}; "
+                                     f"{memory_words(memory)}{budget}", memory, cached_s,
+                               None if cached_s is None else key)
+
+    if "auto" not in requested:
         return chose(requested, "as set in the config")
     if recorded is not None:
         return chose(recorded, "as in the checkpoint being resumed (a run never changes how it runs its tasks)")
-    if len(available) == 1:
-        return chose(available[0], "the only way this algorithm offers with this configuration")
+    if len(ways) == 1:
+        return chose(ways[0], "the only way this algorithm offers with this configuration and memory budget")
     path = cache_dir() / CACHE_FILE
     entry = _read_cache(path).get(key)
-    if _usable(entry, available):
+    cached = _cached_way(entry, ways)
+    if cached is not None:
         under = f" under {entry['load']}" if isinstance(entry.get("load"), str) else ""
-        found = chose(entry["path"], f"the faster way on this machine for this configuration, as measured once "
-                                     f"before{under} ({_timings(entry['seconds'])} per step; measured again when a "
-                                     f"run's steps disagree with it by more than {DISAGREEMENT:g}x, or when {path} "
-                                     f"is deleted)")
-        return ExecutionChoice(found.path, found.reason, float(entry["seconds"][entry["path"]]), key)
+        return chose(cached[0], f"the faster way on this machine for this configuration, as measured once "
+                                f"before{under} ({_timings(entry['seconds'])} per step; measured again when a "
+                                f"run's steps disagree with it by more than {DISAGREEMENT:g}x, or when {path} "
+                                f"is deleted)", cached[1])
     timings = measure()
-    fastest = min(timings, key=timings.__getitem__)
+    labels = {way_label(w, ways): w for w in ways}
+    fastest = labels[min(timings, key=timings.__getitem__)]
     load = _load()
     with FileLock(path.with_name(path.name + ".lock")):
         cache = _read_cache(path)
-        cache[key] = {"path": fastest, "seconds": timings, "load": load}
+        cache[key] = {"path": fastest[0], "memory": fastest[1], "seconds": timings, "load": load}
         atomic_write_text(json.dumps(cache, indent=1, sort_keys=True), path)
     return chose(fastest, f"the faster way on this machine for this configuration, measured now under {load} on a "
                           f"batch of its own ({_timings(timings)} per step) and kept for later runs in {path}")

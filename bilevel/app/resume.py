@@ -29,12 +29,12 @@ FORCEABLE = ("train.steps", "train.eval_every", "train.log_every", "train.image_
 """Keys that may change with ``train.resume=force`` (exact keys, or prefixes ending in '.').
 ``train.decompose_every`` is not among them: with an ablation, decomposition steps take the
 encoder's update from the decomposition, so that cadence is part of the trajectory."""
-NOT_COMPARED = ("train.resume", "dist.", "study.")
-"""Keys that are not part of the run: how it is resumed, how its processes talk, and the study's
-declared comparisons (what the report tests, not what the run computes). The number
+NOT_COMPARED = ("train.resume", "dist.", "study.", "train.memory_gb")
+"""Keys that are not part of the run: how it is resumed, how its processes talk, the memory budget,
+and the study's declared comparisons (what the report tests, not what the run computes). The number
 of processes is not in the fingerprint either: a run may resume on another world size
-(``docs/distributed.md``)."""
-RESOLVED = ("execution", "device")
+(``docs/distributed.md``). ``train.memory_gb`` only chose the memory strategy, which is recorded."""
+RESOLVED = ("execution", "device", "memory")
 """Config keys replaced in the fingerprint by what they resolved to."""
 
 
@@ -47,11 +47,16 @@ def code_version() -> dict[str, str]:
     return {"bilevel": bilevel_version, "torch": torch.__version__}
 
 
-def fingerprint(cfg: DictConfig, execution: str, device: torch.device) -> dict[str, Any]:
-    """The flattened record of everything that determines the run (see the module docstring)."""
+def fingerprint(cfg: DictConfig, execution: str, device: torch.device, memory: Optional[str] = None) -> dict[str, Any]:
+    """The flattened record of everything that determines the run (see the module docstring);
+    the memory strategy (``memory``, default the config's) only when it is not ``store``, so
+    that checkpoints written before the key existed resume."""
     flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
             if not _matches(k, NOT_COMPARED + RESOLVED)}
     flat.update({"execution": execution, "device": device.type})
+    memory = memory or cfg.get("memory", "store")
+    if memory != "store":
+        flat["memory"] = memory
     flat.update({f"code.{k}": v for k, v in code_version().items()})
     return flat
 

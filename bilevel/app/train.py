@@ -67,7 +67,7 @@ from bilevel.app.execution_choice import ExecutionChoice, PathCheck, cache_key, 
 from bilevel.app.finite import FiniteGuard, step_tensors
 from bilevel.app.head_policy import before_outer_step, initialise_head
 from bilevel.app.loss_scale import DynamicLossScale
-from bilevel.execution.memory import check_meta_step_memory
+from bilevel.execution.memory import MemoryPlan, budget_words, memory_plans
 from bilevel.primitives.models import BilevelModel, build_model
 from bilevel.app.naming import Naming, hydra_naming
 from bilevel.primitives.head import row_spread
@@ -120,6 +120,7 @@ class Run:
     structural: dict[str, str]
     warnings: list[str]
     replicas: Replicas
+    plans: list[MemoryPlan]
     loss_scale: Optional[DynamicLossScale] = None
 
 
@@ -158,8 +159,15 @@ def setup(cfg: Any) -> Run:
         check_model(cfg, shape, device, dtype)
         model = build_model(cfg.model, shape, cfg.data.ways)
         algorithm = build_algorithm(cfg.algorithm, model)
-        check_meta_step_memory(model, shape, cfg, algorithm.config, algorithm.train_steps, device, dtype,
-                               tasks_in_memory(launch, cfg.train.meta_batch, device))
+        if cfg.execution not in ("auto",) + tuple(algorithm.executions):
+            raise ConfigError(
+                f"execution={cfg.execution} is not available for algorithm {algorithm.name!r} with this "
+                f"configuration; available: {', '.join(algorithm.executions)} (or auto)"
+            )
+        if cfg.memory != "auto":
+            algorithm = algorithm.with_memory(cfg.memory)
+        plans = memory_plans(model, shape, cfg, algorithm, device, dtype,
+                             tasks_in_memory(launch, cfg.train.meta_batch, device))
         model.to(device=device, dtype=dtype)
         params = model.init_params()
         initialise_head(params, cfg.head.policy, cfg.head.scale, cfg.head.init)
@@ -168,11 +176,6 @@ def setup(cfg: Any) -> Run:
         ablation = resolve_ablation(
             None if cfg.ablation.keep is None else list(cfg.ablation.keep), list(cfg.ablation.drop), algorithm
         )
-        if cfg.execution not in ("auto",) + tuple(algorithm.executions):
-            raise ConfigError(
-                f"execution={cfg.execution} is not available for algorithm {algorithm.name!r} with this "
-                f"configuration; available: {', '.join(algorithm.executions)} (or auto)"
-            )
         headline = headline_step(algorithm, cfg.eval.headline_step)
     except (ValueError, FileNotFoundError) as err:
         raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from err
@@ -180,20 +183,24 @@ def setup(cfg: Any) -> Run:
     warnings = [w for w in [idle_ablation_warning(ablation, algorithm, zeros, cfg.ablation.name),
                             precision_warning(cfg.precision, algorithm.name, device)] if w]
     return Run(cfg, device, dtype, model, params, algorithm, ablation, sampler, evals, tests, headline, zeros,
-               warnings, replicas, DynamicLossScale() if cfg.precision == "fp16" else None)
+               warnings, replicas, plans, DynamicLossScale() if cfg.precision == "fp16" else None)
 
 
-def settle_path(run: Run, recorded: Optional[str]) -> ExecutionChoice:
-    """The run's execution path (:func:`~bilevel.app.execution_choice.settle_execution`); a
-    measurement draws its batch from a sampler of its own."""
+def settle_path(run: Run, recorded: Optional[tuple[str, str]]) -> ExecutionChoice:
+    """The run's execution path and memory strategy among those that fit
+    (:func:`~bilevel.app.execution_choice.settle_execution`); a measurement draws its batch from a
+    sampler of its own."""
     cfg, algorithm = run.cfg, run.algorithm
+    ways = [(p.path, p.memory) for p in run.plans]
 
     def measure() -> dict[str, float]:
         batch = run.sampler.fork(cfg.seed + TRIAL_SEED_OFFSET).sample().to(run.device, run.dtype)
-        return measure_paths(algorithm, run.params, batch, run.device)
+        return measure_paths(algorithm, run.params, batch, run.device, ways)
 
-    key = cache_key(run.device, {**fingerprint(cfg, "auto", run.device), "processes": run.replicas.launch.world})
-    return settle_execution(cfg.execution, algorithm.executions, recorded, key, measure)
+    key = cache_key(run.device, {**fingerprint(cfg, "auto", run.device), "processes": run.replicas.launch.world,
+                                 "ways": ways})
+    budget = budget_words(run.plans, cfg.train.memory_gb, run.device)
+    return settle_execution((cfg.execution, cfg.memory), ways, recorded, key, measure, budget)
 
 
 def run_state(run: Run, optimizer: torch.optim.Optimizer, step: int, execution: str) -> dict[str, Any]:
@@ -202,7 +209,7 @@ def run_state(run: Run, optimizer: torch.optim.Optimizer, step: int, execution: 
     return {
         "step": step, "params": run.params, "optimizer": optimizer.state_dict(),
         "algorithm": run.algorithm.state_dict(), "sampler": run.sampler.state_dict(), "rng": global_rng_state(),
-        "execution": execution, "config": OmegaConf.to_container(run.cfg, resolve=True),
+        "execution": execution, "memory": run.cfg.memory, "config": OmegaConf.to_container(run.cfg, resolve=True),
         "fingerprint": fingerprint(run.cfg, execution, run.device), "time": time.time(),
         "eval_batches": run.eval_tasks.batches,
         "loss_scale": None if run.loss_scale is None else run.loss_scale.state_dict(),
@@ -243,10 +250,10 @@ def begin(run: Run, directory: RunDirectory | Quiet) -> tuple[Found, ExecutionCh
     contract, checked against the fingerprint of that path (:func:`~bilevel.app.resume.check_resume`)."""
     cfg = run.cfg
     found = checkpoint_to_resume(directory.path, cfg.train.resume)
-    choice = settle_path(run, found[1]["execution"] if found else None)
+    choice = settle_path(run, (found[1]["execution"], found[1].get("memory", "store")) if found else None)
     if found:
-        check_resume(found[0], found[1]["step"], found[1]["fingerprint"], fingerprint(cfg, choice.path, run.device),
-                     cfg.train.resume)
+        check_resume(found[0], found[1]["step"], found[1]["fingerprint"],
+                     fingerprint(cfg, choice.path, run.device, choice.memory), cfg.train.resume)
     return found, choice
 
 
@@ -266,8 +273,8 @@ def open_run(run: Run, directory: RunDirectory | Quiet, choice: ExecutionChoice,
     what the run is, and open its TensorBoard logger (a :class:`~bilevel.app.distributed.Quiet` on a
     rank that does not write), which records the execution path and why."""
     cfg = run.cfg
-    run.algorithm = run.algorithm.with_execution(choice.path)
-    cfg.execution = choice.path
+    run.algorithm = run.algorithm.with_execution(choice.path).with_memory(choice.memory)
+    cfg.execution, cfg.memory = choice.path, choice.memory
     directory.begin(OmegaConf.to_yaml(cfg), note=choice.reason)
     log.info(f"training {run_title(cfg, run.algorithm)} for {cfg.train.steps} outer steps in "
              f"{directory.path.resolve()}")

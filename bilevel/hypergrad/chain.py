@@ -168,6 +168,7 @@ class ChainAlgorithm(BilevelAlgorithm):
 
     Config = ChainConfig
     executions = ("vmap", "loop")
+    memories = ("store", "recompute")
 
     def __init__(self, model: BilevelModel, config: Any, execution: Optional[str] = None) -> None:
         if config.batches not in BATCHES:
@@ -204,7 +205,7 @@ class ChainAlgorithm(BilevelAlgorithm):
         def task(p, xs, ys, xq, yq, *draws, want: Want) -> TaskResult:
             n = dict(zip(keys, draws)) if keys else None
             x, y = chain_batch(xs, ys, xq, yq, self.config.batches)
-            result = run_chain(self.model, p, x, y, spec, n, record=bool(want.terms))
+            result = run_chain(self.model, p, x, y, spec, n, record=bool(want.terms), recompute=self.segment is not None)
             out = TaskResult(result.loss, result.accuracy, grad=result.direction)
             if not want.terms:
                 return out

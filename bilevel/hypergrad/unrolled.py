@@ -32,13 +32,14 @@ from bilevel.data.batch import TaskBatch
 from bilevel.decomposition.cotangents import Nodes
 from bilevel.execution.mapping import map_meta_steps, map_tasks
 from bilevel.primitives.head import init_head, readout
+from bilevel.hypergrad.recompute import Steps, autograd_vjp, recompute_vjp
 from bilevel.hypergrad.rows import Forward, node_rows
 from bilevel.decomposition.assembly import assemble, mean_over_tasks
 from bilevel.decomposition.step import MetaStep, TaskResult, Want
 from bilevel.solvers.sgd import ADAPTED_SETS, InnerResult, autograd_pullbacks, sgd_steps
 from bilevel.primitives.losses import accuracy, cross_entropy
 from bilevel.primitives.precision import loss_scales, unscale
-from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part
+from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, with_encoder
 
 ORDERS = ("second_order", "first_order")
 
@@ -87,6 +88,15 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         return "loop"
 
     @property
+    def memories(self) -> tuple[str, ...]:
+        """``recompute`` restarts each step from its fast parameters and head state, which
+        momentum's velocity would have to join: offered for momentum-free loops."""
+        return ("store", "recompute") if self.config.inner_momentum == 0 else ("store",)
+
+    def memory_note(self) -> str:
+        return "memory=recompute needs algorithm.inner_momentum=0" if self.config.inner_momentum else ""
+
+    @property
     def first_order(self) -> bool:
         return self.config.order == "first_order"
 
@@ -132,6 +142,8 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         if self.config.adapt == "head":
             encode = lambda e: (self.model.encode(e, xs), self.model.encode(e, xq))  # noqa: E731
             return self._head_task(params, encode, self._head_forward(ys, yq, None), yq, want, tasks=1)
+        if self.segment is not None:
+            return self._recompute_task(params, xs, ys, xq, yq, want)
 
         def forward(p: Params):
             inner = self.inner_loop(p, xs, ys)
@@ -145,6 +157,44 @@ class UnrolledAlgorithm(BilevelAlgorithm):
         (loss, nodes), pullback, (logits, trace, path) = vjp(forward, params, has_aux=True)
         adaptation = None
         if not self.first_order and want.terms:
+            adaptation = partial(self._adaptation, terms=want.terms, path=path, xs=xs, xq=xq)
+        forward_ = Forward(loss, logits, yq, nodes, trace, lambda c: pullback(c)[0])
+        return node_rows(forward_, want, plain=self._plain_row(want), sequential=self.execution == "loop",
+                         adaptation=adaptation)
+
+    def _steps(self, xs, ys, xq, yq) -> Steps:
+        """The full-network inner loop split at its steps: the carry is ``(θ_t, head state)``; a
+        step is :meth:`inner_loop` restarted there for one step (momentum-free loops only)."""
+
+        def init(p: Params):
+            return encoder_part(p), init_head(p[HEAD_WEIGHT], p[HEAD_BIAS])
+
+        def step(carry, p: Params, first_order: bool | None = None):
+            inner = self.inner_loop(with_encoder(p, carry[0]), xs, ys, head=carry[1], steps=1, first_order=first_order)
+            return inner.encoder, inner.head
+
+        def final(carry, p: Params):
+            phi_q = self.model.encode(carry[0], xq)
+            logits = readout(phi_q, carry[1].weight, carry[1].bias)
+            return (cross_entropy(logits, yq), Nodes.of(carry[1].trace, phi_q)), (logits, carry[1].trace)
+
+        return Steps(init, step, partial(step, first_order=True), final, self.config.inner_steps)
+
+    def _recompute_task(self, params: Params, xs, ys, xq, yq, want: Want) -> TaskResult:
+        """:meth:`_task` under ``memory=recompute[:K]`` (:mod:`bilevel.hypergrad.recompute`): the
+        same rows from a pullback that re-runs the inner steps segment by segment."""
+        steps = self._steps(xs, ys, xq, yq)
+        if self._on_autograd(want):
+            with autograd_pullbacks():
+                (loss, nodes), pullback, (logits, _), _ = recompute_vjp(steps, params, self.segment, autograd_vjp)
+                (grad,) = pullback((torch.ones_like(loss), nodes.zeros()))
+            return TaskResult(loss.detach(), accuracy(logits, yq).mean(), grad=grad)
+        diagnose = bool(want.terms) and not self.first_order
+        (loss, nodes), pullback, (logits, trace), carries = recompute_vjp(steps, params, self.segment,
+                                                                           keep_every=diagnose)
+        adaptation = None
+        if diagnose:
+            path = tuple(carry[0] for carry in carries)
             adaptation = partial(self._adaptation, terms=want.terms, path=path, xs=xs, xq=xq)
         forward_ = Forward(loss, logits, yq, nodes, trace, lambda c: pullback(c)[0])
         return node_rows(forward_, want, plain=self._plain_row(want), sequential=self.execution == "loop",

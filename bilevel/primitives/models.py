@@ -1,17 +1,16 @@
 """Models: an encoder ``φ_θ`` plus a linear head ``z = W φ + b``, called functionally.
 
-BatchNorm always uses batch statistics (no running buffers), as MAML does. A *layout*
-``((groups, size), ...)`` tells every BatchNorm layer how the batch is made of
-independent sets: the batch is cut into consecutive segments of ``groups * size``
-samples, each viewed as ``[groups, size, ...]``, and statistics are taken per group.
-With ``layout=None`` the whole batch is one set. This lets the shared-encoder path
-forward the support and query sets of every task in one batch while keeping per-task,
-per-set statistics exactly as if each set had been forwarded alone.
+Built-in encoders: ``conv4`` / ``conv4_mini`` (:class:`Conv4`), ``resnet12``
+(:mod:`bilevel.primitives.resnet12`) and ``mlp``; ``custom`` instantiates any ``nn.Module``
+named by its import path (:mod:`bilevel.primitives.custom`). Every BatchNorm uses the
+statistics of the set being forwarded, per task and per set, never running statistics
+(:mod:`bilevel.primitives.batchnorm`: the layout, and the rule for a user's encoder).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -19,41 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
+from bilevel.primitives.batchnorm import Layout, SetBatchNorm, forwarding_layout, with_set_statistics
+from bilevel.primitives.custom import import_encoder
 from bilevel.primitives.params import Params
-from bilevel.primitives.pooling import max_pool2x2
+from bilevel.primitives.pooling import pool2x2
 from bilevel.primitives.precision import mixed_op
-
-Layout = Optional[Sequence[tuple[int, int]]]
-
-class SetBatchNorm(nn.Module):
-    """BatchNorm with batch statistics computed per set of the layout (biased variance).
-
-    A layout ``[(g, n), …]`` splits the batch into segments of ``g`` sets of ``n`` rows;
-    every set is normalised by its own statistics. Each segment runs as one native
-    ``batch_norm`` (fused forward, backward and double backward) with its sets folded into
-    the channel axis: ``[g·n, C, …] → [n, g·C, …]``.
-    """
-
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
-        segments = [(1, x.shape[0])] if layout is None else list(layout)
-        parts = x.split([g * n for g, n in segments]) if len(segments) > 1 else (x,)
-        outs = [self._normalise(part, groups, size) for (groups, size), part in zip(segments, parts)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-    def _normalise(self, part: Tensor, groups: int, size: int) -> Tensor:
-        if groups == 1:
-            return F.batch_norm(part, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        rest = part.shape[1:]
-        folded = part.reshape(groups, size, *rest).transpose(0, 1).reshape(size, groups * rest[0], *rest[1:])
-        normed = F.batch_norm(folded, None, None, self.weight.repeat(groups), self.bias.repeat(groups),
-                              True, 0.0, self.eps)
-        return normed.reshape(size, groups, *rest).transpose(0, 1).reshape(part.shape)
+from bilevel.primitives.resnet12 import MIN_SIDE, ResNet12
 
 
 def _conv3x3(x: Tensor, weight: Tensor) -> Tensor:
@@ -66,7 +36,7 @@ class ConvBlock(nn.Module):
 
     Pooling before the ReLU is exact (ReLU is monotone, so ``pool(relu(x)) = relu(pool(x))``,
     gradients included) and rectifies 4× fewer values. On CPU the pool is
-    :func:`max_pool2x2` (same values, indices and gradients as ``F.max_pool2d``, faster).
+    :func:`~bilevel.primitives.pooling.max_pool2x2` (same values, indices and gradients as ``F.max_pool2d``, faster).
     The layout stays ``NCHW`` everywhere: CPU ``batch_norm`` on channels-last tensors is faster
     but far less accurate in float32 (measurements: ``docs/performance.md``).
     """
@@ -88,9 +58,7 @@ class ConvBlock(nn.Module):
         return mixed_op(_conv3x3, x, self.conv.weight) + self.conv.bias[:, None, None]
 
     def forward(self, x: Tensor, layout: Layout = None) -> Tensor:
-        y = self.norm(self._convolve(x), layout)
-        pooled = max_pool2x2(y) if y.device.type == "cpu" else F.max_pool2d(y, 2)
-        return F.relu(pooled)
+        return F.relu(pool2x2(self.norm(self._convolve(x), layout)))
 
 
 class Conv4(nn.Module):
@@ -123,59 +91,121 @@ class MLP(nn.Module):
 
 
 class BilevelModel(nn.Module):
-    """``encoder`` + linear ``head`` with ``ways`` outputs; parameters are used functionally."""
+    """``encoder`` + linear ``head`` with ``ways`` outputs; parameters are used functionally.
+
+    ``encoder``: any ``nn.Module`` mapping a batch of inputs ``[n, ...]`` to features
+    ``[n, feature_dim]``. Its ``torch.nn`` BatchNorm layers are replaced in place by per-set
+    BatchNorm (:func:`~bilevel.primitives.batchnorm.with_set_statistics`), and the model is put in
+    ``eval()`` mode, so that stochastic layers such as dropout are off: a meta-gradient is a
+    deterministic function of the parameters and the batch (BatchNorm ignores the mode). An
+    encoder whose ``forward`` takes a ``layout`` argument receives the layout; any other gets it
+    through :func:`~bilevel.primitives.batchnorm.forwarding_layout`. :meth:`from_encoder` finds
+    ``feature_dim`` by one dry forward.
+    """
 
     def __init__(self, encoder: nn.Module, feature_dim: int, ways: int) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder = with_set_statistics(encoder)
         self.head = nn.Linear(feature_dim, ways)
         self.feature_dim = feature_dim
         self.ways = ways
+        self.takes_layout = "layout" in inspect.signature(self.encoder.forward).parameters
+        self.eval()
+
+    @classmethod
+    def from_encoder(cls, encoder: nn.Module, input_shape: tuple[int, ...], ways: int) -> "BilevelModel":
+        """The model on ``encoder`` for inputs of ``input_shape`` (without the batch dim), its
+        feature size found by one dry forward (:func:`feature_size`)."""
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"the encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+        encoder = with_set_statistics(encoder).eval()
+        return cls(encoder, feature_size(encoder, input_shape), ways)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits with the module's own parameters (used by oracles such as ``higher``)."""
         return self.head(self.encoder(x))
 
     def encode(self, encoder_params: Params, x: Tensor, layout: Layout = None) -> Tensor:
-        """``φ_θ(x)``: features ``[n, d]`` for images ``[n, ...]`` (``encoder_params`` un-prefixed)."""
-        return functional_call(self.encoder, encoder_params, (x, layout))
+        """``φ_θ(x)``: features ``[n, d]`` for inputs ``[n, ...]`` (``encoder_params`` un-prefixed),
+        BatchNorm statistics per set of ``layout`` (None: the whole batch is one set)."""
+        if self.takes_layout:
+            return functional_call(self.encoder, encoder_params, (x, layout))
+        with forwarding_layout(layout):
+            return functional_call(self.encoder, encoder_params, (x,))
 
     def init_params(self) -> Params:
         """A fresh copy of the module's parameters as a detached dict."""
         return {k: v.detach().clone() for k, v in self.named_parameters()}
 
 
+def feature_size(encoder: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """``d`` of the encoder's ``[n, d]`` output, from one dry forward of two zero inputs."""
+    parameter = next(encoder.parameters(), None)
+    probe = torch.zeros(2, *input_shape, dtype=torch.get_default_dtype() if parameter is None else parameter.dtype)
+    try:
+        with torch.no_grad():
+            out = encoder(probe)
+    except Exception as err:
+        raise ValueError(f"the encoder {type(encoder).__name__} failed on a dry forward of inputs of shape "
+                         f"{tuple(input_shape)}: {type(err).__name__}: {err}") from err
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 2:
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"the encoder {type(encoder).__name__} must map inputs [n, {', '.join(map(str, input_shape))}] "
+                         f"to features [n, d], but gave {got} for n=2; end it with nn.Flatten() or a pooling to [n, d]")
+    return out.shape[1]
+
+
 @dataclass
 class ModelConfig:
-    """Model choice. ``channels`` = conv width (default 64 for conv4, 32 for conv4_mini);
-    ``hidden``/``layers`` = MLP width and depth."""
+    """Model choice. ``channels``: conv width (default 64 for conv4, 32 for conv4_mini) or ResNet-12
+    base width ``c`` (blocks ``c``, ``2.5c``, ``5c``, ``10c``; default 64); ``pool``: ResNet-12's
+    features, ``avg`` or ``flatten``; ``hidden``/``layers``: MLP width and depth; ``target``/``kwargs``:
+    the ``custom`` encoder, ``target(**kwargs)`` for an import path ``package.module.Class``."""
 
     name: str = "conv4"
     channels: Optional[int] = None
     hidden: int = 64
     layers: int = 2
+    pool: str = "avg"
+    target: Optional[str] = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-MODELS = ("conv4", "conv4_mini", "mlp")
+MODELS = ("conv4", "conv4_mini", "resnet12", "mlp", "custom")
+IMAGE_MODELS = {"conv4": 64, "conv4_mini": 32, "resnet12": 64}
+"""Image encoders and their default width."""
+
+
+def _image_encoder(cfg: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module:
+    """Conv-4 or ResNet-12 for image inputs ``[C, H, W]`` of at least ``MIN_SIDE`` pixels a side
+    (four 2×2 poolings)."""
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"model={cfg.name} needs image inputs [C, H, W], got shape {tuple(input_shape)}; "
+            "use model=mlp for vector data (data=synthetic)"
+        )
+    if min(input_shape[1:]) < MIN_SIDE:
+        raise ValueError(
+            f"model={cfg.name} halves the image side four times, so images must be at least {MIN_SIDE}x{MIN_SIDE}; "
+            f"got {input_shape[1]}x{input_shape[2]}: set data.image_size >= {MIN_SIDE}"
+        )
+    channels = cfg.channels or IMAGE_MODELS[cfg.name]
+    if cfg.name == "resnet12":
+        return ResNet12(input_shape[0], channels, cfg.pool)
+    return Conv4(input_shape[0], channels)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], ways: int) -> BilevelModel:
     """Instantiate the model for inputs of ``input_shape`` (without the batch dim)."""
-    if cfg.name in ("conv4", "conv4_mini"):
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"model={cfg.name} needs image inputs [C, H, W], got shape {tuple(input_shape)}; "
-                "use model=mlp for vector data (data=synthetic)"
-            )
-        channels = cfg.channels or (64 if cfg.name == "conv4" else 32)
-        encoder: nn.Module = Conv4(input_shape[0], channels)
+    if cfg.name in IMAGE_MODELS:
+        encoder = _image_encoder(cfg, input_shape)
     elif cfg.name == "mlp":
         features = 1
         for s in input_shape:
             features *= s
         encoder = MLP(features, cfg.hidden, cfg.layers)
+    elif cfg.name == "custom":
+        encoder = import_encoder(cfg.target, dict(cfg.kwargs))
     else:
         raise ValueError(f"unknown model {cfg.name!r}; choose one of {', '.join(MODELS)}")
-    with torch.no_grad():
-        feature_dim = encoder(torch.zeros(2, *input_shape)).shape[1]
-    return BilevelModel(encoder, feature_dim, ways)
+    return BilevelModel.from_encoder(encoder, tuple(input_shape), ways)

@@ -59,3 +59,9 @@ class _MaxPool2x2(Function):
 def max_pool2x2(x: Tensor) -> Tensor:
     """``F.max_pool2d(x, 2)`` for ``x`` of shape ``[..., C, H, W]`` (module docstring)."""
     return _MaxPool2x2.apply(x)[0]
+
+
+def pool2x2(x: Tensor) -> Tensor:
+    """2×2 max-pooling with stride 2: :func:`max_pool2x2` on CPU (faster, same result),
+    ``F.max_pool2d`` elsewhere."""
+    return max_pool2x2(x) if x.device.type == "cpu" else torch.nn.functional.max_pool2d(x, 2)

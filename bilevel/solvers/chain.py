@@ -106,12 +106,13 @@ class ChainResult(NamedTuple):
 
 def run_chain(
     model: BilevelModel, params: Params, x: Tensor, y: Tensor, spec: ChainSpec,
-    noise: Optional[Params] = None, record: bool = False,
+    noise: Optional[Params] = None, record: bool = False, recompute: bool = False,
 ) -> ChainResult:
     """Run the chain of ``spec`` on one task's batch ``(x, y)`` (module docstring).
 
     ``noise`` holds standard normal draws ``[L, *shape]`` for every adapted parameter (required
-    when ``ε > 0``); ``record`` keeps every step for :func:`decompose_chain`.
+    when ``ε > 0``); ``record`` keeps every step for :func:`decompose_chain`, each with its encoder
+    VJP held (the step's activations) or, with ``recompute``, re-run from ``θ'_{ℓ−1}`` when pulled.
     """
     if spec.noise and noise is None:
         raise ValueError("a chain with noise > 0 needs its standard normal draws (noise=...)")
@@ -130,7 +131,8 @@ def run_chain(
     losses, accs, steps = [], [], []
     for l in range(spec.steps):
         if spec.adapt == "all":
-            feats, pull = vjp(lambda e: model.encode(e, x), {k: encoder[k] + disp[k] for k in encoder})
+            point = {k: encoder[k] + disp[k] for k in encoder}
+            feats, pull = vjp(lambda e: model.encode(e, x), point)
         else:
             feats, pull = frozen_features, frozen_pull
         logits = readout(feats, head.weight, head.bias)
@@ -138,7 +140,8 @@ def run_chain(
         losses.append(cross_entropy(logits, y))
         accs.append(accuracy(logits, y))
         if record:
-            steps.append(ChainStep(head, feats, logits, logits_grad, pull))
+            held = _recomputed_pullback(model, point, x) if recompute and spec.adapt == "all" else pull
+            steps.append(ChainStep(head, feats, logits, logits_grad, held))
         cot = logits_grad @ head.weight
         if spec.adapt == "all":
             (grad,) = pull(cot)
@@ -163,6 +166,11 @@ def run_chain(
     direction = with_encoder({HEAD_WEIGHT: -spec.scale * mean_w, HEAD_BIAS: -spec.scale * mean_b}, enc_dir)
     direction = {k: direction[k] for k in params}
     return ChainResult(direction, torch.stack(losses).mean(), torch.stack(accs).mean(), tuple(steps))
+
+
+def _recomputed_pullback(model: BilevelModel, point: Params, x: Tensor) -> Callable:
+    """The VJP of ``φ(·, x)`` at ``point``, its forward re-run at each call (nothing held but ``point``)."""
+    return lambda cotangent: vjp(lambda e: model.encode(e, x), point)[1](cotangent)
 
 
 def chain_batch(support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor, batches: str):
