@@ -96,15 +96,19 @@ def is_run_dir(path: Path) -> bool:
 
 def load_scalars(run_dir: Path) -> dict[str, Curve]:
     """Every scalar of the run's event files (any depth under ``tb/``), one value per step (the
-    last written)."""
+    last written), under the tags the code names them by: a tag of a nested run
+    ``tb/<run>/<nested>/`` is read back with :func:`bilevel.tags.logical`."""
     by_tag: dict[str, dict[int, float]] = {}
+    root = Path(run_dir) / EVENTS_DIR
     for folder in sorted({p.parent for p in event_files(run_dir)}):
+        parts = folder.relative_to(root).parts
+        nested = parts[-1] if len(parts) >= 2 else ""
         acc = event_accumulator.EventAccumulator(
             str(folder), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 1}
         )
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            by_tag.setdefault(tag, {}).update({event.step: event.value for event in acc.Scalars(tag)})
+            by_tag.setdefault(tags.logical(nested, tag), {}).update({e.step: e.value for e in acc.Scalars(tag)})
     out: dict[str, Curve] = {}
     for tag, by_step in by_tag.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
