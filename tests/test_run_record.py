@@ -109,6 +109,7 @@ def test_tensorboard_has_the_layout_descriptions_and_logs_zero_terms_once(tmp_pa
     assert values(tmp_path, "terms/structurally_zero/text_summary")
     assert all(v.simple_value < -5 for _, v in values(tmp_path, "checks/log10_identity"))
     assert [s for s, _ in values(tmp_path, "pairs/weights")] == [1, 5, 7]
+    assert values(tmp_path, "train/loss")[-1][0] == 7  # the last image is numbered like the last scalars
     assert [s for s, _ in values(tmp_path, "eval/accuracy")] == [0, 3, 6, 7]  # the start, every eval_every, the end
     spread = values(tmp_path, "train/head_row_spread")
     assert spread and all(v.simple_value >= 0 for _, v in spread)
