@@ -14,7 +14,7 @@ from torch import Tensor  # noqa: E402
 
 from bilevel.decomposition.record import Decomposition  # noqa: E402
 
-FONTS = {"font.size": 13, "axes.titlesize": 14, "axes.labelsize": 13, "xtick.labelsize": 12, "ytick.labelsize": 12}
+FONTS = {"font.size": 12, "axes.titlesize": 13, "axes.labelsize": 12, "xtick.labelsize": 11, "ytick.labelsize": 11}
 """Font sizes of the figures (matplotlib's default 10 is unreadable at TensorBoard's image size)."""
 
 
@@ -32,7 +32,7 @@ def pair_weight_figure(decomposition: Decomposition, support_y: Tensor, query_y:
     weights = weights[s_order][:, q_order]
     bound = float(weights.abs().max()) or 1.0
     with plt.rc_context(FONTS):
-        fig, ax = plt.subplots(figsize=(7, 4.6))
+        fig, ax = plt.subplots(figsize=(5.4, 3.6))
         im = ax.imshow(weights.numpy(), cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto")
         ax.set_xlabel("query sample (sorted by label)")
         ax.set_ylabel("support sample (sorted by label)")
@@ -56,7 +56,7 @@ def cosine_figure(decomposition: Decomposition, support_y: Tensor, query_y: Tens
     """Query-label × support-label mean cosine similarity of features (mean over tasks)."""
     matrix = class_cosine_matrix(decomposition.feature_cosines.detach(), support_y, query_y, ways)
     with plt.rc_context(FONTS):
-        fig, ax = plt.subplots(figsize=(5.6, 4.6))
+        fig, ax = plt.subplots(figsize=(4.4, 3.6))
         im = ax.imshow(matrix.T.float().cpu().numpy(), cmap="viridis", vmin=-1, vmax=1)
         ax.set_xlabel("support label")
         ax.set_ylabel("query label")

@@ -8,7 +8,8 @@
       zeroed head        ...
     run directory: /abs/outputs/2026-11-30/02-10-11
     log file:      /abs/outputs/2026-11-30/02-10-11/train.log
-    TensorBoard:   tensorboard --logdir /abs/outputs/2026-11-30/02-10-11/tb
+    TensorBoard:   tensorboard --logdir /abs/outputs/2026-11-30/02-10-11/tb  (raw values: open it at ...?smoothing=0)
+    report:        bilevel-report /abs/outputs/2026-11-30/02-10-11  (writes .../report/report.html)
 
 Accuracies are means over the test tasks with the half-width ``1.96 · sd / √n`` of their 95 %
 confidence interval (:func:`bilevel.app.evaluation.ci95`).
@@ -116,6 +117,10 @@ def identity_line(summary: Mapping[str, float], dtype: torch.dtype) -> str:
             f"reconstruction {rebuilt:.1e}: {verdict} (below {bound:.0e} in {str(dtype).removeprefix('torch.')})")
 
 
+RAW_URL = "http://localhost:6006/?smoothing=0"
+"""TensorBoard's address with its smoothing off (its default, 0.6, cannot be set in the event files)."""
+
+
 def run_summary(what: str, start: int, steps: int, evaluation: Evaluation, split: str, ways: int, wall_s: float,
                 eval_s: float, run_dir: Path, log_file: Optional[Path], events_dir: Path, sweep_dir: str = "") -> str:
     """The whole summary (see the module docstring): times are this attempt's (a resumed run
@@ -130,7 +135,8 @@ def run_summary(what: str, start: int, steps: int, evaluation: Evaluation, split
     ]
     if log_file is not None:
         lines.append(f"log file:      {log_file}")
-    lines.append(f"TensorBoard:   tensorboard --logdir {events_dir}")
+    lines.append(f"TensorBoard:   tensorboard --logdir {events_dir}  (raw values: open it at {RAW_URL})")
+    lines.append(f"report:        bilevel-report {run_dir}  (writes {run_dir / 'report' / 'report.html'})")
     if sweep_dir:
         lines.append(f"the sweep:     tensorboard --logdir {sweep_dir}; bilevel-report {sweep_dir}")
     return "\n".join(lines)
