@@ -197,3 +197,12 @@ def test_learning_curve_of_one_seed_draws_its_task_interval(tmp_path, capsys):
     report.main([str(tmp_path / "run")])
     with Image.open(tmp_path / "run" / "report" / "learning_curves.png") as image:
         assert image.format == "PNG"
+
+
+def test_path_timing_is_announced_before_it_starts(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setenv("BILEVEL_CACHE", str(tmp_path / "cache"))  # nothing measured yet
+    train(config("execution=auto", "train.steps=1"), tmp_path / "run", show_progress=False)
+    text = caplog.text
+    assert "timing the ways of running tasks" in text and "measured now" in text
+    assert text.index("timing the ways of running tasks") < text.index("measured now")

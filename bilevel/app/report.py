@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run directories or sweep directories (searched at any depth)")
     parser.add_argument("--out", type=Path, help="figure directory (default: report/ under the first RUN_DIR)")
     parser.add_argument("--markdown", type=Path, metavar="PATH",
-                        help="also write the tables as Markdown (with the study's arms table, which docs/results quotes)")
+                        help="also write the tables as Markdown (with the study's arms table, which "
+                             "docs/results quotes)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the summaries as JSON")
     return parser
 

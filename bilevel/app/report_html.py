@@ -17,8 +17,8 @@ CAPTIONS = {
                            "outer step: at step 0, every train.eval_every steps and at the last step. Several seeds: "
                            "mean and t-based 95 % CI band over seeds; one seed: the run's 95 % CI over its "
                            "validation tasks.",
-    "decomposition_shares.png": "Share ⟨term, total⟩ / ‖total‖² of each term in the encoder meta-gradient, per "
-                                "setting (the shares sum to 1); band: ± sd over seeds.",
+    "decomposition_shares.png": "Share ⟨term, total⟩ / ‖total‖² of each term in the encoder meta-gradient, "
+                                "per setting (the shares sum to 1); band: ± sd over seeds.",
     "feature_cosines.png": "Mean cosine similarity of query and support features of the same class and of "
                            "different classes, per setting; band: ± sd over seeds.",
     "cosine_heatmaps.png": "The cosine probe: class × class feature cosine maps of the meta-parameters on a fixed "
@@ -86,8 +86,9 @@ def report_page(sources: Sequence[Path], markdown: str, figures: Sequence[Path],
     body = [f"<h1>bilevel-report: {html.escape(names)}</h1>",
             *(f'<p class="warning">{html.escape(w)}</p>' for w in warnings),
             markdown_html(markdown), "<h2>Figures</h2>", *map(figure_html, figures)]
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>bilevel-report: '
-            f'{html.escape(names)}</title><style>{STYLE}</style></head><body>\n' + "\n".join(body) + "\n</body></html>\n")
+    head = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>bilevel-report: '
+            f"{html.escape(names)}</title><style>{STYLE}</style></head><body>\n")
+    return head + "\n".join(body) + "\n</body></html>\n"
 
 
 def write_report_html(out: Path, sources: Sequence[Path], markdown: str, figures: Sequence[Path],

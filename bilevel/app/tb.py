@@ -11,8 +11,9 @@ monotone with one point per step; a new run removes the files of attempts that n
 checkpointed.
 
 A term that is exactly zero by construction under the run's configuration
-(:func:`bilevel.decomposition.structural.structural_zeros`) is logged once, at the first step (:data:`FIRST_STEP`), with the reason in its
-description and in the text panel :data:`bilevel.tags.STRUCTURALLY_ZERO`, instead of as a flat line.
+(:func:`bilevel.decomposition.structural.structural_zeros`) is logged once, at the first step
+(:data:`FIRST_STEP`), with the reason in its description and in the text panel
+:data:`bilevel.tags.STRUCTURALLY_ZERO`, instead of as a flat line.
 """
 from __future__ import annotations
 
