@@ -8,6 +8,10 @@ its scalars ``decomp/<term>/<stat>`` and ``decomp/check/<check>``; what is logge
 An evaluation's tags are ``<prefix>/<name>`` for the prefixes :data:`EVAL` and :data:`TEST`
 and their test-time-zeroing variants (:func:`zeroed`); ``metrics.json`` holds the final test's
 tags with ``/`` written ``_`` (:func:`metric_key`).
+
+A chart's lines that must be told apart are written as one tag by nested TensorBoard runs
+(``tb/<run>/term=contrastive/`` writes ``terms/share``): :func:`placement` and :func:`logical`
+map the tags above to where they are written and back.
 """
 from __future__ import annotations
 
@@ -108,3 +112,70 @@ HEADLINE_STEP_METRIC = "test_headline_step"
 def metric_key(tag: str) -> str:
     """The ``metrics.json`` key of a final test tag: ``test/accuracy`` → ``test_accuracy``."""
     return tag.replace("/", "_")
+
+
+# --- where a tag is written: one TensorBoard run per line of a chart
+# A chart whose lines must be told apart (the terms, the test steps, the two checks, same vs
+# different class) draws one tag written by several runs nested in the run's folder,
+# ``tb/<run>/<kind>=<value>/``: TensorBoard gives each its own colour and its name in the run
+# selector. ``placement`` maps a tag above to (sub-run, tag as written); ``logical`` inverts it.
+TERM_RUN, TEST_STEP_RUN, CHECK_RUN, CLASS_RUN = "term", "test_step", "check", "class"
+SHARED_LOG10 = "checks/log10_error"
+PAIR_WEIGHT, FEATURE_COS = "pairs/weight", "features/cos"
+_CLASS_TAGS = {PAIRS_SAME_CLASS: ("same", PAIR_WEIGHT), PAIRS_DIFF_CLASS: ("different", PAIR_WEIGHT),
+               COS_SAME_CLASS: ("same", FEATURE_COS), COS_DIFF_CLASS: ("different", FEATURE_COS)}
+_CLASS_LOGICAL = {placed: tag for tag, placed in _CLASS_TAGS.items()}
+_PER_STEP = (("accuracy_step_", "accuracy_per_step"), ("ci95_step_", "ci95_per_step"))
+
+
+def shared_term(stat: str) -> str:
+    """``terms/<stat>``: the tag every ``term=<name>`` run writes a term's statistic under."""
+    return f"{TERMS_PREFIX}{stat}"
+
+
+def per_step(prefix: str, what: str = "accuracy") -> str:
+    """``<prefix>/accuracy_per_step`` (or ``ci95_per_step``): the tag every ``test_step=<k>`` run writes."""
+    return f"{prefix}/{what}_per_step"
+
+
+def sub_run(kind: str, value: object) -> str:
+    """``<kind>=<value>``: the name of a nested run."""
+    return f"{kind}={value}"
+
+
+def placement(tag: str) -> tuple[str, str]:
+    """``(sub-run, tag as written)``: ``terms/contrastive/share`` → ``("term=contrastive", "terms/share")``,
+    ``eval/accuracy_step_2`` → ``("test_step=2", "eval/accuracy_per_step")``, ``checks/log10_identity`` →
+    ``("check=identity", "checks/log10_error")``, ``pairs/same_class_weight`` → ``("class=same",
+    "pairs/weight")``; any other tag stays in the run itself (sub-run ``""``)."""
+    parts = tag.split("/")
+    if len(parts) == 3 and parts[0] + "/" == TERMS_PREFIX:
+        return sub_run(TERM_RUN, parts[1]), shared_term(parts[2])
+    if tag.startswith(LOG10_PREFIX):
+        return sub_run(CHECK_RUN, tag[len(LOG10_PREFIX):]), SHARED_LOG10
+    if tag in _CLASS_TAGS:
+        kind, placed = _CLASS_TAGS[tag]
+        return sub_run(CLASS_RUN, kind), placed
+    if len(parts) == 2:
+        for stem, shared in _PER_STEP:
+            if parts[1].startswith(stem) and parts[1][len(stem):].isdigit():
+                return sub_run(TEST_STEP_RUN, parts[1][len(stem):]), f"{parts[0]}/{shared}"
+    return "", tag
+
+
+def logical(run: str, tag: str) -> str:
+    """The tag above of ``tag`` as written in the nested run ``run`` (``""``: the run itself);
+    the inverse of :func:`placement`."""
+    kind, _, value = run.partition("=")
+    if kind == TERM_RUN and tag.startswith(TERMS_PREFIX):
+        return term(value, tag[len(TERMS_PREFIX):])
+    if kind == CHECK_RUN and tag == SHARED_LOG10:
+        return LOG10_PREFIX + value
+    if kind == CLASS_RUN and (value, tag) in _CLASS_LOGICAL:
+        return _CLASS_LOGICAL[(value, tag)]
+    if kind == TEST_STEP_RUN:
+        prefix, _, name = tag.partition("/")
+        for stem, shared in _PER_STEP:
+            if name == shared:
+                return f"{prefix}/{stem}{value}"
+    return tag

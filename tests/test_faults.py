@@ -35,6 +35,7 @@ from bilevel.files import FileLock, save_checked
 from bilevel.execution.memory import memory_plans
 from bilevel.primitives.models import build_model
 from bilevel.app.tb import event_files
+from bilevel.tags import logical
 from bilevel.app.train import train
 from algorithms.maml import MAML
 from bilevel import Want
@@ -132,13 +133,15 @@ def cli_overrides(algorithm: str, *extra: str) -> list[str]:
 
 
 def events(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar tag's (step, value) points, in file order, over all event files."""
+    """Every scalar tag's (step, value) points, in file order, over all event files (tags of nested
+    runs as the code names them: :func:`bilevel.tags.logical`)."""
     out: dict[str, list[tuple[int, float]]] = {}
     for path in event_files(run_dir):
+        nested = path.parent.name if len(path.relative_to(run_dir / "tb").parts) == 3 else ""
         for event in LegacyEventFileLoader(str(path)).Load():
             for value in event.summary.value:
                 if value.HasField("simple_value"):
-                    out.setdefault(value.tag, []).append((event.step, value.simple_value))
+                    out.setdefault(logical(nested, value.tag), []).append((event.step, value.simple_value))
     return out
 
 

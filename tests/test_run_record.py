@@ -5,6 +5,7 @@ final step, HPARAMS with the swept keys first)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from bilevel.app.evaluation import ci95
+from bilevel.tags import logical
 from bilevel.app.tb import event_files
 from bilevel.app.tb_hparams import HPARAM_KEYS
 from bilevel.app.naming import Naming
@@ -28,11 +30,14 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def events(run_dir: Path) -> list:
-    return [e for path in event_files(run_dir) for e in LegacyEventFileLoader(str(path)).Load()]
+    """``(nested run, event)`` of every event file of the run (nested: ``""`` for the run itself)."""
+    return [(path.parent.name if len(path.relative_to(run_dir / "tb").parts) == 3 else "", e)
+            for path in event_files(run_dir) for e in LegacyEventFileLoader(str(path)).Load()]
 
 
 def values(run_dir: Path, tag: str) -> list:
-    return [(e.step, v) for e in events(run_dir) for v in e.summary.value if v.tag == tag]
+    """``(step, value)`` of ``tag`` as the code names it (:func:`bilevel.tags.logical`)."""
+    return [(e.step, v) for nested, e in events(run_dir) for v in e.summary.value if logical(nested, v.tag) == tag]
 
 
 def test_cli_prints_a_summary_and_keeps_what_it_printed_in_train_log(tmp_path):
@@ -80,8 +85,8 @@ def test_a_time_budget_takes_a_prefix_of_the_fixed_task_sequence(tmp_path):
     common = ("eval.batch=2", "eval.tasks=6", "train.eval_every=6", "eval.final_tasks=2")
     train(config(*common, "eval.budget_s=0"), tmp_path / "all", show_progress=False)
     train(config(*common, "eval.budget_s=1e-9"), tmp_path / "budget", show_progress=False)
-    assert [v.simple_value for _, v in values(tmp_path / "all", "eval/tasks")] == [6.0]
-    assert [v.simple_value for _, v in values(tmp_path / "budget", "eval/tasks")] == [2.0]  # one batch, at least
+    assert [v.simple_value for _, v in values(tmp_path / "all", "eval/tasks")] == [6.0, 6.0]  # at steps 0 and 6
+    assert [v.simple_value for _, v in values(tmp_path / "budget", "eval/tasks")] == [2.0, 2.0]  # one batch, at least
 
 
 def test_tensorboard_has_the_layout_descriptions_and_logs_zero_terms_once(tmp_path):
@@ -91,23 +96,35 @@ def test_tensorboard_has_the_layout_descriptions_and_logs_zero_terms_once(tmp_pa
     assert len(layout) == 1
     parsed = layout_pb2.Layout.FromString(layout[0][1].tensor.string_val[0])
     charts = {c.title: list(c.multiline.tag) for cat in parsed.category for c in cat.chart}
-    assert charts["share of each term (sums to 1)"] == [r"terms/\w+/share"]
-    assert charts["norm of each term"] == [r"terms/\w+/norm"]
-    assert [cat.title for cat in parsed.category][0] == "1. accuracy"
+    assert [cat.title for cat in parsed.category][0].startswith("1. accuracy")
     first = values(tmp_path, "eval/accuracy")[0][1]
     assert "Headline" in first.metadata.summary_description
-    # init and coefficient are exactly 0 here (zeroing, one step): logged once, at step 0, with the reason
+    # init and coefficient are exactly 0 here (zeroing, one step): logged once, at step 1, with the reason
     for tag in ("terms/init/share", "terms/coefficient/norm"):
         points = values(tmp_path, tag)
-        assert [s for s, _ in points] == [0] and points[0][1].simple_value == 0.0
+        assert [s for s, _ in points] == [1] and points[0][1].simple_value == 0.0
         assert "Exactly 0 under this configuration" in points[0][1].metadata.summary_description
-    assert [s for s, _ in values(tmp_path, "terms/contrastive/share")] == [0, 2, 4, 6]
+    # the decomposition of the n-th step is logged at n, like its loss; its images too, the last at the last step
+    assert [s for s, _ in values(tmp_path, "terms/contrastive/share")] == [1, 3, 5, 7]
     assert values(tmp_path, "terms/structurally_zero/text_summary")
     assert all(v.simple_value < -5 for _, v in values(tmp_path, "checks/log10_identity"))
-    assert [s for s, _ in values(tmp_path, "pairs/weights")] == [0, 4, 6]  # images at the last step too
+    assert [s for s, _ in values(tmp_path, "pairs/weights")] == [1, 5, 7]
+    assert values(tmp_path, "train/loss")[-1][0] == 7  # the last image is numbered like the last scalars
+    assert [s for s, _ in values(tmp_path, "eval/accuracy")] == [0, 3, 6, 7]  # the start, every eval_every, the end
     spread = values(tmp_path, "train/head_row_spread")
     assert spread and all(v.simple_value >= 0 for _, v in spread)
     assert "softmax sees" in spread[0][1].metadata.summary_description
+    # a chart of several lines draws one tag written by one nested run per line: its own colour, named
+    lines = {title: {nested for nested, e in events(tmp_path) for v in e.summary.value
+                     if v.HasField("simple_value") and any(re.search(t, v.tag) for t in regexes)}
+             for title, regexes in charts.items() if regexes}
+    share = next(t for t in lines if t.startswith("share of each term"))
+    assert lines[share] == {"term=contrastive", "term=init", "term=coefficient"}
+    assert lines[next(t for t in lines if t.startswith("eval: accuracy after each"))] == {f"test_step={k}" for k in range(4)}
+    assert lines[next(t for t in lines if t.startswith("identity"))] == {"check=identity", "check=reconstruction"}
+    assert lines[next(t for t in lines if t.startswith("pair weights"))] == {"class=same", "class=different"}
+    norms = lines[next(t for t in lines if t.startswith("norm of each term"))]
+    assert {"term=total", "term=encoder_adaptation", "term=contrastive"} <= norms
 
 
 def test_hparams_register_the_swept_keys_first_and_the_final_accuracies(tmp_path):

@@ -79,10 +79,10 @@ class AblationConfig:
 class TrainLoopConfig:
     """Outer loop: ``steps`` outer updates on meta-batches of ``meta_batch`` tasks with the
     algorithm's outer optimiser (Adam by default) at ``lr``; training scalars every ``log_every``
-    steps and evaluation every ``eval_every`` steps (and both after the last step). The
-    decomposition, with its identity and reconstruction checks, is computed and logged at step 0
-    and every ``decompose_every`` steps (0: never), and at the last step of a run without an
-    ablation (:func:`bilevel.app.train.decomposes_at`); the checks are logged
+    steps and evaluation before the first step, every ``eval_every`` steps and after the last. The
+    decomposition, with its identity and reconstruction checks, is computed at step 0 (from 0;
+    logged at 1, like that step's loss) and every ``decompose_every`` steps (0: never), and at the
+    last step of a run without an ablation (:func:`bilevel.app.train.decomposes_at`); the checks are logged
     (``decomp/check/identity`` → ``checks/log10_identity``), not enforced. Its images are drawn
     on those steps that are multiples of ``image_every`` (0: never) or the last. A checkpoint
     every ``checkpoint_every`` steps and after the last.

@@ -11,7 +11,9 @@ and determines it (a Hydra group option is named by ``name``: ``ablation.name=no
 stands for its ``keep``/``drop``).
 
 Statistics over the seeds of a setting are the mean and the sample standard deviation
-(``ddof = 1``; none for a single seed). "Final" is a run's value at its last logged step;
+(``ddof = 1``; none for a single seed); a test accuracy also shows its t-based 95 % CI over
+seeds or, for a single seed, the run's own 95 % CI over its test tasks, marked ``†`` and said
+under the table (:func:`test_stat`). "Final" is a run's value at its last logged step;
 "best" is its maximum over steps. Curves are averaged over the steps that every run of the
 setting logged. Test accuracies come from ``metrics.json``: the headline (after ``k`` inner
 steps, the step count training used) and the accuracy after every test step, so settings
@@ -19,10 +21,12 @@ that test after different step counts are compared step by step, not headline to
 Runs shorter than their ``train.decompose_every`` are named in a warning (their
 decomposition is a point or two, not a curve).
 
-After that table come a study's statistics (:mod:`bilevel.app.study`: mean, sd and t-based 95 %
-CI over seeds, paired t and Wilcoxon tests across arms sharing seeds, test-time zeroing, the
-cosine probe), written with the figures as ``study.json``, with their figures
-(:mod:`bilevel.app.study_figures`: learning curves with CI bands, the cosine heat maps).
+After that table come a study's statistics (:mod:`bilevel.app.study`: paired t and Wilcoxon
+tests across arms sharing seeds, test-time zeroing, the decomposition, the cosine probe; its own
+arms table, which repeats this one, only in ``--markdown``), written as ``study.json``, and the
+figures (:mod:`bilevel.app.report_figures`, :mod:`bilevel.app.study_figures`: learning curves
+with CI bands, term shares, feature cosines, the cosine heat maps). Everything is also written
+as one self-contained page, ``report.html`` (:mod:`bilevel.app.report_html`), next to the figures.
 """
 from __future__ import annotations
 
@@ -35,15 +39,14 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing import event_accumulator
 
 from bilevel import tags
 from bilevel.app.config import flatten
 from bilevel.app.tb import EVENTS_DIR, event_files
-from bilevel.app.stats import curve_band
+from bilevel.app.report_html import write_report_html
+from bilevel.app.stats import t_quantile
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -59,6 +62,7 @@ SHARE_PREFIX, SHARE_SUFFIX = tags.TERMS_PREFIX, f"/{tags.SHARE}"
 HEADLINE_STEP = tags.HEADLINE_STEP_METRIC
 TEST_ACCURACY = tags.metric_key(tags.accuracy(tags.TEST))
 TEST_ZEROED_ACCURACY = tags.metric_key(tags.accuracy(tags.zeroed(tags.TEST)))
+TEST_TASKS = tags.metric_key(tags.tasks(tags.TEST))
 
 Curve = tuple[np.ndarray, np.ndarray]
 
@@ -99,15 +103,19 @@ def is_run_dir(path: Path) -> bool:
 
 def load_scalars(run_dir: Path) -> dict[str, Curve]:
     """Every scalar of the run's event files (any depth under ``tb/``), one value per step (the
-    last written)."""
+    last written), under the tags the code names them by: a tag of a nested run
+    ``tb/<run>/<nested>/`` is read back with :func:`bilevel.tags.logical`."""
     by_tag: dict[str, dict[int, float]] = {}
+    root = Path(run_dir) / EVENTS_DIR
     for folder in sorted({p.parent for p in event_files(run_dir)}):
+        parts = folder.relative_to(root).parts
+        nested = parts[-1] if len(parts) >= 2 else ""
         acc = event_accumulator.EventAccumulator(
             str(folder), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 1}
         )
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
-            by_tag.setdefault(tag, {}).update({event.step: event.value for event in acc.Scalars(tag)})
+            by_tag.setdefault(tags.logical(nested, tag), {}).update({e.step: e.value for e in acc.Scalars(tag)})
     out: dict[str, Curve] = {}
     for tag, by_step in by_tag.items():
         steps = np.array(sorted(by_step), dtype=np.int64)
@@ -201,11 +209,15 @@ def group_runs(runs: Sequence[RunRecord]) -> list[Group]:
 
 @dataclass
 class Stat:
-    """Mean and sample standard deviation (None for one value) over ``n`` seeds."""
+    """Mean and sample standard deviation (None for one value) over ``n`` seeds; for a test
+    accuracy also the t-based 95 % CI of the mean over seeds (``ci``: its half-width) or, with one
+    seed, the half-width ``task_ci`` of the run's own 95 % CI over its test tasks."""
 
     mean: float
     sd: Optional[float]
     n: int
+    ci: Optional[float] = None
+    task_ci: Optional[float] = None
 
     @classmethod
     def of(cls, values: Iterable[Optional[float]]) -> Optional["Stat"]:
@@ -216,7 +228,32 @@ class Stat:
         return cls(float(xs.mean()), float(xs.std(ddof=1)) if xs.size > 1 else None, int(xs.size))
 
     def __str__(self) -> str:
-        return f"{self.mean:.3f}" if self.sd is None else f"{self.mean:.3f} ± {self.sd:.3f}"
+        if self.sd is None:
+            return f"{self.mean:.3f}" if self.task_ci is None else f"{self.mean:.3f} ± {self.task_ci:.3f} †"
+        text = f"{self.mean:.3f} ± {self.sd:.3f}"
+        return text if self.ci is None else f"{text} [{self.mean - self.ci:.3f}, {self.mean + self.ci:.3f}]"
+
+
+SETTINGS_HEADING = "Settings (one row per setting: its runs differ only in the seed)"
+TASK_CI_NOTE = ("† one seed: ± is the half-width of the run's 95 % CI over its test tasks (how precisely the "
+                "tasks measure this run, not how much another seed would change it). Several seeds: mean ± sd "
+                "over seeds [t-based 95 % CI of the mean].")
+"""The note under the table when a cell shows an interval."""
+
+
+def test_stat(runs: Sequence[RunRecord], key: str) -> Optional[Stat]:
+    """A final test accuracy ``key`` of ``metrics.json`` over the runs (:class:`Stat`) with its
+    interval: over seeds, or for one run its CI over test tasks (``<key>_low``/``_high``)."""
+    stat = Stat.of(r.metrics.get(key) for r in runs)
+    if stat is None:
+        return None
+    if stat.n > 1 and stat.sd is not None:
+        stat.ci = t_quantile(stat.n) * stat.sd / math.sqrt(stat.n)
+    else:
+        (run,) = [r for r in runs if key in r.metrics]
+        low, high = run.metrics.get(f"{key}_low"), run.metrics.get(f"{key}_high")
+        stat.task_ci = None if low is None or high is None else (high - low) / 2
+    return stat
 
 
 @dataclass
@@ -231,6 +268,7 @@ class Summary:
     final_eval_accuracy: Optional[Stat]
     best_eval_accuracy: Optional[Stat]
     headline_steps: list[int]
+    test_tasks: list[int]
     test_accuracy: Optional[Stat]
     test_accuracy_per_step: list[Optional[Stat]]
     test_zeroed_accuracy: Optional[Stat]
@@ -250,10 +288,11 @@ def summarise(group: Group) -> Summary:
         final_eval_accuracy=Stat.of(r.final(EVAL_ACCURACY) for r in runs),
         best_eval_accuracy=Stat.of(r.best(EVAL_ACCURACY) for r in runs),
         headline_steps=sorted({int(r.metrics[HEADLINE_STEP]) for r in runs if HEADLINE_STEP in r.metrics}),
-        test_accuracy=Stat.of(r.metrics.get(TEST_ACCURACY) for r in runs),
+        test_tasks=sorted({int(r.metrics[TEST_TASKS]) for r in runs if TEST_TASKS in r.metrics}),
+        test_accuracy=test_stat(runs, TEST_ACCURACY),
         test_accuracy_per_step=[Stat.of(r.metrics.get(_test_accuracy_step(k)) for r in runs)
                                 for k in range(_test_steps(runs))],
-        test_zeroed_accuracy=Stat.of(r.metrics.get(TEST_ZEROED_ACCURACY) for r in runs),
+        test_zeroed_accuracy=test_stat(runs, TEST_ZEROED_ACCURACY),
         cos_same_class=Stat.of(r.final(COS_SAME) for r in runs),
         cos_diff_class=Stat.of(r.final(COS_DIFF) for r in runs),
     )
@@ -282,6 +321,7 @@ COLUMNS = (
     ("best eval acc", lambda s: _cell(s.best_eval_accuracy)),
     ("test acc after k steps", lambda s: _cell(s.test_accuracy)),
     ("k", lambda s: span(s.headline_steps)),
+    ("test tasks", lambda s: span(s.test_tasks)),
     ("test acc per step 0 / 1 / ...", lambda s: _per_step(s.test_accuracy_per_step)),
     ("test acc (zeroed head)", lambda s: _cell(s.test_zeroed_accuracy)),
     ("cos same class", lambda s: _cell(s.cos_same_class, sd=False)),
@@ -313,113 +353,13 @@ def table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
 
 
 def markdown_table(summaries: Sequence[Summary]) -> str:
-    """The summary table, a row per setting (:data:`COLUMNS`)."""
-    return table([name for name, _ in COLUMNS], [[cell(s) for _, cell in COLUMNS] for s in summaries])
-
-
-def common_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """``(steps, values [runs, steps])`` of ``tag`` over the steps every run that logged it has."""
-    curves = [r.scalars[tag] for r in runs if tag in r.scalars]
-    if not curves:
-        return None
-    steps = curves[0][0]
-    for s, _ in curves[1:]:
-        steps = np.intersect1d(steps, s)
-    if steps.size == 0:
-        return None
-    return steps, np.stack([v[np.searchsorted(s, steps)] for s, v in curves])
-
-
-def band(ax: Any, curve: Optional[tuple[np.ndarray, np.ndarray]], label: str, color: Any = None,
-         ci: bool = False) -> None:
-    """Draw the mean over runs of a :func:`common_curve` and a band: ± one sd over runs, or with
-    ``ci`` the t-based 95 % CI of the mean (:func:`bilevel.app.stats.curve_band`). One run: no band."""
-    if curve is None:
-        return
-    steps, values = curve
-    if ci:
-        mean, low, high = curve_band(values)
-    else:
-        mean = values.mean(0)
-        sd = values.std(0, ddof=1) if values.shape[0] > 1 else np.zeros(len(steps))
-        low, high = mean - sd, mean + sd
-    (line,) = ax.plot(steps, mean, label=label, color=color, marker="." if len(steps) < 30 else None)
-    ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _panels(count: int, title: str) -> tuple[Figure, list[Any]]:
-    cols = min(3, count)
-    rows = math.ceil(count / cols)
-    fig = Figure(figsize=(4.8 * cols, 3.4 * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
-    for ax in axes[count:]:
-        ax.set_visible(False)
-    fig.suptitle(title)
-    return fig, list(axes[:count])
-
-
-def share_terms(runs: Sequence[RunRecord]) -> list[str]:
-    """The decomposition terms whose ``terms/<term>/share`` was logged, sorted."""
-    tags = {t for r in runs for t in r.scalars if t.startswith(SHARE_PREFIX) and t.endswith(SHARE_SUFFIX)}
-    return sorted(t[len(SHARE_PREFIX):-len(SHARE_SUFFIX)] for t in tags)
-
-
-def shares_figure(groups: Sequence[Group]) -> Optional[Figure]:
-    """Per setting, each term's share ``⟨term, total⟩ / ‖total‖²`` of the encoder meta-gradient."""
-    with_terms = [(g, share_terms(g.runs)) for g in groups]
-    with_terms = [(g, terms) for g, terms in with_terms if terms]
-    if not with_terms:
-        return None
-    all_terms = sorted({t for _, terms in with_terms for t in terms})
-    colors = {t: f"C{i % 10}" for i, t in enumerate(all_terms)}
-    fig, axes = _panels(len(with_terms), "Decomposition: share of each term in the encoder meta-gradient")
-    for ax, (group, terms) in zip(axes, with_terms):
-        for term in terms:
-            band(ax, common_curve(group.runs, f"{SHARE_PREFIX}{term}{SHARE_SUFFIX}"), term, colors[term])
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_title(group.label, fontsize="medium")
-        ax.set_xlabel("outer step")
-        ax.set_ylabel("share ⟨term, total⟩ / ‖total‖²")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    return fig
-
-
-def cosine_figure(groups: Sequence[Group]) -> Optional[Figure]:
-    """Per setting, mean feature cosine of same- vs different-class query–support pairs."""
-    panels = [(g, common_curve(g.runs, COS_SAME), common_curve(g.runs, COS_DIFF)) for g in groups]
-    panels = [p for p in panels if p[1] is not None or p[2] is not None]
-    if not panels:
-        return None
-    fig, axes = _panels(len(panels), "Feature cosine similarity of query–support pairs (mean ± sd over seeds)")
-    for ax, (group, same, diff) in zip(axes, panels):
-        for curve, label, color in ((same, "same class", "C0"), (diff, "different class", "C3")):
-            band(ax, curve, label, color)
-        ax.set_title(group.label, fontsize="medium")
-        ax.set_xlabel("outer step")
-        ax.set_ylabel("cosine similarity")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    return fig
-
-
-FIGURES = (
-    ("decomposition_shares.png", shares_figure),
-    ("feature_cosines.png", cosine_figure),
-)
-
-
-def write_figures(groups: Sequence[Group], out: Path, figures: Sequence[tuple[str, Any]] = FIGURES) -> list[Path]:
-    """Write the ``figures`` (``(file name, builder)``) that have data; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    made = ((name, build(groups)) for name, build in figures)
-    return [_save(fig, out / name) for name, fig in made if fig is not None]
+    """The summary table, a row per setting (:data:`COLUMNS`), and :data:`TASK_CI_NOTE` when a
+    cell shows an interval over test tasks or over seeds."""
+    body = [[cell(s) for _, cell in COLUMNS] for s in summaries]
+    text = table([name for name, _ in COLUMNS], body)
+    intervals = any(st is not None and (st.task_ci is not None or st.ci is not None)
+                    for s in summaries for st in (s.test_accuracy, s.test_zeroed_accuracy))
+    return text + ("\n" + TASK_CI_NOTE + "\n" if intervals else "")
 
 
 def report_json(summaries: Sequence[Summary]) -> str:
@@ -455,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR",
                         help="run directories or sweep directories (searched at any depth)")
     parser.add_argument("--out", type=Path, help="figure directory (default: report/ under the first RUN_DIR)")
-    parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
+    parser.add_argument("--markdown", type=Path, metavar="PATH",
+                        help="also write the tables as Markdown (with the study's arms table, which "
+                             "docs/results quotes)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the summaries as JSON")
     parser.add_argument("--seeds", type=Path, metavar="PATH",
                         help="also write the per-seed data (bilevel.app.seed_data) as PATH; a RUN_DIR that is "
@@ -482,6 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     summaries = [summarise(g) for g in groups]
     from bilevel.app.study import study_dict, study_markdown  # noqa: PLC0415  (they import this module)
     from bilevel.app.study_claims import declarations  # noqa: PLC0415
+    from bilevel.app.report_figures import FIGURES, write_figures  # noqa: PLC0415
     from bilevel.app.study_figures import STUDY_FIGURES  # noqa: PLC0415
 
     try:
@@ -489,11 +432,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ValueError as error:
         parser.error(f"{error} (fix study.comparisons in the study config, configs/experiment/)")
     table = markdown_table(summaries)
-    statistics = study_markdown(groups)
+    statistics = study_markdown(groups, arms=False)  # the table above shows the arms
     sys.stdout.write(table + "\n" + statistics)
-    if args.markdown is not None:
+    if args.markdown is not None:  # for docs/results: the study's arms table too, which RESULTS.md quotes
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n" + statistics)
+        args.markdown.write_text(table + "\n" + study_markdown(groups))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(report_json(summaries))
@@ -501,10 +444,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         seed_data.write_seed_data(runs, args.seeds)
     first = args.paths[0].parent if args.paths[0].is_file() else args.paths[0]
     out = args.out if args.out is not None else first / "report"
-    for path in write_figures(groups, out) + write_figures(groups, out, STUDY_FIGURES):
+    figures = write_figures(groups, out, STUDY_FIGURES[:1] + FIGURES + STUDY_FIGURES[1:])
+    for path in figures:
         print(f"wrote {path}")
     (out / "study.json").write_text(json.dumps(study_dict(groups), indent=1))
     print(f"wrote {out / 'study.json'}")
+    page = write_report_html(out, args.paths, f"### {SETTINGS_HEADING}\n\n{table}\n{statistics}", figures,
+                             [warning] if warning else [])
+    print(f"wrote {page} (self-contained: open it in a browser)")
 
 
 if __name__ == "__main__":

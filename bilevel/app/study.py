@@ -313,10 +313,11 @@ SECTIONS = (
 section is left out)."""
 
 
-def study_markdown(groups: Sequence[Group]) -> str:
-    """Every section that has data: arms, paired comparisons, test-time zeroing, cosines."""
+def study_markdown(groups: Sequence[Group], arms: bool = True) -> str:
+    """Every section that has data: arms (unless ``arms`` is false: ``bilevel-report``'s own table
+    shows them), paired comparisons, test-time zeroing, cosines."""
     parts = ["### Arms (mean ± sd [95% CI] over seeds; test = final test split, read once)\n\n"
-             + arms_markdown([arm_row(g) for g in groups])]
+             + arms_markdown([arm_row(g) for g in groups])] if arms else []
     for heading, rows_of, markdown in SECTIONS:
         rows = rows_of(groups)
         if rows:

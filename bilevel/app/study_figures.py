@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from bilevel.app.report import EVAL_ACCURACY, Group, band, common_curve
+from bilevel.app.report import EVAL_ACCURACY, Group
+from bilevel.app.report_figures import band, common_curve, task_bounds
 from bilevel.app.study import probe_steps, probed
 from bilevel.app.study_claims import NOT_REPRODUCED, REPRODUCED, declared_results
 
@@ -26,17 +27,19 @@ VERDICT_COLORS = {REPRODUCED: "C2", NOT_REPRODUCED: "C3"}
 
 def learning_curves_figure(groups: Sequence[Group]) -> Optional[Figure]:
     """Validation accuracy per arm: mean over seeds with its 95 % CI band."""
-    curves = [(g.label, common_curve(g.runs, EVAL_ACCURACY)) for g in groups]
-    curves = [(label, c) for label, c in curves if c is not None]
+    curves = [(g.label, common_curve(g.runs, EVAL_ACCURACY), task_bounds(g.runs, EVAL_ACCURACY)) for g in groups]
+    curves = [(label, c, bounds) for label, c, bounds in curves if c is not None]
     if not curves:
         return None
     fig = Figure(figsize=(8, 4.8), layout="constrained")
     ax = fig.subplots()
-    for label, curve in curves:
-        band(ax, curve, f"{label} (n={curve[1].shape[0]})", ci=True)
+    for i, (label, curve, bounds) in enumerate(curves):
+        n = curve[1].shape[0]
+        what = "1 seed, 95% CI over val tasks" if bounds is not None else f"n={n}"
+        band(ax, curve, f"{label} ({what})", color=f"C{i % 10}", ci=True, bounds=bounds)
     ax.set_xlabel("outer step")
     ax.set_ylabel("validation accuracy (headline test step)")
-    ax.set_title("Validation accuracy: mean over seeds, 95% CI band (t)")
+    ax.set_title("Validation accuracy: mean over seeds with its 95% CI band (t); one seed: CI over tasks")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small")
     return fig

@@ -8,7 +8,8 @@
       zeroed head        ...
     run directory: /abs/outputs/2026-11-30/02-10-11
     log file:      /abs/outputs/2026-11-30/02-10-11/train.log
-    TensorBoard:   tensorboard --logdir /abs/outputs/2026-11-30/02-10-11/tb
+    TensorBoard:   tensorboard --logdir /abs/outputs/2026-11-30/02-10-11/tb  (raw values: open it at ...?smoothing=0)
+    report:        bilevel-report /abs/outputs/2026-11-30/02-10-11  (writes .../report/report.html)
 
 Accuracies are means over the test tasks with the half-width ``1.96 · sd / √n`` of their 95 %
 confidence interval (:func:`bilevel.app.evaluation.ci95`).
@@ -18,11 +19,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import math
+from typing import Mapping
+
+import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from bilevel import tags
 from bilevel.algorithm import BilevelAlgorithm
 from bilevel.app.evaluation import Evaluation, ci95
+from bilevel.decomposition.ablation import Ablation
 
 
 def duration(seconds: float) -> str:
@@ -78,10 +85,40 @@ def evaluation_line(evaluation: Evaluation, split: str) -> str:
             f"zeroed head {headline_value(evaluation.zeroed, k)}; {evaluation.tasks} {split} tasks)")
 
 
-def run_title(cfg: DictConfig, algorithm: BilevelAlgorithm) -> str:
-    """``maml on glyphs 5-way 1-shot (2 inner steps, 3 at test)``."""
-    return (f"{algorithm.name} on {cfg.data.name} {cfg.data.ways}-way {cfg.data.shots}-shot "
-            f"({inner_steps(algorithm.train_steps)}, {algorithm.eval_steps} at test)")
+def run_title(cfg: DictConfig, algorithm: BilevelAlgorithm, ablation: Optional[Ablation] = None,
+              preset: str = "") -> str:
+    """``maml on glyphs 5-way 1-shot (2 inner steps, 3 at test)``; a ``preset`` asked for under another
+    name says which algorithm it is (``anil (maml, adapt=head) on ...``), an ablation what the
+    encoder follows (``..., ablation contrastive_only: the encoder follows contrastive``)."""
+    name = algorithm.name
+    if preset and preset != algorithm.name:
+        adapt = cfg.algorithm.get("adapt")
+        name = f"{preset} ({algorithm.name}{'' if adapt is None else f', adapt={adapt}'})"
+    title = (f"{name} on {cfg.data.name} {cfg.data.ways}-way {cfg.data.shots}-shot "
+             f"({inner_steps(algorithm.train_steps)}, {algorithm.eval_steps} at test)")
+    if ablation is not None and not ablation.plain:
+        title += f", ablation {cfg.ablation.name}: the encoder follows {' + '.join(ablation.kept)}"
+    return title
+
+
+ROUND_OFF = {torch.float64: 1e-10}
+"""Where round-off ends for the decomposition's checks, by dtype (anything else: 1e-5, float32's)."""
+
+
+def identity_line(summary: Mapping[str, float], dtype: torch.dtype) -> str:
+    """``identity check 3.1e-07, reconstruction 8.2e-07: round-off (below 1e-05 in float32)``: the
+    decomposition's two checks (:data:`bilevel.tags.CHECK_IDENTITY`: ‖Σ terms − g‖ / ‖g‖; the eq. (1)
+    logit error) from a ``Decomposition.summary()``, and whether they are at round-off."""
+    bound = ROUND_OFF.get(dtype, 1e-5)
+    identity, rebuilt = summary[tags.CHECK_IDENTITY], summary[tags.CHECK_RECONSTRUCTION]
+    fine = all(math.isfinite(v) and abs(v) < bound for v in (identity, rebuilt))
+    verdict = "round-off" if fine else "ABOVE round-off: the terms do not add up to the meta-gradient"
+    return (f"decomposition identity check |sum of terms - meta-gradient| / |meta-gradient| = {identity:.1e}, "
+            f"reconstruction {rebuilt:.1e}: {verdict} (below {bound:.0e} in {str(dtype).removeprefix('torch.')})")
+
+
+RAW_URL = "http://localhost:6006/?smoothing=0"
+"""TensorBoard's address with its smoothing off (its default, 0.6, cannot be set in the event files)."""
 
 
 def run_summary(what: str, start: int, steps: int, evaluation: Evaluation, split: str, ways: int, wall_s: float,
@@ -98,7 +135,8 @@ def run_summary(what: str, start: int, steps: int, evaluation: Evaluation, split
     ]
     if log_file is not None:
         lines.append(f"log file:      {log_file}")
-    lines.append(f"TensorBoard:   tensorboard --logdir {events_dir}")
+    lines.append(f"TensorBoard:   tensorboard --logdir {events_dir}  (raw values: open it at {RAW_URL})")
+    lines.append(f"report:        bilevel-report {run_dir}  (writes {run_dir / 'report' / 'report.html'})")
     if sweep_dir:
         lines.append(f"the sweep:     tensorboard --logdir {sweep_dir}; bilevel-report {sweep_dir}")
     return "\n".join(lines)

@@ -3,10 +3,12 @@
 TensorBoard's HPARAMS table shows the hyperparameters of the experiment summary sorted with
 those marked ``differs`` first, then by name, and ticks the first five; PyTorch's
 ``add_hparams`` marks none, so the table opened on the first keys of the whole config in
-alphabetical order. Here the entry holds the swept keys (:mod:`bilevel.app.naming`), marked
-``differs`` so that they come first and are ticked, then the few keys that tell runs apart
-(:data:`HPARAM_KEYS`; the whole config is in the run's ``config.yaml``); the metrics are the
-final accuracies; the session's group — the HPARAMS "trial id" — is short: the swept values.
+alphabetical order. Here a job of a sweep logs only the swept keys (:mod:`bilevel.app.naming`):
+the keys that vary across the sweep's runs, all marked ``differs`` (a key equal in every run
+tells the runs nothing; the whole config is in each run's ``config.yaml``). A single run logs
+the keys its command line set, marked ``differs`` so that they come first, then the few keys that
+say what it is (:data:`HPARAM_KEYS`). The metrics are the final accuracies; the session's group
+— the HPARAMS "trial id" — is short: the swept values.
 """
 from __future__ import annotations
 
@@ -48,11 +50,13 @@ def _summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> Summary:
 
 
 def hparam_summaries(values: Mapping[str, Any], swept: Sequence[str], metric_tags: Sequence[str],
-                     group: str) -> list[Summary]:
+                     group: str, sweep: bool = False) -> list[Summary]:
     """Experiment, session-start and session-end summaries of ``values`` (flattened config and
-    group options) restricted to the ``swept`` keys, first and marked as differing, and
-    :data:`HPARAM_KEYS`; ``metric_tags`` are scalar tags of the run; ``group`` names the session."""
-    shown = {k: hparam_value(values[k]) for k in [*swept, *HPARAM_KEYS] if k in values}
+    group options) restricted to the ``swept`` keys, first and marked as differing, and — unless
+    the run is a job of a ``sweep`` — :data:`HPARAM_KEYS`; ``metric_tags`` are scalar tags of the
+    run; ``group`` names the session."""
+    keys = [*swept] if sweep else [*swept, *HPARAM_KEYS]
+    shown = {k: hparam_value(values[k]) for k in keys if k in values}
     order = [k for k in swept if k in shown] + sorted(k for k in shown if k not in swept)
     now = time.time()
     experiment = api_pb2.Experiment(

@@ -1,18 +1,25 @@
 """What the TensorBoard panels of a run are: tag names, one-sentence descriptions, the
 custom-scalars layout that draws them like the paper's figures.
 
-Tags (``docs/tutorial.md`` reads them):
+Tags (``docs/tutorial.md`` reads them), as the code names them; the lines of one chart are
+written by nested runs under one tag (:func:`bilevel.tags.placement`: ``terms/contrastive/share``
+is ``terms/share`` of the run ``term=contrastive``):
 
 * ``train/`` loss and accuracy of the meta-batches (means since the last log), head and
   parameter norms, seconds per step; ``eval/``, ``test/`` (final) query accuracy after each
-  test-time inner step (``accuracy_step_k``), the headline (``accuracy``) and its 95 %
-  confidence bounds (``accuracy_low``/``accuracy_high``); ``*_zeroed/`` the same with
-  test-time zeroing;
+  test-time inner step (``accuracy_step_k``: ``accuracy_per_step`` of ``test_step=k``), the
+  headline (``accuracy``) and its 95 % confidence bounds (``accuracy_low``/``accuracy_high``);
+  ``*_zeroed/`` the same with test-time zeroing;
 * ``terms/<term>/share|norm|cos_total`` of the encoder meta-gradient and ``terms/total/norm``
   (:meth:`bilevel.decomposition.record.Decomposition.summary`; shares and cosines rounded to
   :data:`ROUND_DIGITS` decimals, so that float round-off does not draw as swings);
-* ``pairs/same_class_weight|diff_class_weight``, ``features/cos_same_class|cos_diff_class``;
-* ``checks/log10_identity``, ``checks/log10_reconstruction``: the two checks, as powers of ten.
+* ``pairs/same_class_weight|diff_class_weight``, ``features/cos_same_class|cos_diff_class``
+  (``pairs/weight``, ``features/cos`` of ``class=same|different``);
+* ``checks/log10_identity``, ``checks/log10_reconstruction``: the two checks, as powers of ten
+  (``checks/log10_error`` of ``check=identity|reconstruction``).
+
+Values are logged at the step they belong to: the quantities of the ``n``-th outer step (its
+loss, its decomposition and images) at ``n``, an evaluation after ``n`` steps at ``n``.
 """
 from __future__ import annotations
 
@@ -106,36 +113,49 @@ def term_of(tag: str) -> str | None:
     return parts[1] if len(parts) == 3 and parts[0] + "/" == tags.TERMS_PREFIX else None
 
 
-def _one_of(*names: str) -> str:
-    """A regular expression matching exactly one of ``names``."""
-    return "(" + "|".join(map(re.escape, names)) + ")$"
+def _exactly(tag: str) -> str:
+    """A regular expression matching exactly ``tag``."""
+    return f"^{re.escape(tag)}$"
+
+
+RAW = "raw values: smoothing 0"
+"""Said in every category title: TensorBoard smooths lines by default (0.6); these values are
+meant raw (``?smoothing=0`` in the address, or the slider; ``docs/tutorial.md``)."""
 
 
 def custom_scalars_layout() -> dict[str, dict[str, list[Any]]]:
-    """The ``custom_scalars`` layout (categories in reading order; tags are regular expressions):
-    accuracy per test step and the headline with its 95 % interval, all term shares on one
+    """The ``custom_scalars`` layout (categories in reading order; tags are regular expressions).
+    A chart whose lines must be told apart draws one tag written by nested runs
+    (:func:`bilevel.tags.placement`): each line has its own colour and is named in the run
+    selector (``term=contrastive``, ``test_step=2``, ``check=identity``, ``class=same``).
+    Accuracy per test step and the headline with its 95 % interval, all term shares on one
     chart and all term norms on another, same- vs different-class pair weights and cosines,
     and the two checks in powers of ten."""
     return {
-        "1. accuracy": {
-            "eval: accuracy after each test-time inner step": ["Multiline", [tags.accuracy_step(EVAL, r"\d+")]],
+        f"1. accuracy ({RAW})": {
+            "eval: accuracy after each test-time inner step (one run per step: test_step=k)": [
+                "Multiline", [_exactly(tags.per_step(EVAL))]],
             "eval: headline accuracy with its 95% interval": [
                 "Margin", [tags.accuracy(EVAL), tags.accuracy_low(EVAL), tags.accuracy_high(EVAL)]],
-            "eval with test-time zeroing: accuracy after each step": [
-                "Multiline", [tags.accuracy_step(tags.zeroed(EVAL), r"\d+")]],
-            "train: query loss and accuracy": ["Multiline", [_one_of(tags.TRAIN_LOSS, tags.TRAIN_ACCURACY)]],
+            "eval with test-time zeroing: accuracy after each step (test_step=k)": [
+                "Multiline", [_exactly(tags.per_step(tags.zeroed(EVAL)))]],
+            "train: query loss": ["Multiline", [_exactly(tags.TRAIN_LOSS)]],
+            "train: query accuracy": ["Multiline", [_exactly(tags.TRAIN_ACCURACY)]],
         },
-        "2. decomposition of the encoder meta-gradient": {
-            "share of each term (sums to 1)": ["Multiline", [tags.term(r"\w+", tags.SHARE)]],
-            "norm of each term": ["Multiline", [tags.term(r"\w+", tags.NORM)]],
+        f"2. decomposition of the encoder meta-gradient ({RAW})": {
+            "share of each term, sums to 1 (one run per term: term=<name>)": [
+                "Multiline", [_exactly(tags.shared_term(tags.SHARE))]],
+            "norm of each term and of the total (term=<name>)": ["Multiline", [_exactly(tags.shared_term(tags.NORM))]],
+            "cosine of each term with the total (term=<name>)": [
+                "Multiline", [_exactly(tags.shared_term(tags.COS_TOTAL))]],
         },
-        "3. contrastive structure": {
-            "pair weights: same class (attract, < 0) vs different class (repel, > 0)": [
-                "Multiline", [_one_of(tags.PAIRS_SAME_CLASS, tags.PAIRS_DIFF_CLASS)]],
-            "feature cosine: same vs different class": [
-                "Multiline", [_one_of(tags.COS_SAME_CLASS, tags.COS_DIFF_CLASS)]],
+        f"3. contrastive structure ({RAW})": {
+            "pair weights: class=same (attract, < 0) vs class=different (repel, > 0)": [
+                "Multiline", [_exactly(tags.PAIR_WEIGHT)]],
+            "feature cosine: class=same vs class=different": ["Multiline", [_exactly(tags.FEATURE_COS)]],
         },
         "4. checks (log10; round-off below -5 in float32)": {
-            "identity and reconstruction errors": ["Multiline", [tags.LOG10_PREFIX + r"\w+"]],
+            "identity (check=identity) and reconstruction (check=reconstruction) errors": [
+                "Multiline", [_exactly(tags.SHARED_LOG10)]],
         },
     }

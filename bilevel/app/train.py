@@ -83,7 +83,7 @@ from bilevel.app.preflight import check_model, check_outer_lr
 from bilevel.app.streams import survive_closed_console
 from bilevel.app.stalls import StallWatch
 from bilevel.decomposition.structural import idle_ablation_warning, structural_zeros
-from bilevel.app.summary import evaluation_line, run_summary, run_title
+from bilevel.app.summary import evaluation_line, identity_line, run_summary, run_title
 from bilevel.app.tb import RunLogger
 
 TRIAL_SEED_OFFSET = 20_000  # the execution measurement's own sampler: seed + this
@@ -194,6 +194,8 @@ def settle_path(run: Run, recorded: Optional[tuple[str, str]]) -> ExecutionChoic
     ways = [(p.path, p.memory) for p in run.plans]
 
     def measure() -> dict[str, float]:
+        log.info(f"timing the ways of running tasks ({', '.join(algorithm.executions)}) on this machine: once per "
+                 f"configuration, a few meta-steps each")
         batch = run.sampler.fork(cfg.seed + TRIAL_SEED_OFFSET).sample().to(run.device, run.dtype)
         return measure_paths(algorithm, run.params, batch, run.device, ways)
 
@@ -267,6 +269,11 @@ def resume(run: Run, optimizer: torch.optim.Optimizer, found: Found) -> tuple[in
     return state["step"], f"{path} (step {state['step']})"
 
 
+def title(run: Run, naming: Naming) -> str:
+    """What the run trains, as its first and last lines say it (the preset asked for, the ablation)."""
+    return run_title(run.cfg, run.algorithm, run.ablation, dict(naming.choices).get("algorithm", ""))
+
+
 def open_run(run: Run, directory: RunDirectory | Quiet, choice: ExecutionChoice, found: Found, start: int,
              naming: Naming) -> RunLogger | Quiet:
     """Fix the execution path, write ``config.yaml`` (only now, once everything is settled), say
@@ -276,7 +283,7 @@ def open_run(run: Run, directory: RunDirectory | Quiet, choice: ExecutionChoice,
     run.algorithm = run.algorithm.with_execution(choice.path).with_memory(choice.memory)
     cfg.execution, cfg.memory = choice.path, choice.memory
     directory.begin(OmegaConf.to_yaml(cfg), note=choice.reason)
-    log.info(f"training {run_title(cfg, run.algorithm)} for {cfg.train.steps} outer steps in "
+    log.info(f"training {title(run, naming)} for {cfg.train.steps} outer steps in "
              f"{directory.path.resolve()}")
     if found:
         log.info(f"resuming {found[0]} at step {start}")
@@ -375,11 +382,13 @@ class Attempt:
         return result, labels
 
     def log_decomposition(self, result: MetaStep, labels: TaskBatch | GatheredLabels, step: int) -> None:
-        """Log the decomposition of step ``step``; its images every ``train.image_every`` steps
-        (0: never) and at the last step."""
+        """Log the decomposition of step ``step`` (from 0) at ``step + 1``, like its loss, and say its
+        identity check; its images every ``train.image_every`` steps (0: never) and at the last step."""
         train = self.run.cfg.train
         images = train.image_every > 0 and (step % train.image_every == 0 or step + 1 == train.steps)
-        self.logger.decomposition(result.decomposition, labels, step, images)
+        summary = {k: float(v) for k, v in result.decomposition.summary().items()}
+        self.logger.decomposition(result.decomposition, labels, step + 1, images, summary)
+        log.info(f"step {step + 1}: {identity_line(summary, self.run.dtype)}")
 
     def log_training(self, done: int, result: MetaStep, means: TrainMeans, bar: tqdm) -> None:
         """Log the training scalars after ``done`` steps (means since the last point, norms,
@@ -441,10 +450,10 @@ class Attempt:
         final = self.evaluate(run.test_tasks, cfg.train.steps, tags.TEST, f"final test ({cfg.eval.final_split})")
         metrics = final_metrics(final, cfg.train.steps, time.perf_counter() - began)
         self.logger.hparams({**dict(naming.choices), **flatten(OmegaConf.to_container(cfg, resolve=True))},
-                            naming.swept, HPARAM_METRICS, naming.trial_id)
+                            naming.swept, HPARAM_METRICS, naming.trial_id, sweep=bool(naming.sweep_dir))
         self.directory.write_metrics(metrics)
         if run.replicas.writer:
-            log.info(run_summary(run_title(cfg, run.algorithm), start, cfg.train.steps, final, cfg.eval.final_split,
+            log.info(run_summary(title(run, naming), start, cfg.train.steps, final, cfg.eval.final_split,
                                  cfg.data.ways, time.perf_counter() - began, self.eval_seconds,
                                  self.directory.path.resolve(), log_file(self.directory.path),
                                  Path(self.logger.writer.log_dir).resolve().parent, naming.sweep_dir))
@@ -470,6 +479,8 @@ def _train(run: Run, directory: RunDirectory | Quiet, show_progress: bool, namin
     try:
         with GracefulStop() as stop, \
                 training_bar(start, steps, f"{run.algorithm.name} train", show_progress) as bar:
+            if start == 0:  # the learning curve starts before the first step
+                attempt.evaluate_during_training(0, bar)
             means = TrainMeans()
             for step in range(start, steps):
                 done = step + 1

@@ -167,7 +167,11 @@ def load_glyphs(cache_dir: Path, seed: int, image_size: int) -> tuple[torch.Tens
     if cached is None:
         with FileLock(path.with_name(path.name + ".lock")):
             # another process may have built it while we waited for the lock
-            cached = _try_cache(path, warn=False) or _build_cache(path, seed, image_size)
+            cached = _try_cache(path, warn=False)
+            if cached is None:
+                logging.getLogger(__name__).info("building the glyphs data set (first use only, about 11 s on 2 CPU "
+                                                 "cores; cached in %s)", path)
+                cached = _build_cache(path, seed, image_size)
     return cached
 
 
