@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from bilevel import tags
-from bilevel.app import report
+from bilevel.app import report, report_cli
 from bilevel.app.naming import Naming
 from bilevel.app.report_figures import task_bounds
 from bilevel.app.report_html import markdown_html
@@ -161,7 +161,7 @@ def _fake_run(path: Path, seed: int, test: float, low: float, high: float) -> No
 
 def test_one_seed_shows_its_interval_over_test_tasks_and_says_so(tmp_path, capsys):
     _fake_run(tmp_path / "run", 0, 0.80, 0.78, 0.82)
-    report.main([str(tmp_path / "run")])
+    report_cli.main([str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert "0.800 ± 0.020 †" in out and "† one seed: ± is the half-width of the run's 95 % CI over its test tasks" in out
     assert out.count("| setting") == 1  # one table of the settings, not two
@@ -176,7 +176,7 @@ def test_one_seed_shows_its_interval_over_test_tasks_and_says_so(tmp_path, capsy
 def test_several_seeds_show_mean_sd_and_the_t_interval(tmp_path, capsys):
     _fake_run(tmp_path / "a", 0, 0.70, 0.6, 0.8)
     _fake_run(tmp_path / "b", 1, 0.80, 0.7, 0.9)
-    report.main([str(tmp_path), "--out", str(tmp_path / "out")])
+    report_cli.main([str(tmp_path), "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     sd = 0.1 / 2 ** 0.5
     half = 12.706204736 * sd / 2 ** 0.5  # t(0.975, 1 degree of freedom)
@@ -194,7 +194,7 @@ def test_learning_curve_of_one_seed_draws_its_task_interval(tmp_path, capsys):
     runs = report.find_runs([tmp_path / "run"])
     bounds = task_bounds(runs, tags.accuracy(tags.EVAL))
     assert bounds is not None and bounds[0].tolist() == pytest.approx([0.15, 0.75])
-    report.main([str(tmp_path / "run")])
+    report_cli.main([str(tmp_path / "run")])
     with Image.open(tmp_path / "run" / "report" / "learning_curves.png") as image:
         assert image.format == "PNG"
 

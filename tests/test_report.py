@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from bilevel.app.report import RunRecord, find_runs, group_runs, load_run, main, summarise
+from bilevel.app.report import RunRecord, find_runs, group_runs, load_run, summarise
+from bilevel.app.report_cli import main
 
 STEPS = (10, 20, 30)
 # setting -> seed -> known values

@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from bilevel.app.report import find_runs, group_runs, main
+from bilevel.app.report import find_runs, group_runs
+from bilevel.app.report_cli import main
 from bilevel.app.study import arm_row, comparisons, cosine_comparisons, cosine_rows, zeroing_effects
 from bilevel.app.study_figures import side_by_side
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from bilevel.app.report import RunRecord, group_runs, main
+from bilevel.app.report import RunRecord, group_runs
+from bilevel.app.report_cli import main
 from bilevel.app.seed_data import load_seed_data, write_seed_data
 from bilevel.app.study import exploratory, study_markdown
 from bilevel.app.study_figures import forest_figure
