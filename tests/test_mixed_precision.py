@@ -27,7 +27,7 @@ from bilevel.primitives import models
 from bilevel.primitives import precision
 from bilevel.primitives.precision import ERROR_BOUND, Policy, mixed_precision, precision_warning
 from bilevel import tags
-from tests.test_train import config
+from test_train import config
 
 MAML_DEFAULT = {"name": "maml", "inner_steps": 2, "inner_lr": 0.4}
 TASKS = 8
