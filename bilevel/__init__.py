@@ -1,27 +1,32 @@
 """bilevel: min-min bi-level learning with exact contrastive / interference decomposition.
 
-The layers, each a sub-package (lower layers never import higher ones):
+The layers, top to bottom (a module imports only its own layer and those below it; the
+contract is in ``pyproject.toml`` and checked by ``lint-imports``, docs/architecture.md):
 
-- ``bilevel.primitives`` — parameter dicts, the head and its trace (eq. (1) of docs/theory.md),
-  losses, conjugate gradient (and its fixed polynomial), pooling, models;
-- ``bilevel.solvers`` — inner solvers built from the head primitives: SGD steps (momentum,
-  proximal), SGD/Langevin chains, proximal solves;
-- ``bilevel.decomposition`` — the terms' node cotangents, the per-task result and the one
-  assembly of a meta-step (``Want``, ``TaskResult``, ``assemble``), the identity and
-  reconstruction checks, ablation, terms zero by construction;
-- ``bilevel.execution`` — how the tasks of a meta-batch run (vmap / loop) and how a run's path
-  is chosen;
+- ``bilevel.app`` — the Hydra trainer (``bilevel-train``), config, logging, checkpoints,
+  evaluation, the run's execution choice, distributed runs, the report (``bilevel-report``);
 - ``bilevel.hypergrad`` — the hypergradient rules: unrolled (``UnrolledAlgorithm``), implicit
   (``ImplicitAlgorithm``, exact at any CG budget), chain (``ChainAlgorithm``), and the
   node-pullback rows they share;
+- ``bilevel.execution`` — how the tasks of a meta-batch run (vmap / loop / shared), memory
+  estimates;
 - ``bilevel.algorithm`` — the plugin interface (``BilevelAlgorithm``) and the registry
   (entry-point group ``bilevel.algorithms``; the engine imports no plugin);
-- ``bilevel.app`` — the Hydra trainer (``bilevel-train``), config, logging, checkpoints,
-  evaluation, distributed runs, the report (``bilevel-report``); ``bilevel.data`` — data sets
-  and the task sampler.
+- ``bilevel.decomposition`` — the step protocol (``Want``, ``TaskResult``, ``MetaStep``), the
+  terms' node cotangents, the one assembly of a meta-step, the identity and reconstruction
+  checks, ablation, terms zero by construction;
+- ``bilevel.solvers`` — inner solvers built from the head primitives: SGD steps (momentum,
+  proximal), SGD/Langevin chains, proximal solves;
+- ``bilevel.primitives`` — parameter dicts, the head and its trace (eq. (1) of docs/theory.md),
+  losses, conjugate gradient (and its fixed polynomial), pooling, models; ``bilevel.data`` —
+  data sets and the task sampler;
+- ``bilevel.validate``; ``bilevel.files``, ``bilevel.rng``, ``bilevel.tags``; ``bilevel.errors``.
 
 Everything a plugin needs is re-exported here.
 """
+import importlib
+from typing import Any
+
 from bilevel.decomposition.ablation import Ablation, resolve_ablation
 from bilevel.algorithm import (
     AlgorithmConfig,
@@ -31,13 +36,11 @@ from bilevel.algorithm import (
     get_algorithm,
     register,
 )
-from bilevel.app.catalog import algorithm_choices
 from bilevel.primitives.cg import CGResult, cg_polynomial, conjugate_gradient
 from bilevel.hypergrad.chain import ChainAlgorithm, ChainConfig, decompose_chain
 from bilevel.solvers.chain import ChainSpec, run_chain
 from bilevel.decomposition.cotangents import TERMS, Nodes, stack_nodes, sum_nodes, term_cotangents
 from bilevel.decomposition.record import Decomposition
-from bilevel.app.distributed import Launch, Replicas, detect_launch, task_share
 from bilevel.errors import (
     BilevelError,
     ConfigError,
@@ -47,8 +50,8 @@ from bilevel.errors import (
     ResumeError,
     RunDirectoryBusy,
     RunInterrupted,
+    UnknownAlgorithm,
 )
-from bilevel.app.evaluation import Evaluation, TaskSet, ci95, headline_step
 from bilevel.execution.mapping import choose_execution, map_meta_steps, map_tasks
 from bilevel.primitives.head import (
     HeadState,
@@ -63,7 +66,8 @@ from bilevel.primitives.head import (
     reconstruct_logits,
 )
 from bilevel.hypergrad.rows import Forward, ablated_row, node_rows, plain_row, term_rows
-from bilevel.decomposition.assembly import MetaStep, TaskResult, Want, assemble, mean_over_tasks
+from bilevel.decomposition.assembly import assemble, mean_over_tasks
+from bilevel.decomposition.step import MetaStep, TaskResult, Want
 from bilevel.hypergrad.implicit import (
     ImplicitAlgorithm,
     ImplicitSystem,
@@ -95,6 +99,25 @@ __all__ = [
     "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
     "Params", "UnrolledAlgorithm", "UnrolledConfig",
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
-    "RunInterrupted", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
+    "RunInterrupted", "UnknownAlgorithm", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
     "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "ci95", "headline_step", "structural_zeros",
 ]
+
+_APP_NAMES = {
+    "algorithm_choices": "bilevel.app.catalog",
+    "Launch": "bilevel.app.distributed",
+    "Replicas": "bilevel.app.distributed",
+    "detect_launch": "bilevel.app.distributed",
+    "task_share": "bilevel.app.distributed",
+    "Evaluation": "bilevel.app.evaluation",
+    "TaskSet": "bilevel.app.evaluation",
+    "ci95": "bilevel.app.evaluation",
+    "headline_step": "bilevel.app.evaluation",
+}
+"""Names of the app layer, imported on first use so that ``import bilevel`` does not load Hydra."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _APP_NAMES:
+        return getattr(importlib.import_module(_APP_NAMES[name]), name)
+    raise AttributeError(f"module 'bilevel' has no attribute {name!r}")

@@ -21,11 +21,11 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from bilevel.data.batch import TaskBatch
-from bilevel.decomposition.assembly import MetaStep, Want
-from bilevel.errors import ConfigError
+from bilevel.decomposition.step import MetaStep, Want
+from bilevel.errors import ConfigError, UnknownAlgorithm
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import Params
-from bilevel.validate import NON_NEGATIVE, Check, check_declared
+from bilevel.validate import NON_NEGATIVE, Check, check_declared, closest
 
 ENTRY_POINT_GROUP = "bilevel.algorithms"
 
@@ -180,9 +180,9 @@ def get_algorithm(name: str) -> type[BilevelAlgorithm]:
     """The algorithm class registered under ``name``; a clear error when there is none."""
     _load_plugins()
     if name not in _REGISTRY:
-        from bilevel.app.catalog import unknown_algorithm_message  # the catalog lists presets too
-
-        raise ConfigError(unknown_algorithm_message(name, "algorithm.name"))
+        known = sorted(_REGISTRY)
+        raise UnknownAlgorithm(f"unknown algorithm {name!r} (algorithm.name={name});{closest(name, known)} "
+                               f"registered plugins: {', '.join(known)}", name, "algorithm.name")
     return _REGISTRY[name]
 
 

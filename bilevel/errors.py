@@ -20,6 +20,16 @@ class ConfigError(BilevelError, ValueError):
     exit_code = 2
 
 
+class UnknownAlgorithm(ConfigError):
+    """No plugin is registered under ``name`` (given as the config key ``key``). The registry
+    raises it naming the registered plugins; the app restates it with the presets as well."""
+
+    def __init__(self, message: str, name: str, key: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.key = key
+
+
 class ResumeError(ConfigError):
     """The run directory's checkpoint and the requested run do not go together (different
     trajectory keys, no checkpoint where one is required, one where none is wanted)."""

@@ -448,7 +448,7 @@ def test_execution_auto_is_settled_by_rank_0_for_every_process(tmp_path):
 
 
 def test_a_refused_start_ends_every_process_with_rank_0s_message(tmp_path):
-    from bilevel.app.files import FileLock
+    from bilevel.files import FileLock
 
     with FileLock(tmp_path / "run" / "run.lock"):
         run = processes(tmp_path, 2, BASE + ALGORITHMS["maml"])

@@ -31,7 +31,7 @@ from bilevel.algorithm import get_algorithm, register
 from bilevel.app.checkpoint import load_checkpoint
 from bilevel.app.config import register_configs, typed_config
 from bilevel.errors import ConfigError, CorruptFileError, NonFiniteError, ResumeError, RunDirectoryBusy
-from bilevel.app.files import FileLock, save_checked
+from bilevel.files import FileLock, save_checked
 from bilevel.execution.memory import check_meta_step_memory
 from bilevel.primitives.models import build_model
 from bilevel.app.tb import event_files

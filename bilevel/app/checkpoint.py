@@ -2,7 +2,7 @@
 
 ``checkpoint.pt`` is the latest and ``checkpoint.prev.pt`` the one before: a new checkpoint
 is written to a temporary file, the latest is renamed to the previous, then the new one is
-renamed into place (:func:`bilevel.app.files.atomic_write_bytes`). A crash at any point leaves at
+renamed into place (:func:`bilevel.files.atomic_write_bytes`). A crash at any point leaves at
 least one complete checkpoint; between the two renames only the previous one, which
 :func:`latest_checkpoint` then returns. A checkpoint that does not read back is a
 :class:`~bilevel.errors.CorruptFileError` that names it and says whether the other one is intact.
@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from bilevel.errors import CorruptFileError
-from bilevel.app.files import load_checked, save_checked
+from bilevel.files import load_checked, save_checked
 
 LATEST = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from bilevel.data import DataConfig, TaskBatch, build_sampler
 from bilevel.data.dataset import SPLITS
-from bilevel.app.files import atomic_write_text
+from bilevel.files import atomic_write_text
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import Params, encoder_part
 from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, Check, OneOf

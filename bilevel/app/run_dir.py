@@ -20,7 +20,7 @@ from typing import Optional
 
 from bilevel.app.checkpoint import latest_checkpoint
 from bilevel.errors import RunDirectoryBusy
-from bilevel.app.files import FileLock, atomic_write_text, temp_files
+from bilevel.files import FileLock, atomic_write_text, temp_files
 
 CONFIG = "config.yaml"
 METRICS = "metrics.json"

@@ -7,7 +7,7 @@ A run, in order (``docs/reliability.md`` states what is guaranteed):
    estimate of one meta-step — and builds data, model and algorithm.
 2. :func:`train` takes the run directory (:mod:`bilevel.app.run_dir`: lock, stale temporary files),
    reads its checkpoint and checks the resume contract (:mod:`bilevel.app.resume`), settles the
-   execution path (:mod:`bilevel.execution.choice`) — :func:`begin`, then :func:`resume` — and
+   execution path (:mod:`bilevel.app.execution_choice`) — :func:`begin`, then :func:`resume` — and
    only then writes ``config.yaml`` (:func:`open_run`). Each step is :meth:`Attempt.step`, its
    logging :meth:`Attempt.log_training` / :meth:`Attempt.log_decomposition`, the evaluations
    :meth:`Attempt.evaluate`, the checkpoints :meth:`Attempt.checkpoint`, the end :meth:`Attempt.finish`.
@@ -50,6 +50,7 @@ from bilevel import tags
 from bilevel.decomposition.ablation import Ablation, resolve_ablation
 from bilevel.execution.allocator import ensure_allocator
 from bilevel.algorithm import BilevelAlgorithm, MetaStep, build_algorithm
+from bilevel.app.catalog import unknown_algorithm_message
 from bilevel.app.checkpoint import LATEST, save_checkpoint
 from bilevel.app.cli_errors import explain, override_words
 from bilevel.app.cosine_protocol import CosineProbe
@@ -60,9 +61,9 @@ from bilevel.app.distributed import (
     GatheredLabels, Quiet, Replicas, check_command_line, check_launch, detect_launch, rank_device, resolve_backend,
     tasks_in_memory,
 )
-from bilevel.errors import BilevelError, ConfigError, RunInterrupted
+from bilevel.errors import BilevelError, ConfigError, RunInterrupted, UnknownAlgorithm
 from bilevel.app.evaluation import Evaluation, TaskSet, evaluate, headline_step
-from bilevel.execution.choice import ExecutionChoice, cache_key, measure_paths, settle_execution
+from bilevel.app.execution_choice import ExecutionChoice, cache_key, measure_paths, settle_execution
 from bilevel.app.finite import FiniteGuard, step_tensors
 from bilevel.app.head_policy import before_outer_step, initialise_head
 from bilevel.execution.memory import check_meta_step_memory
@@ -72,7 +73,7 @@ from bilevel.primitives.head import row_spread
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
 from bilevel.app.progress import phase_bar, training_bar
 from bilevel.app.resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
-from bilevel.app.rng import global_rng_state, set_global_rng_state
+from bilevel.rng import global_rng_state, set_global_rng_state
 from bilevel.app.run_dir import RunDirectory, discard_unstarted
 from bilevel.app.signals import GracefulStop
 from bilevel.decomposition.structural import idle_ablation_warning, structural_zeros
@@ -169,7 +170,7 @@ def setup(cfg: Any) -> Run:
 
 
 def settle_path(run: Run, recorded: Optional[str]) -> ExecutionChoice:
-    """The run's execution path (:func:`~bilevel.execution.choice.settle_execution`); a
+    """The run's execution path (:func:`~bilevel.app.execution_choice.settle_execution`); a
     measurement draws its batch from a sampler of its own."""
     cfg, algorithm = run.cfg, run.algorithm
 
@@ -483,6 +484,8 @@ def _exit_on(error: BaseException, run_dir: str) -> None:
     stopped = isinstance(error, (RunInterrupted, KeyboardInterrupt))
     if isinstance(error, KeyboardInterrupt):
         message, status = "interrupted by SIGINT; the run directory keeps its last checkpoint, if any", 130
+    elif isinstance(error, UnknownAlgorithm):  # the registry names its plugins; the catalog adds the presets
+        message, status = unknown_algorithm_message(error.name, error.key), error.exit_code
     else:
         message, status = str(error), error.exit_code
     lines = [message if stopped else f"error: {message}"]

@@ -7,7 +7,7 @@ Alphabets are Unicode scripts read from the character name; scripts with fewer t
 dropped. Each class has 20 drawings: a random covering font plus random affine jitter and stroke
 thickness, white ink on black, resampled from 64-pixel canonical renderings (so sizes above 32 are
 softer), built once per (version, seed, image_size) and cached on disk as a checked file
-(:func:`bilevel.app.files.save_checked`: format version and SHA-256). A cache file that does not read
+(:func:`bilevel.files.save_checked`: format version and SHA-256). A cache file that does not read
 back is rebuilt, with a warning that names it; builds run under a lock next to the file, so
 concurrent first uses build once and nobody reads a half-written pool.
 
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from bilevel.errors import CorruptFileError
-from bilevel.app.files import FileLock, load_checked, save_checked
-from bilevel.app.files import cache_dir as default_cache_dir
+from bilevel.files import FileLock, load_checked, save_checked
+from bilevel.files import cache_dir as default_cache_dir
 from bilevel.data.dataset import check_split, evaluation_half
 from bilevel.data.glyph_render import font_files, jitter, letter_coverage, random_affines, render_canonical
 

@@ -8,11 +8,14 @@ nothing kept out, the trainer uses the algorithm's plain meta-gradient, unchange
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from bilevel.algorithm import BilevelAlgorithm
 from bilevel.data.batch import TaskBatch
-from bilevel.decomposition.assembly import MetaStep, Want
+from bilevel.decomposition.step import MetaStep, Want
 from bilevel.primitives.params import Params
+
+if TYPE_CHECKING:
+    from bilevel.algorithm import BilevelAlgorithm
 
 CONTRASTIVE_SIDES = ("contrastive_query", "contrastive_support")
 

@@ -1,11 +1,9 @@
-"""A meta-step from its tasks: the typed per-task result every hypergradient rule returns, what a
-step is asked for (:class:`Want`: plain, ablated or decomposed), the reduction over tasks, and the
-one assembly of the :class:`MetaStep` with its :class:`~bilevel.decomposition.record.Decomposition`
-— no algorithm assembles one itself."""
+"""A meta-step from its tasks: the reduction of a :class:`~bilevel.decomposition.step.TaskResult`
+over tasks, and the one assembly of the :class:`~bilevel.decomposition.step.MetaStep` with its
+:class:`~bilevel.decomposition.record.Decomposition` — no algorithm assembles one itself."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Optional
 
 from torch import Tensor
 
@@ -13,49 +11,8 @@ from bilevel.data.batch import TaskBatch
 from bilevel.decomposition.checks import identity_error
 from bilevel.decomposition.cotangents import class_masks
 from bilevel.decomposition.record import Decomposition
+from bilevel.decomposition.step import MetaStep, TaskResult, Want
 from bilevel.primitives.params import Params
-
-
-@dataclass
-class MetaStep:
-    """One meta-batch: the meta-gradient (mean over tasks), the mean query loss and accuracy
-    after adaptation, the decomposition when requested, and algorithm-specific scalars."""
-
-    grad: Params
-    loss: Tensor
-    accuracy: Tensor
-    decomposition: Optional[Decomposition] = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
-
-
-class Want(NamedTuple):
-    """What a meta-step computes: the decomposition into ``terms`` (empty: none) and the
-    ablated gradient that keeps ``keep`` (None: the plain meta-gradient is followed)."""
-
-    terms: tuple[str, ...] = ()
-    keep: Optional[tuple[str, ...]] = None
-
-
-class TaskResult(NamedTuple):
-    """One task's (or one shared batch's) hypergradient and what was asked of it.
-
-    ``grad`` is the plain meta-gradient (None when a decomposing ``loop`` step takes it from a
-    plain step, :func:`~bilevel.execution.mapping.map_meta_steps`); ``ablated`` the gradient of
-    ``Want.keep`` when no decomposition was asked; ``terms`` the term gradients stacked
-    ``{key: [len(Want.terms), *shape]}``; ``pairs`` ``[entries, n_s, n_q]`` and ``cosines``
-    ``[n_s, n_q]`` per task; ``reconstruction`` the eq. (1) error; ``adaptation`` the
-    encoder-adaptation diagnostic; ``extras`` per-task scalars (averaged over tasks)."""
-
-    loss: Tensor
-    accuracy: Tensor
-    grad: Optional[Params] = None
-    ablated: Optional[Params] = None
-    terms: Optional[Params] = None
-    pairs: Optional[Tensor] = None
-    cosines: Optional[Tensor] = None
-    reconstruction: Optional[Tensor] = None
-    adaptation: Optional[Params] = None
-    extras: dict[str, Tensor] = {}
 
 
 def mean_over_tasks(result: TaskResult) -> TaskResult:

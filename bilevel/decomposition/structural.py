@@ -16,10 +16,12 @@ the ``init`` rule for every algorithm whose ``W_0`` is the meta head, the others
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from bilevel.decomposition.ablation import Ablation
-from bilevel.algorithm import BilevelAlgorithm
+
+if TYPE_CHECKING:
+    from bilevel.algorithm import BilevelAlgorithm
 
 
 def structural_zeros(algorithm: BilevelAlgorithm, head_policy: str,

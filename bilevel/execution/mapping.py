@@ -13,16 +13,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from bilevel.primitives.params import stack_trees
 
 EXECUTIONS = ("auto", "vmap", "loop", "shared")
-
-
-def stack_trees(trees: Sequence[Any]) -> Any:
-    """Stack a list of identically-structured pytrees along a new leading axis."""
-    leaves = [tree_flatten(t)[0] for t in trees]
-    spec = tree_flatten(trees[0])[1]
-    return tree_unflatten([torch.stack(group) for group in zip(*leaves)], spec)
 
 
 def map_tasks(fn: Callable[..., Any], mode: str, shared: Any, *per_task: Tensor) -> Any:

@@ -66,7 +66,8 @@ from bilevel.decomposition.cotangents import (
 )
 from bilevel.decomposition.checks import reconstruction_error
 from bilevel.execution.mapping import map_meta_steps, map_tasks
-from bilevel.decomposition.assembly import MetaStep, TaskResult, Want, assemble, mean_over_tasks
+from bilevel.decomposition.assembly import assemble, mean_over_tasks
+from bilevel.decomposition.step import MetaStep, TaskResult, Want
 from bilevel.solvers.chain import BATCHES, ChainResult, ChainSpec, chain_batch, run_chain
 from bilevel.primitives.head import readout
 from bilevel.solvers.sgd import sgd_steps

@@ -69,7 +69,8 @@ from bilevel.decomposition.cotangents import Nodes
 from bilevel.execution.mapping import map_tasks
 from bilevel.primitives.head import HeadTrace, readout
 from bilevel.hypergrad.rows import Forward, node_rows
-from bilevel.decomposition.assembly import MetaStep, TaskResult, Want, assemble, mean_over_tasks
+from bilevel.decomposition.assembly import assemble, mean_over_tasks
+from bilevel.decomposition.step import MetaStep, TaskResult, Want
 from bilevel.solvers.sgd import ADAPTED_SETS
 from bilevel.primitives.losses import cross_entropy, cross_entropy_logits_grad
 from bilevel.primitives.models import BilevelModel

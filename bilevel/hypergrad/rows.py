@@ -7,8 +7,8 @@ cotangents (:func:`term_rows`), the ablated gradient is the pullback of the kept
 (:func:`ablated_row`), and the plain gradient is the pullback of ``∂L/∂L = 1``
 (:func:`plain_row`). A rule may add *direct* rows, parts of a term that do not flow through the
 nodes (iMAML's ``solve_error``). The result is a
-:class:`~bilevel.decomposition.assembly.TaskResult` for what a
-:class:`~bilevel.decomposition.assembly.Want` asks.
+:class:`~bilevel.decomposition.step.TaskResult` for what a
+:class:`~bilevel.decomposition.step.Want` asks.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from bilevel.decomposition.assembly import TaskResult, Want
+from bilevel.decomposition.step import TaskResult, Want
 from bilevel.decomposition.cotangents import (
     Nodes,
     cosine_matrix,
@@ -28,10 +28,9 @@ from bilevel.decomposition.cotangents import (
     term_cotangents,
 )
 from bilevel.decomposition.checks import reconstruction_error
-from bilevel.execution.mapping import stack_trees
 from bilevel.primitives.head import HeadTrace
 from bilevel.primitives.losses import accuracy, cross_entropy_logits_grad
-from bilevel.primitives.params import ENCODER_PREFIX, Params
+from bilevel.primitives.params import ENCODER_PREFIX, Params, stack_trees
 
 NodePullback = Callable[[tuple[Tensor, Nodes]], Params]
 """``(∂ℓ/∂loss, ∂ℓ/∂nodes) ↦ ∂ℓ/∂(meta-parameters)``: the VJP of one forward."""

@@ -33,7 +33,8 @@ from bilevel.decomposition.cotangents import Nodes
 from bilevel.execution.mapping import map_meta_steps, map_tasks
 from bilevel.primitives.head import init_head, readout
 from bilevel.hypergrad.rows import Forward, node_rows
-from bilevel.decomposition.assembly import MetaStep, TaskResult, Want, assemble, mean_over_tasks
+from bilevel.decomposition.assembly import assemble, mean_over_tasks
+from bilevel.decomposition.step import MetaStep, TaskResult, Want
 from bilevel.solvers.sgd import ADAPTED_SETS, InnerResult, autograd_pullbacks, sgd_steps
 from bilevel.primitives.losses import accuracy, cross_entropy
 from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part

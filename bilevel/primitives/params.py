@@ -6,10 +6,11 @@ keys ``head.weight`` and ``head.bias``, never by position.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 Params = dict[str, Tensor]
 
@@ -67,3 +68,10 @@ def tree_vdot(a: Params, b: Params) -> Tensor:
 def tree_norm(a: Params) -> Tensor:
     """Euclidean norm over all leaves (a 0-d tensor; no host sync)."""
     return torch.sqrt(tree_vdot(a, a))
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+    """Stack a list of identically-structured pytrees along a new leading axis."""
+    leaves = [tree_flatten(t)[0] for t in trees]
+    spec = tree_flatten(trees[0])[1]
+    return tree_unflatten([torch.stack(group) for group in zip(*leaves)], spec)

@@ -6,7 +6,7 @@ the fastest in the measurement cached for this machine and configuration; else t
 when measured now. A measurement (:func:`measure_paths`) runs on a batch of its own sampler
 and restores the algorithm's state and the global random state afterwards, so it consumes
 none of the run's draws; it is cached in ``execution.json`` under the cache directory
-(:func:`bilevel.app.files.cache_dir`), keyed by the machine (host, processor or GPU, torch
+(:func:`bilevel.files.cache_dir`), keyed by the machine (host, processor or GPU, torch
 threads) and the configuration (the run's fingerprint without seeds, cadence and path),
 written atomically under a lock. The path is recorded in the checkpoint, ``config.yaml`` and
 TensorBoard by the trainer.
@@ -27,10 +27,10 @@ import torch
 from bilevel.algorithm import BilevelAlgorithm
 from bilevel.data import TaskBatch
 from bilevel.execution.mapping import choose_execution
-from bilevel.app.files import FileLock, atomic_write_text, cache_dir
+from bilevel.files import FileLock, atomic_write_text, cache_dir
 from bilevel.primitives.params import Params
 from bilevel.app.resume import is_forceable
-from bilevel.app.rng import global_rng_state, set_global_rng_state
+from bilevel.rng import global_rng_state, set_global_rng_state
 
 CACHE_FILE = "execution.json"
 
