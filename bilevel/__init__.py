@@ -79,7 +79,9 @@ from bilevel.hypergrad.implicit import (
 )
 from bilevel.solvers.proximal import proximal_solve
 from bilevel.solvers.sgd import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
-from bilevel.primitives.models import BilevelModel, ModelConfig, build_model
+from bilevel.primitives.batchnorm import SetBatchNorm, forwarding_layout, with_set_statistics
+from bilevel.primitives.models import BilevelModel, ModelConfig, build_model, feature_size
+from bilevel.primitives.resnet12 import ResNet12
 from bilevel.primitives.pooling import max_pool2x2
 from bilevel.primitives.params import Params
 from bilevel.decomposition.structural import structural_zeros
@@ -101,6 +103,7 @@ __all__ = [
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
     "RunInterrupted", "UnknownAlgorithm", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf", "Range",
     "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "ci95", "headline_step", "structural_zeros",
+    "ResNet12", "SetBatchNorm", "feature_size", "forwarding_layout", "with_set_statistics",
 ]
 
 _APP_NAMES = {
