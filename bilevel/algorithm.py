@@ -25,7 +25,7 @@ from bilevel.decomposition.step import MetaStep, Want
 from bilevel.errors import ConfigError, UnknownAlgorithm
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import Params
-from bilevel.validate import AT_LEAST_1, Check, check_declared, closest
+from bilevel.validate import AT_LEAST_1, Check, check_declared, closest, parse_memory
 
 ENTRY_POINT_GROUP = "bilevel.algorithms"
 HEAD_ENTRY_TERMS = ("contrastive", "contrastive_query", "contrastive_support", "coefficient")

@@ -170,7 +170,7 @@ def test_cli_writes_statistics_json_and_figures(sweep: Path, tmp_path: Path, cap
     main([str(sweep), "--out", str(tmp_path / "fig"), "--markdown", str(md)])
     text = md.read_text()
     printed = capsys.readouterr().out
-    assert text.replace(text[text.index("### Arms"):text.index("### Paired")], "") in printed  # arms: --markdown only
+    assert text.replace(text[text.index("### Arms"):text.index("### Exploratory")], "") in printed  # arms: --markdown only
     assert "Exploratory: paired comparisons" in text and "Wilcoxon p" in text and "Cosine probe" in text
     assert "Declared comparisons" not in text  # this sweep declares none
     study = json.loads((tmp_path / "fig" / "study.json").read_text())

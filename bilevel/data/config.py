@@ -7,14 +7,19 @@ from typing import ClassVar, Optional
 from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, Check, Range
 
 
+MAX_IMAGE_SIZE = 512
+"""The largest ``data.image_size``: the glyph pool (20 drawings of 1,577 classes, a byte a pixel)
+takes 8.3 GB at 512, and the pool and every activation grow with the square of the side."""
+
+
 @dataclass
 class DataConfig:
     """Which data set to draw tasks from and the task shape (the Hydra ``data`` group).
 
     ``root``: data directory for omniglot/miniimagenet (required); cache directory for glyphs
     (None -> ``$BILEVEL_CACHE`` or ``~/.cache/bilevel``). ``image_size``: side length for
-    glyphs/omniglot (miniimagenet is always 84). ``rotations``: omniglot only, add the 90/180/270
-    degree rotations as new classes. ``synthetic_*``: synthetic only (classes per split, vector
+    glyphs/omniglot, at most ``MAX_IMAGE_SIZE`` (miniimagenet is always 84). ``rotations``:
+    omniglot only, add the 90/180/270 degree rotations as new classes. ``synthetic_*``: synthetic only (classes per split, vector
     dimension, cluster std relative to unit-norm means). ``seed``: data generation seed.
     ``train_classes``: train on that many classes of the train split only (a fixed subset chosen
     by ``seed``: :mod:`bilevel.data.subset`; null: all). ``fixed_blocks``: every training task
@@ -24,7 +29,7 @@ class DataConfig:
     """
 
     checks: ClassVar[dict[str, Check]] = {
-        "ways": Range(low=2), "shots": AT_LEAST_1, "queries": AT_LEAST_1, "image_size": AT_LEAST_1,
+        "ways": Range(low=2), "shots": AT_LEAST_1, "queries": AT_LEAST_1, "image_size": Range(low=1, high=MAX_IMAGE_SIZE),
         "synthetic_classes": Range(low=2), "synthetic_dim": AT_LEAST_1, "synthetic_noise": NON_NEGATIVE,
         "seed": NON_NEGATIVE, "train_classes": Range(low=2),
     }

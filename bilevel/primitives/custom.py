@@ -8,9 +8,10 @@ by the dry forward of :func:`bilevel.primitives.models.feature_size`.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
 
 EXAMPLE = "model.target=my_package.encoders.MyEncoder"
 
@@ -38,8 +39,15 @@ def _resolve(target: str) -> Any:
                      f"or installed?); give the full path, e.g. {EXAMPLE}")
 
 
-def import_encoder(target: Optional[str], kwargs: dict[str, Any]) -> nn.Module:
-    """``target(**kwargs)``, checked to be an ``nn.Module`` (errors name the key to change)."""
+def import_encoder(target: Optional[str], kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """``target(**kwargs)``, checked to be an ``nn.Module`` (errors name the key to change);
+    ``kwargs`` may be an OmegaConf node, passed on as plain containers."""
+    if isinstance(kwargs, DictConfig):
+        kwargs = OmegaConf.to_container(kwargs, resolve=True)
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"model.kwargs must be a mapping of keyword arguments, e.g. 'model.kwargs={{width: 32}}', "
+                         f"got {kwargs!r}")
     if not target or "." not in target:
         raise ValueError(f"model=custom needs model.target, the import path of an nn.Module class or factory "
                          f"(got {target!r}), e.g. {EXAMPLE}")

@@ -9,7 +9,7 @@ statistics of the set being forwarded, per task and per set, never running stati
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -160,7 +160,8 @@ class ModelConfig:
     """Model choice. ``channels``: conv width (default 64 for conv4, 32 for conv4_mini) or ResNet-12
     base width ``c`` (blocks ``c``, ``2.5c``, ``5c``, ``10c``; default 64); ``pool``: ResNet-12's
     features, ``avg`` or ``flatten``; ``hidden``/``layers``: MLP width and depth; ``target``/``kwargs``:
-    the ``custom`` encoder, ``target(**kwargs)`` for an import path ``package.module.Class``."""
+    the ``custom`` encoder, ``target(**kwargs)`` for an import path ``package.module.Class`` (``kwargs``: a
+    mapping, or None for none; typed ``Any`` so that ``model.kwargs={...}`` replaces it on the command line)."""
 
     name: str = "conv4"
     channels: Optional[int] = None
@@ -168,7 +169,7 @@ class ModelConfig:
     layers: int = 2
     pool: str = "avg"
     target: Optional[str] = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: Any = None
 
 
 MODELS = ("conv4", "conv4_mini", "resnet12", "mlp", "custom")
@@ -205,7 +206,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], ways: int) -> Bi
             features *= s
         encoder = MLP(features, cfg.hidden, cfg.layers)
     elif cfg.name == "custom":
-        encoder = import_encoder(cfg.target, dict(cfg.kwargs))
+        encoder = import_encoder(cfg.target, cfg.kwargs)
     else:
         raise ValueError(f"unknown model {cfg.name!r}; choose one of {', '.join(MODELS)}")
     return BilevelModel.from_encoder(encoder, tuple(input_shape), ways)
