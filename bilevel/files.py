@@ -177,12 +177,15 @@ class FileLock:
         self._fd = fd
         return True
 
+    gone = "a process that has just finished"
+    """Who held the lock when its record is gone."""
+
     def holder(self) -> str:
         """Who holds the lock, as its holder wrote it ('pid N on HOST since TIME')."""
         try:
             return self.path.read_text().strip() or "a process that is starting"
         except FileNotFoundError:
-            return "a process that has just finished"
+            return self.gone
 
     def release(self) -> None:
         if self._fd is None:
@@ -209,6 +212,7 @@ class DirectoryLock(FileLock):
     def __init__(self, directory: str | os.PathLike, name: str) -> None:
         super().__init__(Path(directory) / name)
         self._dir_fd: Optional[int] = None
+        self.gone = f"a process whose {name} record was deleted"  # the directory's flock is still held
 
     def acquire(self, blocking: bool = True) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,13 +230,6 @@ class DirectoryLock(FileLock):
             return False
         self._dir_fd = fd
         return True
-
-    def holder(self) -> str:
-        """As :meth:`FileLock.holder`, or that the holder's record was deleted."""
-        try:
-            return self.path.read_text().strip() or "a process that is starting"
-        except FileNotFoundError:
-            return f"a process whose {self.path.name} record was deleted"
 
     def release(self) -> None:
         super().release()

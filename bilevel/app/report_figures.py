@@ -89,6 +89,15 @@ def share_terms(runs: Sequence[RunRecord]) -> list[str]:
     return sorted(t[len(SHARE_PREFIX):-len(SHARE_SUFFIX)] for t in tags)
 
 
+def _label(ax: Any, title: str, ylabel: str) -> None:
+    """A curve panel's title, axes labels (outer steps on x), grid and legend."""
+    ax.set_title(title, fontsize="medium")
+    ax.set_xlabel("outer step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
 def shares_figure(groups: Sequence[Group]) -> Optional[Figure]:
     """Per setting, each term's share ``⟨term, total⟩ / ‖total‖²`` of the encoder meta-gradient."""
     with_terms = [(g, share_terms(g.runs)) for g in groups]
@@ -102,11 +111,7 @@ def shares_figure(groups: Sequence[Group]) -> Optional[Figure]:
         for term in terms:
             band(ax, common_curve(group.runs, f"{SHARE_PREFIX}{term}{SHARE_SUFFIX}"), term, colors[term])
         ax.axhline(0.0, color="grey", linewidth=0.8)
-        ax.set_title(group.label, fontsize="medium")
-        ax.set_xlabel("outer step")
-        ax.set_ylabel("share ⟨term, total⟩ / ‖total‖²")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _label(ax, group.label, "share ⟨term, total⟩ / ‖total‖²")
     return fig
 
 
@@ -120,11 +125,7 @@ def cosine_figure(groups: Sequence[Group]) -> Optional[Figure]:
     for ax, (group, same, diff) in zip(axes, panels):
         for curve, label, color in ((same, "same class", "C0"), (diff, "different class", "C3")):
             band(ax, curve, label, color)
-        ax.set_title(group.label, fontsize="medium")
-        ax.set_xlabel("outer step")
-        ax.set_ylabel("cosine similarity")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        _label(ax, group.label, "cosine similarity")
     return fig
 
 
