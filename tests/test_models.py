@@ -216,7 +216,7 @@ def run_config(*overrides: str):
 
 @pytest.mark.parametrize("overrides, message", [
     (["model=resnet12", "data.image_size=12"], "at least 16x16.*data.image_size >= 16"),
-    (["model=conv4", "data.image_size=4"], "at least 16x16.*data.image_size >= 16"),
+    (["model=conv4", "data.image_size=8"], "at least 16x16.*data.image_size >= 16"),
     (["model=mlp", "data.image_size=100000"], r"data.image_size must be in \[1, 512\]"),
     (["model=custom", "model.target=torch.nn.Identity"], r"features \[n, d\]"),
     (["model=resnet12", "model.pool=max"], "model.pool"),

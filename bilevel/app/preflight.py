@@ -27,6 +27,8 @@ def check_model(cfg: Any, shape: tuple[int, ...], device: torch.device, dtype: t
     try:
         with torch.device("meta"):
             model = build_model(cfg.model, shape, cfg.data.ways)
+    except ValueError as err:  # the model's own refusal names the key to change
+        raise ConfigError(str(err)) from None
     except RuntimeError as err:
         raise ConfigError(
             f"model={cfg.model.name} cannot take inputs of shape {tuple(shape)} (data.image_size="

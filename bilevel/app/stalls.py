@@ -56,8 +56,10 @@ class StallWatch:
 
     def check(self, done: int, grad: Params, params: Params, accuracy: Tensor, steps: int) -> list[str]:
         """After ``done`` steps: ``grad`` is the last step's meta-gradient, ``accuracy`` the mean
-        training accuracy of the ``steps`` steps since the last log point. Returns the warnings
-        due now (each at most once per run)."""
+        training accuracy of the ``steps`` steps since the last log point (none when every one was
+        a skipped fp16 step: nothing to judge). Returns the warnings due now (each at most once per run)."""
+        if steps == 0:
+            return []
         encoder = [k for k in grad if k.startswith(ENCODER_PREFIX)]
         norm = float(tree_norm({k: grad[k] for k in encoder}))
         bound = ROUND_OFF * torch.finfo(grad[encoder[0]].dtype).eps * float(tree_norm({k: params[k] for k in encoder}))
