@@ -31,6 +31,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from bilevel.execution.allocator import ALLOCATORS, ensure_allocator
+from bilevel.execution.mapping import synchronize
 
 if TYPE_CHECKING:
     from bilevel.data.batch import TaskBatch
@@ -117,13 +118,6 @@ def make_batch(tasks: int, ways: int, shots: int, queries: int, shape: Sequence[
     return labelled_batch(support_x, support_y, query_x, query_y, ways)
 
 
-def _synchronize(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _call(fn: Callable[[], Any], device) -> tuple[float, float, int, int | None]:
     """Wall seconds, process CPU seconds, minor page faults and CUDA peak bytes of one call."""
     import torch
@@ -131,12 +125,12 @@ def _call(fn: Callable[[], Any], device) -> tuple[float, float, int, int | None]
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    _synchronize(device)
+    synchronize(device)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cpu = time.process_time()
     start = time.perf_counter()
     fn()
-    _synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
@@ -149,10 +143,10 @@ def time_methods(warmups: dict[str, Callable[[], Any]], steps: dict[str, Callabl
     round-robin order. Returns ``(warm-up results, {method: timing record})``."""
     results, warm_seconds = {}, {}
     for name, fn in warmups.items():
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         results[name] = fn()
-        _synchronize(device)
+        synchronize(device)
         warm_seconds[name] = time.perf_counter() - start
     slowest = max(warm_seconds.values())
     n = max(args.min_repeats, min(args.repeats, round(args.target_s / max(slowest, 1e-9))))

@@ -159,8 +159,8 @@ def test_diverged_run_with_a_zeroed_head_stops_naming_the_tensor_and_the_last_go
     assert state["step"] == 1 and all(torch.isfinite(p).all() for p in state["params"].values())
 
 
-class _NaNGradient(MAML):
-    """MAML whose gradient of the first encoder weight is NaN from the 3rd meta-step on."""
+class _SpoiledFromStep3(MAML):
+    """MAML whose meta-step is spoiled by :meth:`spoil` from the 3rd meta-step on."""
 
     calls = 0
 
@@ -168,8 +168,15 @@ class _NaNGradient(MAML):
         step = super().meta_step(params, batch, want)
         type(self).calls += 1
         if type(self).calls >= 3:
-            step.grad["encoder.layers.0.weight"] = step.grad["encoder.layers.0.weight"] * float("nan")
+            self.spoil(step)
         return step
+
+
+class _NaNGradient(_SpoiledFromStep3):
+    """The gradient of the first encoder weight is NaN from the 3rd meta-step on."""
+
+    def spoil(self, step):
+        step.grad["encoder.layers.0.weight"] = step.grad["encoder.layers.0.weight"] * float("nan")
 
 
 def test_non_finite_gradient_is_named_before_the_parameters_it_poisons(tmp_path, monkeypatch):
@@ -577,17 +584,11 @@ def test_tensorboard_directory_deleted_mid_run_is_made_again(tmp_path, caplog):
     assert event_files(tmp_path / "run") and load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 8
 
 
-class _InfiniteLoss(MAML):
-    """MAML whose reported meta-loss is 1e300 (finite in float64, inf in any float32 log) from step 3 on."""
+class _InfiniteLoss(_SpoiledFromStep3):
+    """The reported meta-loss is 1e300 (finite in float64, inf in any float32 log) from step 3 on."""
 
-    calls = 0
-
-    def meta_step(self, params, batch, want=Want()):
-        step = super().meta_step(params, batch, want)
-        type(self).calls += 1
-        if type(self).calls >= 3:
-            step.loss = step.loss * 0 + 1e300
-        return step
+    def spoil(self, step):
+        step.loss = step.loss * 0 + 1e300
 
 
 def test_a_float64_loss_beyond_float32_range_stops_the_run(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ import torch
 
 from bilevel.algorithm import BilevelAlgorithm
 from bilevel.data import TaskBatch
-from bilevel.execution.mapping import _synchronize, choose_execution
+from bilevel.execution.mapping import synchronize, choose_execution
 from bilevel.files import FileLock, atomic_write_text, cache_dir
 from bilevel.primitives.params import Params
 from bilevel.app.resume import is_forceable
@@ -229,10 +229,10 @@ class PathCheck:
         self.seen += 1
         if self.choice.cached_s is None or not plain or self.seen == 1 or len(self.times) >= self.samples:
             return meta_step()
-        _synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         out = meta_step()
-        _synchronize(self.device)
+        synchronize(self.device)
         self.times.append(time.perf_counter() - start)
         if len(self.times) == self.samples:
             self.verdict = self._judge(statistics.median(self.times))

@@ -63,7 +63,8 @@ def map_meta_steps(
     return out
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): timings of a step end here."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -75,12 +76,12 @@ def choose_execution(
     timings: dict[str, float] = {}
     for mode in modes:
         run(mode)
-        _synchronize(device)
+        synchronize(device)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             run(mode)
-            _synchronize(device)
+            synchronize(device)
             best = min(best, time.perf_counter() - start)
         timings[mode] = best
     return min(timings, key=timings.__getitem__), timings
