@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bilevel.data import (
+    ClassRule,
     DataConfig,
     TaskBatch,
     TaskSampler,
@@ -178,7 +179,7 @@ def test_labels_are_a_fresh_permutation_per_task():
 
 
 def test_fixed_labels_keep_one_label_per_class():
-    sampler = TaskSampler(synthetic(classes=23), ways=5, shots=1, queries=2, meta_batch=40, seed=0, fixed_labels=True)
+    sampler = TaskSampler(synthetic(classes=23), ways=5, shots=1, queries=2, meta_batch=40, seed=0, rule=ClassRule(fixed_labels=True))
     classes = torch.cat([sampler.sample().classes for _ in range(5)])
     assert torch.equal(classes % 5, torch.arange(5).expand_as(classes))
     assert len(torch.unique(classes)) == 23  # every class is used (the last residues have 4 classes)
@@ -204,7 +205,7 @@ def test_too_many_ways_names_the_numbers():
     with pytest.raises(ValueError, match=r"5-way tasks need at least 5 classes, the split has 3"):
         TaskSampler(synthetic(classes=3), ways=5, shots=1, queries=1, meta_batch=1, seed=0)
     with pytest.raises(ValueError, match="fixed_labels"):
-        TaskSampler(synthetic(classes=3), ways=5, shots=1, queries=1, meta_batch=1, seed=0, fixed_labels=True)
+        TaskSampler(synthetic(classes=3), ways=5, shots=1, queries=1, meta_batch=1, seed=0, rule=ClassRule(fixed_labels=True))
 
 
 def test_too_many_shots_and_queries():

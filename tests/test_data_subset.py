@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bilevel.data import DataConfig, TaskSampler, build_dataset, build_sampler
+from bilevel.data import ClassRule, DataConfig, TaskSampler, build_dataset, build_sampler
 from bilevel.data.subset import ClassSubset, choose_classes
 from bilevel.data.synthetic import SyntheticDataset
 
@@ -38,8 +38,8 @@ def test_bad_train_classes_are_clear_errors(keep: int, match: str) -> None:
 
 
 def test_fixed_blocks_with_fixed_labels_draw_whole_blocks_in_label_order() -> None:
-    sampler = TaskSampler(SyntheticDataset("train", num_classes=17), 5, 1, 1, 60, seed=3, fixed_labels=True,
-                          fixed_blocks=True)
+    sampler = TaskSampler(SyntheticDataset("train", num_classes=17), 5, 1, 1, 60, seed=3,
+                          rule=ClassRule(fixed_labels=True, fixed_blocks=True))
     classes = sampler.sample().classes
     blocks = classes // 5
     assert torch.all(blocks == blocks[:, :1]) and int(classes.max()) < 15  # 3 whole blocks of 17 classes
@@ -48,7 +48,7 @@ def test_fixed_blocks_with_fixed_labels_draw_whole_blocks_in_label_order() -> No
 
 
 def test_fixed_blocks_without_fixed_labels_permute_labels_within_the_block() -> None:
-    sampler = TaskSampler(SyntheticDataset("train", num_classes=10), 5, 1, 1, 40, seed=0, fixed_blocks=True)
+    sampler = TaskSampler(SyntheticDataset("train", num_classes=10), 5, 1, 1, 40, seed=0, rule=ClassRule(fixed_blocks=True))
     classes = sampler.sample().classes
     assert torch.all(classes // 5 == (classes // 5)[:, :1])
     assert all(sorted(row.tolist()) == list(range(5 * (row[0] // 5), 5 * (row[0] // 5) + 5)) for row in classes)
@@ -58,7 +58,7 @@ def test_fixed_blocks_without_fixed_labels_permute_labels_within_the_block() -> 
 def test_fixed_blocks_shape_training_tasks_only_and_survive_share_and_fork() -> None:
     cfg = DataConfig(name="synthetic", synthetic_classes=20, fixed_blocks=True, fixed_labels=True)
     train = build_sampler(cfg, "train", 4, seed=0)
-    assert train.fixed_blocks and not build_sampler(cfg, "val", 4, seed=0).fixed_blocks
-    assert train.share(range(1, 3)).fixed_blocks and train.fork(5).fixed_blocks
+    assert train.rule.fixed_blocks and not build_sampler(cfg, "val", 4, seed=0).rule.fixed_blocks
+    assert train.share(range(1, 3)).rule.fixed_blocks and train.fork(5).rule.fixed_blocks
     whole = train.draw(0, range(4)).classes
     assert torch.equal(train.share(range(1, 3)).draw(0, range(1, 3)).classes, whole[1:3])

@@ -6,10 +6,10 @@ from bilevel.data.dataset import SPLITS, ClassDataset
 from bilevel.data.glyphs import GlyphDataset, GlyphInfo
 from bilevel.data.miniimagenet import MiniImageNetDataset
 from bilevel.data.omniglot import OmniglotDataset
-from bilevel.data.sampler import TaskSampler
+from bilevel.data.sampler import ClassRule, TaskSampler
 from bilevel.data.synthetic import SyntheticDataset
 
 __all__ = [
-    "TaskBatch", "ClassDataset", "TaskSampler", "DataConfig", "build_dataset", "build_sampler", "input_shape",
+    "TaskBatch", "ClassDataset", "TaskSampler", "ClassRule", "DataConfig", "build_dataset", "build_sampler", "input_shape",
     "DATASETS", "SPLITS", "GlyphDataset", "GlyphInfo", "SyntheticDataset", "OmniglotDataset", "MiniImageNetDataset",
 ]

@@ -6,7 +6,7 @@ from bilevel.data.dataset import ClassDataset, check_split
 from bilevel.data.glyphs import glyph_dataset
 from bilevel.data.miniimagenet import SIDE, MiniImageNetDataset
 from bilevel.data.omniglot import OmniglotDataset
-from bilevel.data.sampler import TaskSampler
+from bilevel.data.sampler import ClassRule, TaskSampler
 from bilevel.data.subset import ClassSubset, choose_classes
 from bilevel.data.synthetic import SyntheticDataset
 
@@ -53,8 +53,8 @@ def build_sampler(cfg: DataConfig, split: str, meta_batch: int, seed: int) -> Ta
     (``fixed_blocks`` shapes training tasks only: evaluation tasks stay random draws)."""
     dataset = build_dataset(cfg, split)
     try:
-        return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch, seed, fixed_labels=cfg.fixed_labels,
-                           fixed_blocks=cfg.fixed_blocks and split == "train")
+        rule = ClassRule(fixed_labels=cfg.fixed_labels, fixed_blocks=cfg.fixed_blocks and split == "train")
+        return TaskSampler(dataset, cfg.ways, cfg.shots, cfg.queries, meta_batch, seed, rule)
     except ValueError as error:
         raise ValueError(f"the {split!r} split of {cfg.name}: {error}") from None
 

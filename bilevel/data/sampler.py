@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -17,6 +18,16 @@ def task_seed(seed: int, step: int, task: int) -> int:
     whatever else is drawn: the meta-batch does not depend on how it is shared out."""
     digest = hashlib.blake2b(f"{seed}/{step}/{task}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+@dataclass(frozen=True)
+class ClassRule:
+    """How a task picks its classes and labels (see :class:`TaskSampler`): ``fixed_labels`` keeps
+    label ``class % ways`` for a class; ``fixed_blocks`` draws one of the fixed blocks of ``ways``
+    consecutive classes."""
+
+    fixed_labels: bool = False
+    fixed_blocks: bool = False
 
 
 class TaskSampler:
@@ -47,9 +58,8 @@ class TaskSampler:
         queries: int,
         meta_batch: int,
         seed: int,
-        fixed_labels: bool = False,
+        rule: ClassRule = ClassRule(),
         tasks: Optional[range] = None,
-        fixed_blocks: bool = False,
     ) -> None:
         for name, value in (("ways", ways), ("shots", shots), ("queries", queries), ("meta_batch", meta_batch)):
             if value < 1:
@@ -57,7 +67,7 @@ class TaskSampler:
         if ways > dataset.num_classes:
             residues = (
                 f" (fixed_labels uses label = class % {ways}, so every residue 0..{ways - 1} needs a class)"
-                if fixed_labels
+                if rule.fixed_labels
                 else ""
             )
             raise ValueError(
@@ -79,8 +89,7 @@ class TaskSampler:
         self.queries = queries
         self.meta_batch = meta_batch
         self.seed = seed
-        self.fixed_labels = fixed_labels
-        self.fixed_blocks = fixed_blocks
+        self.rule = rule
         self.tasks = tasks
         self.step = 0
 
@@ -89,11 +98,11 @@ class TaskSampler:
         per class the indices of its ``shots + queries`` samples ``[ways, shots + queries]``."""
         g = torch.Generator().manual_seed(task_seed(self.seed, step, task))
         n, w = self.dataset.num_classes, self.ways
-        if self.fixed_blocks:
+        if self.rule.fixed_blocks:
             block = int(torch.randint(n // w, (1,), generator=g))
-            order = torch.arange(w) if self.fixed_labels else torch.rand(w, generator=g).argsort()
+            order = torch.arange(w) if self.rule.fixed_labels else torch.rand(w, generator=g).argsort()
             classes = block * w + order
-        elif self.fixed_labels:
+        elif self.rule.fixed_labels:
             residues = torch.arange(w)
             per_residue = (n - residues + w - 1) // w  # classes r, r + ways, ... < n
             pick = (torch.rand(w, generator=g) * per_residue).long()
@@ -137,7 +146,7 @@ class TaskSampler:
         """A sampler at the same position that draws only the tasks ``tasks`` of every meta-batch
         (one process's share: :func:`bilevel.app.distributed.task_share`)."""
         shared = TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, self.seed,
-                             self.fixed_labels, tasks, self.fixed_blocks)
+                             self.rule, tasks)
         shared.step = self.step
         return shared
 
@@ -146,7 +155,7 @@ class TaskSampler:
         ``seed``, at the start of its sequence: drawing from it leaves this sampler's sequence
         untouched."""
         return TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, seed,
-                           self.fixed_labels, self.tasks, self.fixed_blocks)
+                           self.rule, self.tasks)
 
     def state_dict(self) -> dict:
         """The position in the sequence (meta-batches drawn), the same for every share;
