@@ -24,7 +24,7 @@ from bilevel.primitives.models import BilevelModel
 from bilevel.data.batch import TaskBatch
 from bilevel.primitives.params import is_head
 from bilevel.testing import rel_err, seeded_batch
-from theory_checks.imaml_claims import adapted_keys, dense_implicit_gradient, inner_solution
+from theory_checks.imaml_claims import LinearSystem, adapted_keys, dense_implicit_gradient, inner_solution
 
 DTYPE = torch.float64
 WAYS, SHOTS, QUERIES, TASKS, INPUT = 3, 2, 2, 2, 5
@@ -88,7 +88,7 @@ def _inner_solution(model, params, xs, ys, adapt: str, steps: int = CONVERGED_ST
 
 
 def _dense_reference(model, params, batch, adapt: str, **damped) -> dict:
-    return dense_implicit_gradient(model, params, batch, adapt, lam=LAM, lr=LR, steps=CONVERGED_STEPS, **damped)
+    return dense_implicit_gradient(model, params, batch, adapt, lam=LAM, lr=LR, steps=CONVERGED_STEPS, system=LinearSystem(**damped))
 
 
 # ---------------------------------------------------------------------------------------- CG

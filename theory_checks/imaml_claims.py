@@ -10,6 +10,7 @@ of the paper's system ``(I + H/λ) u = ∇_φ L_Q(φ*)``; the encoder's mixed te
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -58,11 +59,20 @@ def inner_solution(model: BilevelModel, params: Params, xs: Tensor, ys: Tensor, 
     return phi
 
 
+@dataclass(frozen=True)
+class LinearSystem:
+    """The damped implicit system ``((1+c) I + H/(λ+e)) u = g``: ``damping`` c, ``lam_offset`` e."""
+
+    damping: float = 0.0
+    lam_offset: float = 0.0
+
+
 def dense_implicit_gradient(model: BilevelModel, params: Params, batch: Any, adapt: str, *, lam: float,
-                            lr: float, steps: int, damping: float = 0.0, lam_offset: float = 0.0) -> Params:
+                            lr: float, steps: int, system: LinearSystem = LinearSystem()) -> Params:
     """Mean over tasks of the implicit meta-gradient by a dense Hessian solve of
-    ``((1+c) I + H/(λ+e)) u = ∇_φ L_Q(φ*)`` (c = e = 0: the paper's system): the anchor gets
-    ``u``; a non-adapted encoder gets ``∂_θ L_Q − ∂_θ ⟨∇_φ L_S, u/(λ+e)⟩``."""
+    ``((1+c) I + H/(λ+e)) u = ∇_φ L_Q(φ*)`` (``system``; c = e = 0: the paper's system): the
+    anchor gets ``u``; a non-adapted encoder gets ``∂_θ L_Q − ∂_θ ⟨∇_φ L_S, u/(λ+e)⟩``."""
+    damping, lam_offset = system.damping, system.lam_offset
     keys = adapted_keys(params, adapt)
     shapes, sizes = [params[k].shape for k in keys], [params[k].numel() for k in keys]
     lam_h = lam + lam_offset
