@@ -191,15 +191,19 @@ def reference_chain_direction(model: BilevelModel, params: Params, x: Tensor, y:
 
 
 @contextmanager
-def conv_decisions(decisions: list[tuple[Tensor, Tensor]], replay: bool) -> Iterator[None]:
+def conv_decisions(decisions: list[tuple[Tensor, Tensor]], replay: bool,
+                   blocks: Optional[Sequence[ConvBlock]] = None) -> Iterator[None]:
     """Inside the block, every conv4 block (:class:`~bilevel.primitives.models.ConvBlock`) appends its
     discrete decisions ``(argmax of each 2×2 window, pooled value > 0)`` to ``decisions``
     (``replay=False``), or takes them from ``decisions`` in call order (``replay=True``): the pool
     picks the recorded position and the ReLU keeps the recorded signs, so values and gradients are
     those of the model on the recorded piece. A replay must make the same calls as the recording:
-    a call of another shape, or decisions left over, raise ``ValueError``. Record outside
-    ``vmap`` (the decisions are plain tensors); a replay may run under ``vmap`` of one task."""
+    a call of another shape, or decisions left over, raise ``ValueError``. ``blocks`` (replay only):
+    impose the recorded decisions on these modules alone; every other block's call takes its entry
+    and decides for itself (None: every block). Record outside ``vmap`` (the decisions are plain
+    tensors); a replay may run under ``vmap`` of one task."""
     forward, pending = ConvBlock.forward, iter(decisions)
+    imposed = None if blocks is None else {id(block) for block in blocks}
 
     def recording(block: ConvBlock, x: Tensor, layout: Layout = None) -> Tensor:
         pooled, index = F.max_pool2d(block.norm(block._convolve(x), layout), 2, return_indices=True)
@@ -207,8 +211,13 @@ def conv_decisions(decisions: list[tuple[Tensor, Tensor]], replay: bool) -> Iter
         return F.relu(pooled)
 
     def replaying(block: ConvBlock, x: Tensor, layout: Layout = None) -> Tensor:
-        normed = block.norm(block._convolve(x), layout)
         index, positive = next(pending, (None, None))
+        if imposed is not None and id(block) not in imposed:
+            out = forward(block, x, layout)
+            if index is None or index.shape != out.shape:
+                raise ValueError("conv_decisions: the replay calls a conv block the recording did not call")
+            return out
+        normed = block.norm(block._convolve(x), layout)
         if index is None or tuple(index.shape) != (*normed.shape[:-2], normed.shape[-2] // 2, normed.shape[-1] // 2):
             raise ValueError("conv_decisions: the replay calls a conv block the recording did not call")
         pooled = normed.flatten(-2).gather(-1, index.flatten(-2)).view(index.shape)

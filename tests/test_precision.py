@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.func import functional_call
 from test_meta_sgd import literal_meta_grad
 from test_r2d2 import primal_meta_grad
 
@@ -39,7 +40,7 @@ import bilevel.algorithm as engine
 from bilevel import ModelConfig, build_algorithm, build_model
 from bilevel.algorithm import register
 from bilevel.testing import (
-    default_config, float32_errors, labelled_batch, reference_chain_direction, reference_meta_grad, rel_err,
+    conv_decisions, default_config, float32_errors, labelled_batch, reference_chain_direction, reference_meta_grad, rel_err,
     seeded_problem,
 )
 
@@ -212,3 +213,23 @@ def test_entropy_sgd_direction_has_no_cancellation(rel_err):
     head = ("head.weight", "head.bias")
     got = algo.meta_grad(params, batch).grad
     assert rel_err({k: got[k].double() for k in head}, {k: exact[k] for k in head}) < 1e-4
+
+
+def test_conv_decisions_impose_on_the_chosen_blocks_only():
+    """A replay on ``blocks`` takes the recording's decisions there and decides for itself elsewhere:
+    on no block it is the free forward, on every block the full replay."""
+    p = seeded_problem("conv4", ways=WAYS, shots=1, queries=2, tasks=1, seed=3)
+    x = p.batch.support_x[0]
+    other = {k: v + 0.3 * torch.randn_like(v) for k, v in p.params.items()}
+    decisions = []
+    with conv_decisions(decisions, replay=False):
+        functional_call(p.model, p.params, (x,))
+
+    def replayed(blocks):
+        with conv_decisions(decisions, replay=True, blocks=blocks):
+            return functional_call(p.model, other, (x,))
+
+    blocks = list(p.model.encoder.blocks)
+    assert torch.equal(replayed([]), functional_call(p.model, other, (x,)))
+    assert torch.equal(replayed(blocks), replayed(None))
+    assert not torch.equal(replayed(blocks[:1]), replayed([]))
