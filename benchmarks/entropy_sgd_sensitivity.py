@@ -37,7 +37,7 @@ import copy
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,10 +47,12 @@ from torch.func import functional_call
 
 from bilevel.data.batch import TaskBatch
 from bilevel.primitives.batchnorm import SetBatchNorm
-from bilevel.testing import conv_decisions, reference_chain_direction, reference_meta_grad, rel_err, seeded_problem
+from bilevel.testing import (
+    NoiselessChain, conv_decisions, reference_chain_direction, reference_meta_grad, rel_err, seeded_problem,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "entropy_sgd_sensitivity.json"
-DEFAULT = dict(steps=5, lr=0.1, gamma=1.0, ema=0.75, scale=1.0)  # configs/algorithm/entropy_sgd.yaml, t = 0
+DEFAULT = NoiselessChain(steps=5, lr=0.1, gamma=1.0, ema=0.75, scale=1.0)  # configs/algorithm/entropy_sgd.yaml, t = 0
 EPS = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 LAYERS = {**{f"block{i}": f"encoder.blocks.{i}." for i in range(4)}, "head": "head."}
 
@@ -67,25 +69,27 @@ class Trace:
     decisions: list
 
 
-def trace(model, params, x, y, *, steps, lr, gamma, ema, scale, impose=None, blocks=None) -> Trace:
+def trace(model: torch.nn.Module, params: dict, x: torch.Tensor, y: torch.Tensor, chain: NoiselessChain,
+          impose: Optional[list] = None, blocks: Optional[list] = None) -> Trace:
     """The noiseless chain ``x'_ℓ = x'_{ℓ−1} − η' (∇f(x'_{ℓ−1}) + γ (x'_{ℓ−1} − x))``, ``μ_ℓ = (1 − a) μ_{ℓ−1}
-    + a x'_ℓ``, ``d = s (x − μ_L)`` over every parameter (displacements carried from ``x``), each step
-    recording its decisions, or (``impose``: a :class:`Trace`'s decisions) replaying them on ``blocks``."""
+    + a x'_ℓ``, ``d = s (x − μ_L)`` over every parameter (displacements carried from ``x``; schedule
+    ``chain``), each step recording its decisions, or (``impose``: a :class:`Trace`'s decisions)
+    replaying them on ``blocks``."""
     start = {k: v.detach() for k, v in params.items()}
     moved = {k: torch.zeros_like(v) for k, v in start.items()}
     mean = dict(moved)
     out = Trace({}, [], [], [], [])
-    for step in range(steps):
+    for step in range(chain.steps):
         leaves = {k: (start[k] + moved[k]).requires_grad_() for k in start}
         decisions = [] if impose is None else impose[step]
         with conv_decisions(decisions, replay=impose is not None, blocks=blocks):
             loss = F.cross_entropy(functional_call(model, leaves, (x,)), y)
             grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-        moved = {k: moved[k] - lr * (grads[k] + gamma * moved[k]) for k in start}
-        mean = {k: (1 - ema) * mean[k] + ema * moved[k] for k in start}
+        moved = {k: moved[k] - chain.lr * (grads[k] + chain.gamma * moved[k]) for k in start}
+        mean = {k: (1 - chain.ema) * mean[k] + chain.ema * moved[k] for k in start}
         out.grads.append(grads), out.moved.append(moved), out.losses.append(float(loss.detach()))
         out.decisions.append(decisions)
-    out.direction = {k: -scale * m for k, m in mean.items()}
+    out.direction = {k: -chain.scale * m for k, m in mean.items()}
     return out
 
 
@@ -124,13 +128,13 @@ def part_sweep(pb: Problem, draws: int) -> dict:
     rows = []
     for i in range(pb.tasks):
         x, y = pb.pooled(i, torch.float64)
-        base = trace(pb.model64, pb.params64, x, y, **DEFAULT)
+        base = trace(pb.model64, pb.params64, x, y, DEFAULT)
         if i == 0:
-            ref = reference_chain_direction(pb.model64, pb.params64, x, y, **DEFAULT)
+            ref = reference_chain_direction(pb.model64, pb.params64, x, y, DEFAULT)
             assert rel_err(base.direction, ref) < 1e-12, "trace is not the reference chain"
         for eps in EPS:
             for draw in range(draws):
-                pert = trace(pb.model64, perturbed(pb.params64, eps, 1000 * i + draw), x, y, **DEFAULT)
+                pert = trace(pb.model64, perturbed(pb.params64, eps, 1000 * i + draw), x, y, DEFAULT)
                 rows.append(dict(task=i, eps=eps, draw=draw, direction=rel_err(pert.direction, base.direction),
                                  grads=[rel_err(a, b) for a, b in zip(pert.grads, base.grads)],
                                  moved=[rel_err(a, b) for a, b in zip(pert.moved, base.moved)],
@@ -144,17 +148,17 @@ def part_sweep(pb: Problem, draws: int) -> dict:
 
 def part_flip(pb: Problem) -> dict:
     rows = []
-    one = {**DEFAULT, "steps": 1}
+    one = replace(DEFAULT, steps=1)
     for i in range(pb.tasks):
         x, y = pb.pooled(i, torch.float64)
-        base = trace(pb.model64, pb.params64, x, y, **one)
+        base = trace(pb.model64, pb.params64, x, y, one)
         eps = 1e-8
         while eps < 1e-3:
             params = perturbed(pb.params64, eps, 7 + i)
-            pert = trace(pb.model64, params, x, y, **one)
+            pert = trace(pb.model64, params, x, y, one)
             count = flips(pert.decisions[0], base.decisions[0])
             if sum(sum(c) for c in count):
-                smooth = trace(pb.model64, params, x, y, **one, impose=base.decisions)
+                smooth = trace(pb.model64, params, x, y, one, impose=base.decisions)
                 jump, g = pert.grads[0], smooth.grads[0]
                 delta = {k: jump[k] - g[k] for k in g}
                 rows.append(dict(task=i, eps=eps, flips=count, jump=rel_err(jump, g),
@@ -194,13 +198,13 @@ def bn_statistics(model, params, x) -> list[dict]:
 
 def part_structure(pb: Problem) -> dict:
     rows = []
-    weights = [sum(DEFAULT["ema"] * (1 - DEFAULT["ema"]) ** (5 - k) * (1 - DEFAULT["lr"] * DEFAULT["gamma"]) ** (k - l)
+    weights = [sum(DEFAULT.ema * (1 - DEFAULT.ema) ** (5 - k) * (1 - DEFAULT.lr * DEFAULT.gamma) ** (k - l)
                    for k in range(l, 6)) for l in range(1, 6)]  # d = Σ_ℓ s η' w_ℓ g_ℓ
     for i in range(pb.tasks):
         x, y = pb.pooled(i, torch.float64)
-        t = trace(pb.model64, pb.params64, x, y, **DEFAULT)
+        t = trace(pb.model64, pb.params64, x, y, DEFAULT)
         start = dict(pb.params64)
-        parts = sum(DEFAULT["lr"] * w * sum(float(v.pow(2).sum()) for v in g.values()) ** 0.5
+        parts = sum(DEFAULT.lr * w * sum(float(v.pow(2).sum()) for v in g.values()) ** 0.5
                     for w, g in zip(weights, t.grads))
         dnorm = sum(float(v.pow(2).sum()) for v in t.direction.values()) ** 0.5
         bn = [bn_statistics(pb.model64, {k: start[k] + m[k] for k in start}, x)
@@ -221,15 +225,15 @@ def part_float32(pb: Problem) -> dict:
     for i in range(pb.tasks):
         x64, y = pb.pooled(i, torch.float64)
         x32, _ = pb.pooled(i, torch.float32)
-        exact = trace(pb.model64, pb.params64, x64, y, **DEFAULT)
-        raw = trace(pb.model, pb.params, x32, y, **DEFAULT)
+        exact = trace(pb.model64, pb.params64, x64, y, DEFAULT)
+        raw = trace(pb.model, pb.params, x32, y, DEFAULT)
         row = dict(task=i, raw=rel_err(_double(raw.direction), exact.direction),
                    grads=[rel_err(_double(a), b) for a, b in zip(raw.grads, exact.grads)],
                    flips=[flips(a, b) for a, b in zip(raw.decisions, exact.decisions)])
         for b in range(4):
-            t = trace(pb.model, pb.params, x32, y, **DEFAULT, impose=exact.decisions, blocks=[blocks[b]])
+            t = trace(pb.model, pb.params, x32, y, DEFAULT, impose=exact.decisions, blocks=[blocks[b]])
             row[f"imposed_block{b}"] = rel_err(_double(t.direction), exact.direction)
-        t = trace(pb.model, pb.params, x32, y, **DEFAULT, impose=exact.decisions)
+        t = trace(pb.model, pb.params, x32, y, DEFAULT, impose=exact.decisions)
         row["imposed_all"] = rel_err(_double(t.direction), exact.direction)
         rows.append(row)
         print(f"task {i}: raw {row['raw']:.1e}; pool flips/step "
@@ -301,13 +305,13 @@ def part_configs(pb: Problem, names: Optional[list[str]]) -> dict:
     for name, (overrides, batches) in CONFIGS.items():
         if names and name not in names:
             continue
-        spec = {**DEFAULT, **overrides}
+        spec = replace(DEFAULT, **overrides)
         errors = []
         for i in range(pb.tasks):
             x64, y = pb.pooled(i, torch.float64, batches)
             x32, _ = pb.pooled(i, torch.float32, batches)
-            exact = reference_chain_direction(pb.model64, pb.params64, x64, y, **spec)
-            got = reference_chain_direction(pb.model, pb.params, x32, y, **spec)
+            exact = reference_chain_direction(pb.model64, pb.params64, x64, y, spec)
+            got = reference_chain_direction(pb.model, pb.params, x32, y, spec)
             errors.append(rel_err(_double(got), exact))
         out[f"{name}, {pb.tasks} tasks"] = _summary(name, errors)
     for name, lr, steps in (("fomaml pooled support, 5 steps lr 0.1", 0.1, 5), ("fomaml support, 5 steps lr 0.1", 0.1, 5)):

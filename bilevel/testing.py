@@ -2,16 +2,18 @@
 ``theory_checks`` (which ships in the package, so this module does too).
 
 * :func:`seeded_problem`: a seeded model (``mlp`` or ``conv4``), its parameters (random head,
-  or the zeroing trick ``W = b = 0``) and a Gaussian meta-batch (:func:`seeded_batch`). The
-  random draws are fixed by the arguments: the global seed is set to ``seed`` before the model
-  is built, and the batch is drawn from a generator of its own (``batch_seed``, default
-  ``seed``) — label permutations first, then the support inputs, then the query inputs.
+  or the zeroing trick ``W = b = 0``) and a Gaussian meta-batch (:func:`seeded_batch`), options
+  as in :class:`ProblemSpec`. The random draws are fixed by the options: the global seed is set
+  to ``seed`` before the model is built, and the batch is drawn from a generator of its own
+  (``batch_seed``, default ``seed``) — label permutations first, then the support inputs, then
+  the query inputs.
 * :func:`reference_meta_grad` (with :func:`reference_adapt`, :func:`reference_meta_loss`): a
   plain-autograd unrolled MAML — ``F.cross_entropy`` of the whole model through
   ``functional_call``, inner gradients by ``torch.autograd.grad`` (``create_graph`` for second
   order). It shares nothing with the engine but the model definition.
 * :func:`reference_chain_direction`: a plain-autograd SGD / Langevin chain over every parameter
-  (Entropy-SGD's and Reptile's direction without noise), independent of ``bilevel.solvers.chain``.
+  (Entropy-SGD's and Reptile's direction without noise; schedule :class:`NoiselessChain`),
+  independent of ``bilevel.solvers.chain``.
 * :func:`conv_decisions`: record the discrete decisions of conv4's blocks (each max-pool's argmax and
   each ReLU's sign) in one run and impose them on another, so that a float32 run can be compared
   with float64 on the same piece of a piecewise-smooth map (``docs/performance.md``).
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib.resources import files
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
@@ -100,42 +102,56 @@ class Problem:
         return build_algorithm({"name": "maml", "inner_lr": self.inner_lr, **config}, self.model)
 
 
-def seeded_problem(
-    name: str = "mlp",
-    *,
-    dtype: torch.dtype = torch.float64,
-    ways: int = 3,
-    shots: int = 1,
-    queries: int = 2,
-    tasks: int = 2,
-    shape: Optional[Sequence[int]] = None,
-    hidden: int = 8,
-    layers: int = 2,
-    channels: Optional[int] = 4,
-    head: str = "random",
-    permute: bool = False,
-    seed: int = 0,
-    batch_seed: Optional[int] = None,
-    device: Union[str, torch.device] = "cpu",
-) -> Problem:
-    """A seeded problem (module docstring): model ``name`` (``hidden``/``layers`` for the MLP,
-    ``channels`` for conv4, None: the model's default width) on inputs of ``shape`` (default
-    :data:`INPUT_SHAPES`), in ``dtype`` on ``device``; ``head="zero"`` sets ``W = b = 0``.
-    The batch is drawn on the CPU and moved to ``device``."""
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-    shape = tuple(INPUT_SHAPES[name] if shape is None else shape)
-    generator = torch.Generator().manual_seed(seed if batch_seed is None else batch_seed)
-    torch.manual_seed(seed)
-    config = ModelConfig(name=name, hidden=hidden, layers=layers, channels=channels)
-    model = build_model(config, shape, ways).to(device=device, dtype=dtype)
+@dataclass(frozen=True)
+class ProblemSpec:
+    """The options of :func:`seeded_problem`: ``ways``-way tasks with ``shots`` support and
+    ``queries`` query inputs per class, ``tasks`` per meta-batch, inputs of ``shape`` (None: the
+    model's :data:`INPUT_SHAPES`); the model's width (``hidden``/``layers`` for the MLP,
+    ``channels`` for conv4, None: the model's default); ``head`` (``random``, or ``zero``:
+    ``W = b = 0``); ``permute`` (random class labels per task, :func:`seeded_batch`); the seeds
+    (``batch_seed`` None: ``seed``); ``dtype`` and ``device`` of the model, parameters and batch."""
+
+    dtype: torch.dtype = torch.float64
+    ways: int = 3
+    shots: int = 1
+    queries: int = 2
+    tasks: int = 2
+    shape: Optional[Sequence[int]] = None
+    hidden: int = 8
+    layers: int = 2
+    channels: Optional[int] = 4
+    head: str = "random"
+    permute: bool = False
+    seed: int = 0
+    batch_seed: Optional[int] = None
+    device: Union[str, torch.device] = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+
+
+def seeded_problem(name: str = "mlp", **options: Any) -> Problem:
+    """A seeded problem (module docstring): model ``name`` with the ``options`` of
+    :class:`ProblemSpec` (keywords, each defaulting as there). The batch is drawn on the CPU and
+    moved to ``device``. An option that is not a field of :class:`ProblemSpec` raises ``TypeError``."""
+    valid = [f.name for f in fields(ProblemSpec)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"seeded_problem: unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    spec = ProblemSpec(**options)
+    shape = tuple(INPUT_SHAPES[name] if spec.shape is None else spec.shape)
+    generator = torch.Generator().manual_seed(spec.seed if spec.batch_seed is None else spec.batch_seed)
+    torch.manual_seed(spec.seed)
+    config = ModelConfig(name=name, hidden=spec.hidden, layers=spec.layers, channels=spec.channels)
+    model = build_model(config, shape, spec.ways).to(device=spec.device, dtype=spec.dtype)
     params = model.init_params()
-    if head == "zero":
+    if spec.head == "zero":
         params[HEAD_WEIGHT] = torch.zeros_like(params[HEAD_WEIGHT])
         params[HEAD_BIAS] = torch.zeros_like(params[HEAD_BIAS])
-    batch = seeded_batch(generator, ways=ways, shots=shots, queries=queries, tasks=tasks, shape=shape, dtype=dtype,
-                         permute=permute)
-    return Problem(model, params, batch.to(device))
+    batch = seeded_batch(generator, ways=spec.ways, shots=spec.shots, queries=spec.queries, tasks=spec.tasks,
+                         shape=shape, dtype=spec.dtype, permute=spec.permute)
+    return Problem(model, params, batch.to(spec.device))
 
 
 def reference_adapt(model: BilevelModel, params: Params, x: Tensor, y: Tensor, *, steps: int, lr: float,
@@ -171,23 +187,41 @@ def reference_meta_grad(model: BilevelModel, params: Params, batch: TaskBatch, *
     return dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
-def reference_chain_direction(model: BilevelModel, params: Params, x: Tensor, y: Tensor, *, steps: int, lr: float,
-                              gamma: float, ema: float, scale: float) -> Params:
+@dataclass(frozen=True)
+class NoiselessChain:
+    """The schedule of :func:`reference_chain_direction`: ``steps`` L ≥ 1, step size ``lr`` η',
+    coupling ``gamma`` γ, EMA weight ``ema`` a ∈ (0, 1] and direction ``scale`` s."""
+
+    steps: int
+    lr: float
+    gamma: float
+    ema: float
+    scale: float
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"NoiselessChain: steps must be >= 1, got {self.steps}")
+        if not 0.0 < self.ema <= 1.0:
+            raise ValueError(f"NoiselessChain: ema must be in (0, 1], got {self.ema}")
+
+
+def reference_chain_direction(model: BilevelModel, params: Params, x: Tensor, y: Tensor,
+                              chain: NoiselessChain) -> Params:
     """``d = s (x − μ_L)`` of a noiseless chain over every parameter on the batch ``(x, y)``:
     ``x'_ℓ = x'_{ℓ−1} − η' (∇f(x'_{ℓ−1}) + γ (x'_{ℓ−1} − x))``, ``μ_ℓ = (1 − a) μ_{ℓ−1} + a x'_ℓ``,
     ``x'_0 = μ_0 = x``, ``f`` the ``F.cross_entropy`` of the whole model, gradients by
-    ``torch.autograd.grad``. Both are carried as displacements from ``x`` (same values, no float32
-    cancellation in ``x − μ``)."""
+    ``torch.autograd.grad``, the schedule ``chain``. Both are carried as displacements from ``x``
+    (same values, no float32 cancellation in ``x − μ``)."""
     start = {k: v.detach() for k, v in params.items()}
     moved = {k: torch.zeros_like(v) for k, v in start.items()}
     mean = {k: torch.zeros_like(v) for k, v in start.items()}
-    for _ in range(steps):
+    for _ in range(chain.steps):
         leaves = {k: (start[k] + moved[k]).requires_grad_() for k in start}
         loss = F.cross_entropy(functional_call(model, leaves, (x,)), y)
         grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
-        moved = {k: moved[k] - lr * (grads[k] + gamma * moved[k]) for k in start}
-        mean = {k: (1 - ema) * mean[k] + ema * moved[k] for k in start}
-    return {k: -scale * m for k, m in mean.items()}
+        moved = {k: moved[k] - chain.lr * (grads[k] + chain.gamma * moved[k]) for k in start}
+        mean = {k: (1 - chain.ema) * mean[k] + chain.ema * moved[k] for k in start}
+    return {k: -chain.scale * m for k, m in mean.items()}
 
 
 @contextmanager

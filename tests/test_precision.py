@@ -40,8 +40,8 @@ import bilevel.algorithm as engine
 from bilevel import ModelConfig, build_algorithm, build_model
 from bilevel.algorithm import register
 from bilevel.testing import (
-    conv_decisions, default_config, float32_errors, labelled_batch, reference_chain_direction, reference_meta_grad, rel_err,
-    seeded_problem,
+    NoiselessChain, conv_decisions, default_config, float32_errors, labelled_batch, reference_chain_direction,
+    reference_meta_grad, rel_err, seeded_problem,
 )
 
 WAYS, QUERIES, SHAPE, TASKS, MAML_TASKS, DEFAULT_TASKS = 5, 15, (1, 28, 28), 3, 9, 8
@@ -85,8 +85,8 @@ def chain_reference(algo, model, params, task):
     spec = algo.spec()
     assert spec.adapt == "all" and algo.config.batches == "pooled" and not spec.noise, "the reference chain's case"
     x, y = torch.cat([task.support_x[0], task.query_x[0]]), torch.cat([task.support_y[0], task.query_y[0]])
-    return reference_chain_direction(model, params, x, y, steps=spec.steps, lr=spec.lr, gamma=spec.gamma,
-                                     ema=spec.ema, scale=spec.scale)
+    chain = NoiselessChain(steps=spec.steps, lr=spec.lr, gamma=spec.gamma, ema=spec.ema, scale=spec.scale)
+    return reference_chain_direction(model, params, x, y, chain)
 
 
 def meta_sgd_reference(algo, model, params, task):
