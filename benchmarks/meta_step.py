@@ -232,12 +232,25 @@ def run_cell(model, params, batches, adapt: str, order: str, steps: int, args, d
     return row
 
 
-def report(rows: list[dict[str, Any]], args, device) -> dict[str, Any]:
+PATHS = ("vmap", "loop", "shared")
+"""The execution paths of ours, in the tables' column order."""
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Print the tables and the goal checks; returns the summary."""
-    paths = ("vmap", "loop", "shared")
+    print_time_table(rows, args.baselines, device)
+    if not args.baselines:
+        return {}
+    print_speedup_table(rows, args.baselines)
+    return goal_checks(rows, args, device)
+
+
+def print_time_table(rows: list[dict[str, Any]], baselines: list[str], device: torch.device) -> None:
+    """Per cell: ms per meta-step of every method, the default path, its tasks/s, the largest gradient
+    difference and each method's float32 error (and on CUDA the peak memory)."""
     print("\nms per meta-step (median); default = fastest of ours (what execution=auto picks)")
-    header = ["adapt", "ord", "shot", "K", "T", *paths, *args.baselines, "default", "tasks/s", "grad diff",
-              *(f"err {p}" for p in paths), *(f"err {b}" for b in args.baselines)]
+    header = ["adapt", "ord", "shot", "K", "T", *PATHS, *baselines, "default", "tasks/s", "grad diff",
+              *(f"err {p}" for p in PATHS), *(f"err {b}" for b in baselines)]
     if device.type == "cuda":
         header.append("peak MB (default/higher)")
     lines = []
@@ -246,26 +259,32 @@ def report(rows: list[dict[str, Any]], args, device) -> dict[str, Any]:
         ms = lambda name: m[name]["median_s"] * 1e3 if name in m else None  # noqa: E731
         err = lambda name: m[name]["error_vs_float64"] if name in m else None  # noqa: E731
         line = [r["adapt"], r["order"], r["shots"], r["inner_steps"], r["meta_batch"],
-                *(ms(f"ours:{p}") for p in paths), *(ms(b) for b in args.baselines),
+                *(ms(f"ours:{p}") for p in PATHS), *(ms(b) for b in baselines),
                 r["default_path"], r["default_tasks_per_s"],
                 max(v["grad_rel_diff_vs_ours_loop"] for v in m.values()),
-                *(err(f"ours:{p}") for p in paths), *(err(b) for b in args.baselines)]
+                *(err(f"ours:{p}") for p in PATHS), *(err(b) for b in baselines)]
         if device.type == "cuda":
             peak = lambda name: m[name]["peak_bytes"] / 2**20 if name in m else None  # noqa: E731
             line.append(f"{peak('ours:' + r['default_path']):.0f}/{peak('higher') or 0:.0f}")
         lines.append(line)
     print_table(header, lines)
-    summary: dict[str, Any] = {}
-    if not args.baselines:
-        return summary
+
+
+def print_speedup_table(rows: list[dict[str, Any]], baselines: list[str]) -> None:
+    """Per cell: each baseline's time over the default path's, and the fastest baseline's over each path's."""
     print("\nspeed-up = baseline time / our time (> 1: ours is faster)")
-    header = ["adapt", "ord", "shot", "K", "T", *(f"{b}/default" for b in args.baselines),
-              "best/default", *(f"best/{p}" for p in paths)]
+    header = ["adapt", "ord", "shot", "K", "T", *(f"{b}/default" for b in baselines),
+              "best/default", *(f"best/{p}" for p in PATHS)]
     lines = [[r["adapt"], r["order"], r["shots"], r["inner_steps"], r["meta_batch"],
-              *(r["ratio_baseline_over_default"][b] for b in args.baselines),
+              *(r["ratio_baseline_over_default"][b] for b in baselines),
               r["ratio_fastest_baseline_over_default"],
-              *(r["ratio_fastest_baseline_over_path"].get(p) for p in paths)] for r in rows]
+              *(r["ratio_fastest_baseline_over_path"].get(p) for p in PATHS)] for r in rows]
     print_table(header, lines)
+
+
+def goal_checks(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Print the goals (module docstring) met per cell; returns them by name: cells met, measured, failed."""
+    summary: dict[str, Any] = {}
     cell = lambda r: f"{r['adapt']}/{r['order']}/{r['shots']}-shot/K={r['inner_steps']}/T={r['meta_batch']}"  # noqa: E731
     if args.dtype == "float32" and "autograd" in args.baselines:
         def accurate(r):
