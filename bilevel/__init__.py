@@ -5,9 +5,11 @@ contract is in ``pyproject.toml`` and checked by ``lint-imports``, docs/architec
 
 - ``bilevel.app`` — the Hydra trainer (``bilevel-train``), config, logging, checkpoints,
   evaluation, the run's execution choice, distributed runs, the report (``bilevel-report``);
+- ``bilevel.engine`` — the engine tier of the API (below);
 - ``bilevel.hypergrad`` — the hypergradient rules: unrolled (``UnrolledAlgorithm``), implicit
   (``ImplicitAlgorithm``, exact at any CG budget), chain (``ChainAlgorithm``), the
-  node-pullback rows they share, and the memory strategies (``memory=store|recompute[:K]``);
+  node-pullback rows they share, the base of the rules around an inner solver
+  (``InnerLoopAlgorithm``) and the memory strategies (``memory=store|recompute[:K]``);
 - ``bilevel.execution`` — how the tasks of a meta-batch run (vmap / loop / shared), memory
   estimates;
 - ``bilevel.algorithm`` — the plugin interface (``BilevelAlgorithm``) and the registry
@@ -15,8 +17,9 @@ contract is in ``pyproject.toml`` and checked by ``lint-imports``, docs/architec
 - ``bilevel.decomposition`` — the step protocol (``Want``, ``TaskResult``, ``MetaStep``), the
   terms' node cotangents, the one assembly of a meta-step, the identity and reconstruction
   checks, ablation, terms zero by construction;
-- ``bilevel.solvers`` — inner solvers built from the head primitives: SGD steps (momentum,
-  proximal), SGD/Langevin chains, proximal solves;
+- ``bilevel.solvers`` — the inner-loop contract (``Support``, ``InnerConfig``, ``InnerResult``)
+  and inner solvers built from the head primitives: small steps chained into update rules (SGD,
+  momentum, proximal pull, learned rates), SGD/Langevin chains, proximal solves;
 - ``bilevel.primitives`` — parameter dicts, the head and its trace (eq. (1) of docs/theory.md),
   losses, conjugate gradient (and its fixed polynomial), pooling, models; ``bilevel.data`` —
   data sets and the task sampler;
