@@ -153,4 +153,6 @@ def test_a_chain_sets_its_step_size_exactly_once(make_problem):
         descend(p.model, p.params, support, inner, chain_steps(rate(0.1), rate(0.2)))
     with pytest.raises(ValueError, match="no step size"):
         descend(p.model, p.params, support, inner, momentum(0.5))
+    with pytest.raises(ValueError, match="no step size"):
+        descend(p.model, p.params, support, inner, rate(None))
     assert sgd(inner).restartable and not sgd(inner, prox=0.5).restartable

@@ -30,7 +30,7 @@ from torch.func import vjp
 from bilevel.algorithm import AlgorithmConfig
 from bilevel.data.batch import TaskBatch
 from bilevel.decomposition.cotangents import Nodes
-from bilevel.execution.mapping import map_meta_steps, map_tasks
+from bilevel.execution.mapping import map_meta_steps
 from bilevel.primitives.head import init_head, readout
 from bilevel.hypergrad.inner import InnerLoopAlgorithm
 from bilevel.hypergrad.recompute import Steps, autograd_vjp, recompute_vjp

@@ -144,9 +144,15 @@ def momentum(mu: float) -> InnerStep:
     return InnerStep(init, update, restartable=False)
 
 
-def rate(lr: Rate) -> InnerStep:
-    """The step size ``α = lr`` of the whole direction."""
-    return InnerStep(lambda point: None, lambda d, state, point: (d.with_rate(lr), state))
+def rate(lr: Optional[Rate]) -> InnerStep:
+    """The step size ``α = lr`` of the whole direction (None, a loop without one, is refused when it runs)."""
+
+    def update(d: Direction, state: None, point: Point) -> tuple[Direction, None]:
+        if lr is None:
+            raise ValueError("rate(None): this inner loop has no step size (its InnerConfig.lr is None)")
+        return d.with_rate(lr), state
+
+    return InnerStep(lambda point: None, update)
 
 
 def learned_rates(read: Callable[[Params], tuple[Params, Rate]]) -> InnerStep:
