@@ -59,6 +59,7 @@ class UnrolledConfig(AlgorithmConfig):
 
     @property
     def inner(self) -> InnerConfig:
+        """The inner loop of these fields, as the bases read it."""
         return InnerConfig(self.inner_steps, self.inner_lr, self.inner_momentum, self.adapt, self.order)
 
 
