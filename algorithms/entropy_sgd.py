@@ -61,10 +61,10 @@ class EntropySGD(ChainAlgorithm):
     Config = EntropySGDConfig
 
     def __init__(self, model: BilevelModel, config: Any, execution: Optional[str] = None) -> None:
+        super().__init__(model, config, execution)
         self.outer_steps = 0
         self._generator: Optional[torch.Generator] = None
         self._generator_state: Optional[Tensor] = None
-        super().__init__(model, config, execution)
 
     @property
     def gamma(self) -> float:

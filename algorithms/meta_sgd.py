@@ -7,7 +7,8 @@ Inner loop, ``T`` steps over the whole network from ``(θ_0, W_0, b_0)``:
 
 The head's rate is a scalar so that its update stays ``head_write(state, Φ_t, −α_h ∂L_S/∂Z_S)``:
 the trace form of docs/theory.md §2 holds exactly, and the decomposition, the execution paths
-(vmap, loop) and evaluation come from :class:`~bilevel.hypergrad.unrolled.UnrolledAlgorithm`. (A per-element
+(vmap, loop) and evaluation come from :class:`~bilevel.hypergrad.unrolled.UnrolledAlgorithm`, whose
+SGD steps it keeps with one step changed: the fixed rate becomes ``learned_rates``. (A per-element
 head rate would write ``(α_W ⊙ Gᵀ) Φ``, which is not of the form ``AᵀΦ``.)
 
 The rates are meta-parameters beyond the network's: :meth:`MetaSGD.meta_parameters` adds
@@ -22,15 +23,14 @@ entry point ``meta_sgd`` in ``pyproject.toml``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from bilevel import (
-    ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, INNER_LOOP, ORDERS, Check, HeadState, InnerResult, OneOf, Params,
-    UnrolledAlgorithm, UnrolledConfig, cross_entropy_logits_grad, encoder_part, encoder_pullback, head_write, init_head,
-    readout, tree_detach,
+    ENCODER_PREFIX, HEAD_BIAS, INNER_LOOP, ORDERS, Check, InnerConfig, InnerStep, OneOf, Params, UnrolledAlgorithm,
+    UnrolledConfig, learned_rates,
 )
 
 LR_PREFIX = "meta_sgd.lr."
@@ -71,24 +71,6 @@ class MetaSGD(UnrolledAlgorithm):
         rates[LR_HEAD] = params[HEAD_BIAS].new_full((), lr)
         return {**params, **rates}
 
-    def inner_loop(
-        self, params: Params, support_x, support_y: Tensor, support_features=None,
-        head: Optional[HeadState] = None, steps: Optional[int] = None, first_order: Optional[bool] = None,
-    ) -> InnerResult:
-        """``steps`` (default ``inner_steps``) Meta-SGD steps; the rates are read from ``params``."""
-        steps = self.config.inner_steps if steps is None else steps
-        first_order = self.first_order if first_order is None else first_order
-        rates, rate_head = learning_rates(params)
-        encoder = encoder_part(params)
-        state = head if head is not None else init_head(params[HEAD_WEIGHT], params[HEAD_BIAS])
-        path: list[Params] = []
-        for _ in range(steps):
-            path.append(encoder)
-            feats, pull_back = encoder_pullback(self.model, encoder, support_x, create_graph=not first_order)
-            logits_grad = cross_entropy_logits_grad(readout(feats, state.weight, state.bias), support_y)
-            (enc_grad,) = pull_back(logits_grad @ state.weight)
-            if first_order:
-                enc_grad, logits_grad, feats = tree_detach(enc_grad), logits_grad.detach(), feats.detach()
-            encoder = {k: v - rates[k] * enc_grad[k] for k, v in encoder.items()}
-            state = head_write(state, feats, -rate_head * logits_grad)
-        return InnerResult(encoder, state, tuple(path))
+    def update_rule(self, inner: InnerConfig) -> InnerStep:
+        """SGD steps whose rates are read from the meta-parameters the inner loop starts from."""
+        return learned_rates(learning_rates)

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from bilevel import (
-    HEAD_BIAS, HEAD_WEIGHT, ORDERS, POSITIVE, AlgorithmConfig, Check, HeadState, InnerResult, OneOf, Params,
-    UnrolledAlgorithm, encoder_part, head_write, init_head,
+    ORDERS, POSITIVE, AlgorithmConfig, Check, InnerConfig, InnerResult, OneOf, Params, Support, UnrolledAlgorithm,
+    encoder_part, head_write, init_head,
 )
 
 
@@ -43,15 +43,16 @@ class R2D2Config(AlgorithmConfig):
     {second_order, first_order}. The inner loop adapts the head only and is one solve."""
 
     checks: ClassVar[dict[str, Check]] = {"lam": POSITIVE, "scale": POSITIVE, "order": OneOf(ORDERS)}
-    adapt: ClassVar[str] = "head"  # read by the unrolled base; not options of this algorithm
-    inner_steps: ClassVar[int] = 1
-    inner_momentum: ClassVar[float] = 0.0
 
     name: str = "r2d2"
     lam: float = 10.0
     scale: float = 10.0
     order: str = "second_order"
     test_steps: Optional[int] = 1
+
+    @property
+    def inner(self) -> InnerConfig:
+        return InnerConfig(adapt="head", order=self.order)  # one solve of the head, no step size
 
 
 def ridge_coefficients(features: Tensor, labels: Tensor, ways: int, lam: float) -> Tensor:
@@ -76,20 +77,15 @@ class R2D2(UnrolledAlgorithm):
             zeros["contrastive_support"] = "first order: the support features receive no gradient"
         return zeros
 
-    def inner_loop(
-        self, params: Params, support_x, support_y: Tensor, support_features=None,
-        head: Optional[HeadState] = None, steps: Optional[int] = None, first_order: Optional[bool] = None,
-    ) -> InnerResult:
-        """One ridge solve (any ``steps ≥ 1``); ``steps=0`` returns the head unadapted. ``head``
-        only gives the shape (leading task dimensions on the shared path)."""
-        encoder = encoder_part(params)
-        weight = params[HEAD_WEIGHT] if head is None else head.weight
-        bias = params[HEAD_BIAS] if head is None else head.bias
-        if steps == 0:
-            return InnerResult(encoder, init_head(weight, bias) if head is None else head, ())
-        feats = self.model.encode(encoder, support_x) if support_features is None else support_features
-        coeff = self.config.scale * ridge_coefficients(feats, support_y, weight.shape[-2], self.config.lam)
-        if self.first_order if first_order is None else first_order:
+    def inner_loop(self, params: Params, support: Support, inner: InnerConfig) -> InnerResult:
+        """One ridge solve (any ``inner.steps ≥ 1``); ``steps=0`` returns the starting head. The
+        starting head only gives the shape (leading task dimensions on the shared path)."""
+        encoder, start = encoder_part(params), support.start(params)
+        if inner.steps == 0:
+            return InnerResult(encoder, start, ())
+        feats = support.encode(self.model, encoder)
+        coeff = self.config.scale * ridge_coefficients(feats, support.labels, start.weight.shape[-2], self.config.lam)
+        if inner.first_order:
             feats, coeff = feats.detach(), coeff.detach()
-        state = init_head(0.0 * weight, 0.0 * bias)  # W_0 = b_0 = 0, in the graph (zero gradient)
+        state = init_head(0.0 * start.weight, 0.0 * start.bias)  # W_0 = b_0 = 0, in the graph (zero gradient)
         return InnerResult(encoder, head_write(state, feats, coeff), (encoder,))

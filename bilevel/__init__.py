@@ -5,9 +5,11 @@ contract is in ``pyproject.toml`` and checked by ``lint-imports``, docs/architec
 
 - ``bilevel.app`` — the Hydra trainer (``bilevel-train``), config, logging, checkpoints,
   evaluation, the run's execution choice, distributed runs, the report (``bilevel-report``);
+- ``bilevel.engine`` — the engine tier of the API (below);
 - ``bilevel.hypergrad`` — the hypergradient rules: unrolled (``UnrolledAlgorithm``), implicit
   (``ImplicitAlgorithm``, exact at any CG budget), chain (``ChainAlgorithm``), the
-  node-pullback rows they share, and the memory strategies (``memory=store|recompute[:K]``);
+  node-pullback rows they share, the base of the rules around an inner solver
+  (``InnerLoopAlgorithm``) and the memory strategies (``memory=store|recompute[:K]``);
 - ``bilevel.execution`` — how the tasks of a meta-batch run (vmap / loop / shared), memory
   estimates;
 - ``bilevel.algorithm`` — the plugin interface (``BilevelAlgorithm``) and the registry
@@ -15,14 +17,21 @@ contract is in ``pyproject.toml`` and checked by ``lint-imports``, docs/architec
 - ``bilevel.decomposition`` — the step protocol (``Want``, ``TaskResult``, ``MetaStep``), the
   terms' node cotangents, the one assembly of a meta-step, the identity and reconstruction
   checks, ablation, terms zero by construction;
-- ``bilevel.solvers`` — inner solvers built from the head primitives: SGD steps (momentum,
-  proximal), SGD/Langevin chains, proximal solves;
+- ``bilevel.solvers`` — the inner-loop contract (``Support``, ``InnerConfig``, ``InnerResult``)
+  and inner solvers built from the head primitives: small steps chained into update rules (SGD,
+  momentum, proximal pull, learned rates), SGD/Langevin chains, proximal solves;
 - ``bilevel.primitives`` — parameter dicts, the head and its trace (eq. (1) of docs/theory.md),
   losses, conjugate gradient (and its fixed polynomial), pooling, models; ``bilevel.data`` —
   data sets and the task sampler;
 - ``bilevel.validate``; ``bilevel.files``, ``bilevel.rng``, ``bilevel.tags``; ``bilevel.errors``.
 
-Everything a plugin needs is re-exported here.
+Two tiers of API. ``bilevel`` (this module) exports what users and plugin authors need: the
+bases and their configs, the inner-loop contract (``Support``, ``InnerConfig``, ``InnerResult``)
+and the inner steps (``proximal``, ``momentum``, ``rate``, ``learned_rates``, ``frozen_head``,
+``chain_steps``, ``descend``), the head primitives, losses, parameter roles, the step protocol,
+the checks and errors; every plugin imports from it alone. ``bilevel.engine`` exports what the
+bases are built from — the node-pullback rows, the implicit and chain internals, the recompute
+sweep, the encoder pullbacks — for writing a new hypergradient rule or testing the engine.
 """
 import importlib
 from typing import Any
@@ -36,10 +45,9 @@ from bilevel.algorithm import (
     get_algorithm,
     register,
 )
-from bilevel.primitives.cg import CGResult, cg_polynomial, conjugate_gradient
-from bilevel.hypergrad.chain import ChainAlgorithm, ChainConfig, decompose_chain
-from bilevel.solvers.chain import ChainSpec, draw_noise, run_chain
-from bilevel.decomposition.cotangents import TERMS, Nodes, stack_nodes, sum_nodes, term_cotangents
+from bilevel.hypergrad.chain import ChainAlgorithm, ChainConfig
+from bilevel.solvers.chain import ChainSpec, draw_noise
+from bilevel.decomposition.cotangents import TERMS
 from bilevel.decomposition.record import Decomposition
 from bilevel.data.batch import TaskBatch, task_position
 from bilevel.errors import (
@@ -54,7 +62,7 @@ from bilevel.errors import (
     StorageError,
     UnknownAlgorithm,
 )
-from bilevel.execution.mapping import choose_execution, map_meta_steps, map_tasks
+from bilevel.execution.mapping import choose_execution, map_tasks
 from bilevel.primitives.head import (
     HeadState,
     HeadTrace,
@@ -67,21 +75,25 @@ from bilevel.primitives.head import (
     readout,
     reconstruct_logits,
 )
-from bilevel.hypergrad.recompute import Steps, autograd_vjp, recompute_vjp
-from bilevel.hypergrad.rows import Forward, ablated_row, node_rows, plain_row, term_rows
 from bilevel.decomposition.assembly import assemble, mean_over_tasks
 from bilevel.decomposition.step import MetaStep, TaskResult, Want
-from bilevel.hypergrad.implicit import (
-    ImplicitAlgorithm,
-    ImplicitSystem,
-    implicit_task,
-    implicit_vjp,
-    linearize_stationarity,
-    solve_error,
-    stationarity_residual,
-)
+from bilevel.hypergrad.implicit import ImplicitAlgorithm, ImplicitSystem
+from bilevel.hypergrad.inner import InnerLoopAlgorithm
 from bilevel.solvers.proximal import proximal_solve
-from bilevel.solvers.sgd import InnerResult, autograd_pullbacks, encoder_pullback, sgd_steps
+from bilevel.solvers.sgd import sgd, sgd_steps
+from bilevel.solvers.steps import (
+    Direction,
+    InnerStep,
+    Point,
+    chain_steps,
+    descend,
+    frozen_head,
+    learned_rates,
+    momentum,
+    proximal,
+    rate,
+)
+from bilevel.solvers.support import ADAPTED_SETS, ORDERS, InnerConfig, InnerResult, Support
 from bilevel.primitives.batchnorm import SetBatchNorm, forwarding_layout, with_set_statistics
 from bilevel.primitives.models import BilevelModel, ModelConfig, build_model, feature_size
 from bilevel.primitives.resnet12 import ResNet12
@@ -90,28 +102,29 @@ from bilevel.primitives.losses import accuracy, cross_entropy, cross_entropy_log
 from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
 from bilevel.primitives.precision import PRECISIONS, Policy, mixed_precision
 from bilevel.decomposition.structural import structural_zeros
-from bilevel.hypergrad.unrolled import ORDERS, UnrolledAlgorithm, UnrolledConfig
+from bilevel.hypergrad.unrolled import UnrolledAlgorithm, UnrolledConfig
 from bilevel.validate import AT_LEAST_1, INNER_LOOP, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared, parse_memory
 
 __all__ = [
     "Ablation", "resolve_ablation", "AlgorithmConfig", "BilevelAlgorithm", "MetaStep",
-    "available_algorithms", "build_algorithm", "get_algorithm", "register", "CGResult",
-    "cg_polynomial", "conjugate_gradient", "ChainAlgorithm", "ChainConfig", "ChainSpec", "decompose_chain", "run_chain",
-    "TERMS", "Decomposition", "Nodes", "stack_nodes", "sum_nodes", "term_cotangents",
-    "Forward", "TaskResult", "Want", "ablated_row", "assemble", "mean_over_tasks", "node_rows", "plain_row", "term_rows",
-    "ImplicitAlgorithm", "ImplicitSystem", "implicit_task", "solve_error", "Launch", "Replicas", "detect_launch", "task_share",
-    "choose_execution", "map_meta_steps", "map_tasks",
+    "available_algorithms", "build_algorithm", "get_algorithm", "register",
+    "ChainAlgorithm", "ChainConfig", "ChainSpec", "TERMS", "Decomposition",
+    "TaskResult", "Want", "assemble", "mean_over_tasks",
+    "ImplicitAlgorithm", "ImplicitSystem", "InnerLoopAlgorithm", "Launch", "Replicas", "detect_launch", "task_share",
+    "choose_execution", "map_tasks",
     "HeadState", "HeadTrace", "head_add_noise", "head_adjust", "head_displacement", "head_shrink", "head_write", "init_head",
-    "readout", "reconstruct_logits", "implicit_vjp", "linearize_stationarity", "proximal_solve",
-    "stationarity_residual", "InnerResult", "autograd_pullbacks", "encoder_pullback", "sgd_steps", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
+    "readout", "reconstruct_logits", "BilevelModel", "ModelConfig", "build_model", "max_pool2x2",
+    # the inner-loop contract and the inner steps a solver is chained from
+    "ADAPTED_SETS", "ORDERS", "InnerConfig", "InnerResult", "Support", "Direction", "InnerStep", "Point", "chain_steps",
+    "descend", "frozen_head", "learned_rates", "momentum", "proximal", "rate", "sgd", "sgd_steps", "proximal_solve",
     "PRECISIONS", "Policy", "mixed_precision",
-    "Params", "UnrolledAlgorithm", "UnrolledConfig", "Steps", "autograd_vjp", "parse_memory", "recompute_vjp",
+    "Params", "UnrolledAlgorithm", "UnrolledConfig", "parse_memory",
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
     "StorageError", "RunInterrupted", "UnknownAlgorithm", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf",
     "Range",
     "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "ci95", "headline_step", "structural_zeros",
     # what plugins read besides the bases: parameter roles, batches, losses, noise draws
-    "ENCODER_PREFIX", "HEAD_BIAS", "HEAD_WEIGHT", "ORDERS", "TaskBatch", "accuracy", "cross_entropy",
+    "ENCODER_PREFIX", "HEAD_BIAS", "HEAD_WEIGHT", "TaskBatch", "accuracy", "cross_entropy",
     "cross_entropy_logits_grad", "draw_noise", "encoder_part", "task_position", "tree_detach",
     "ResNet12", "SetBatchNorm", "feature_size", "forwarding_layout", "with_set_statistics",
 ]

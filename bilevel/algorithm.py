@@ -25,6 +25,7 @@ from bilevel.decomposition.step import MetaStep, Want
 from bilevel.errors import ConfigError, UnknownAlgorithm
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import Params
+from bilevel.solvers.support import InnerConfig
 from bilevel.validate import AT_LEAST_1, Check, check_declared, closest, parse_memory
 
 ENTRY_POINT_GROUP = "bilevel.algorithms"
@@ -44,6 +45,13 @@ class AlgorithmConfig:
 
     name: str = "maml"
     test_steps: Optional[int] = None
+
+    @property
+    def inner(self) -> InnerConfig:
+        """The inner loop as the engine reads it (steps, step size, momentum, adapted set, order):
+        a Config with an inner loop builds it from its own fields. Default: one step over the
+        whole network, nothing differentiated through it."""
+        return InnerConfig(order="first_order")
 
 
 class BilevelAlgorithm(ABC):
@@ -139,8 +147,8 @@ class BilevelAlgorithm(ABC):
 
     @property
     def train_steps(self) -> int:
-        """Inner steps during meta-training (plugins with another notion override this)."""
-        return int(getattr(self.config, "inner_steps", 1))
+        """Inner steps during meta-training (``config.inner.steps``; plugins with another notion override this)."""
+        return self.config.inner.steps
 
     @abstractmethod
     def meta_step(self, params: Params, batch: TaskBatch, want: Want = Want()) -> MetaStep:

@@ -14,28 +14,22 @@ encoder's inner gradient ``(∂L_S/∂Z_S) W_0 dφ`` is 0 and nothing is learned
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
-
-from torch import Tensor
+from typing import ClassVar
 
 from bilevel import (
-    HEAD_BIAS, HEAD_WEIGHT, INNER_LOOP, ORDERS, AlgorithmConfig, Check, HeadState, InnerResult, OneOf, Params,
-    UnrolledAlgorithm, cross_entropy_logits_grad, encoder_part, encoder_pullback, init_head, readout, tree_detach,
+    INNER_LOOP, ORDERS, Check, InnerConfig, InnerStep, OneOf, UnrolledAlgorithm, UnrolledConfig, chain_steps,
+    frozen_head,
 )
 
 
 @dataclass
-class BOILConfig(AlgorithmConfig):
-    """``inner_steps`` T, ``inner_lr`` α (the encoder's inner step), ``order``."""
+class BOILConfig(UnrolledConfig):
+    """MAML's options (``inner_steps`` T, ``inner_lr`` α: the encoder's inner step, ``inner_momentum``,
+    ``order``); the inner loop adapts the encoder, so the adapted set is ``all``."""
 
-    checks: ClassVar[dict[str, Check]] = {**INNER_LOOP, "order": OneOf(ORDERS)}
-    adapt: ClassVar[str] = "all"  # read by the unrolled base: the full-network path
-    inner_momentum: ClassVar[float] = 0.0
+    checks: ClassVar[dict[str, Check]] = {**INNER_LOOP, "order": OneOf(ORDERS), "adapt": OneOf(("all",))}
 
     name: str = "boil"
-    inner_steps: int = 1
-    inner_lr: float = 0.4
-    order: str = "second_order"
 
 
 class BOIL(UnrolledAlgorithm):
@@ -45,21 +39,6 @@ class BOIL(UnrolledAlgorithm):
     head_policy = "random"
     head_frozen = True
 
-    def inner_loop(
-        self, params: Params, support_x, support_y: Tensor, support_features=None,
-        head: Optional[HeadState] = None, steps: Optional[int] = None, first_order: Optional[bool] = None,
-    ) -> InnerResult:
-        """``steps`` (default ``inner_steps``) SGD steps on the encoder; the head stays ``head``
-        (default the meta head)."""
-        steps = self.config.inner_steps if steps is None else steps
-        first_order = self.first_order if first_order is None else first_order
-        state = head if head is not None else init_head(params[HEAD_WEIGHT], params[HEAD_BIAS])
-        encoder, path = encoder_part(params), []
-        for _ in range(steps):
-            path.append(encoder)
-            feats, pull_back = encoder_pullback(self.model, encoder, support_x, create_graph=not first_order)
-            logits_grad = cross_entropy_logits_grad(readout(feats, state.weight, state.bias), support_y)
-            (grad,) = pull_back(logits_grad @ state.weight)
-            grad = tree_detach(grad) if first_order else grad
-            encoder = {k: v - self.config.inner_lr * grad[k] for k, v in encoder.items()}
-        return InnerResult(encoder, state, tuple(path))
+    def update_rule(self, inner: InnerConfig) -> InnerStep:
+        """MAML's SGD steps with the head held where it starts (``support.head``, default the meta head)."""
+        return chain_steps(frozen_head(), super().update_rule(inner))

@@ -15,12 +15,15 @@ continues from the last. An example plugin written from docs/plugins.md §10.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from bilevel import HeadState, InnerResult, Params, UnrolledAlgorithm, UnrolledConfig, encoder_part, init_head
+from bilevel import (
+    Check, HeadState, InnerConfig, InnerResult, OneOf, Params, Support, UnrolledAlgorithm, UnrolledConfig, encoder_part,
+    init_head,
+)
 
 
 def prototype_head(features: Tensor, labels: Tensor, ways: int) -> HeadState:
@@ -35,7 +38,7 @@ class ProtoMAMLConfig(UnrolledConfig):
     """MAML's options (``inner_steps``, ``inner_lr``, ``inner_momentum``, ``order``); the inner
     loop adapts the whole network."""
 
-    adapt: ClassVar[str] = "all"  # read by the unrolled base: the prototypes need the encoder's path
+    checks: ClassVar[dict[str, Check]] = {"adapt": OneOf(("all",))}  # the prototypes need the encoder's path
     name: str = "protomaml"
 
 
@@ -52,12 +55,9 @@ class ProtoMAML(UnrolledAlgorithm):
         return {"coefficient": "first order: A is a constant",
                 "contrastive_support": "first order: the support features receive no gradient"}
 
-    def inner_loop(
-        self, params: Params, support_x, support_y: Tensor, support_features=None,
-        head: Optional[HeadState] = None, steps: Optional[int] = None, first_order: Optional[bool] = None,
-    ) -> InnerResult:
-        """MAML's SGD steps from ``head``, by default the prototype head of the support set."""
-        if head is None:
-            features = self.model.encode(encoder_part(params), support_x)
-            head = prototype_head(features, support_y, self.model.ways)
-        return super().inner_loop(params, support_x, support_y, support_features, head, steps, first_order)
+    def inner_loop(self, params: Params, support: Support, inner: InnerConfig) -> InnerResult:
+        """MAML's SGD steps from ``support.head``, by default the prototype head of the support set."""
+        if support.head is None:
+            features = support.encode(self.model, encoder_part(params))
+            support = support._replace(head=prototype_head(features, support.labels, self.model.ways))
+        return super().inner_loop(params, support, inner)

@@ -17,9 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel import ModelConfig, Want, build_algorithm, build_model
+from bilevel import InnerConfig, ModelConfig, Support, Want, build_algorithm, build_model, proximal_solve
 from bilevel.primitives.cg import conjugate_gradient
-from bilevel.solvers.proximal import proximal_solve
 from bilevel.primitives.models import BilevelModel
 from bilevel.data.batch import TaskBatch
 from bilevel.primitives.params import is_head
@@ -321,8 +320,8 @@ def test_bad_config_is_a_clear_error(bad):
 def test_proximal_solve_records_a_head_trace():
     model = _model("relu")
     params, batch = model.init_params(), _batch(9)
-    result = proximal_solve(model, params, batch.support_x[0], batch.support_y[0], steps=4, lr=LR, lam=LAM,
-                            adapt="head")
+    result = proximal_solve(model, params, Support(batch.support_y[0], images=batch.support_x[0]),
+                            InnerConfig(steps=4, lr=LR, adapt="head"), LAM)
     assert len(result.head.trace.coeffs) == 4
     rebuilt = result.head.trace.weight0 + sum(a.T @ f for a, f in zip(result.head.trace.coeffs,
                                                                    result.head.trace.features))

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from bilevel import build_algorithm
+from bilevel import InnerConfig, Support, build_algorithm, sgd_steps
 from bilevel.primitives.head import readout
-from bilevel.solvers.sgd import sgd_steps
 from bilevel.primitives.losses import cross_entropy
 from bilevel.primitives.params import encoder_part
 
@@ -169,10 +168,9 @@ def test_first_order_head_only_support_features_get_zero_gradient(make_problem, 
     phi_q = p.model.encode(encoder, b.query_x[0]).detach().requires_grad_()
     grads = {}
     for first_order in (True, False):
-        inner = sgd_steps(
-            p.model, p.params, None, b.support_y[0], steps=steps, lr=p.inner_lr,
-            adapt="head", first_order=first_order, support_features=phi_s,
-        )
+        order = "first_order" if first_order else "second_order"
+        inner_config = InnerConfig(steps, p.inner_lr, adapt="head", order=order)
+        inner = sgd_steps(p.model, p.params, Support(b.support_y[0], features=phi_s), inner_config)
         loss = cross_entropy(readout(phi_q, inner.head.weight, inner.head.bias), b.query_y[0])
         grads[first_order] = torch.autograd.grad(loss, (phi_s, phi_q), allow_unused=True, materialize_grads=True)
     (fo_support, fo_query), (so_support, so_query) = grads[True], grads[False]
@@ -190,8 +188,8 @@ def test_zeroing_first_full_network_step_leaves_encoder_unchanged(make_problem, 
     start = encoder_part(p.params)
 
     def step(params):
-        return sgd_steps(p.model, params, b.support_x[0], b.support_y[0], steps=1, lr=p.inner_lr,
-                         adapt="all", first_order=first_order)
+        return sgd_steps(p.model, params, Support(b.support_y[0], images=b.support_x[0]),
+                         InnerConfig(1, p.inner_lr, order="first_order" if first_order else "second_order"))
 
     inner = step(p.params)
     assert all(torch.equal(inner.encoder[k], v) for k, v in start.items())

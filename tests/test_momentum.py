@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from bilevel.primitives.head import reconstruct_logits
-from bilevel.solvers.sgd import sgd_steps
+from bilevel import InnerConfig, Support, sgd_steps
 
 MU, LAM = 0.7, 0.5
 
@@ -51,8 +51,8 @@ def test_momentum_maml_matches_autograd_and_decomposes_exactly(make_problem, rel
 def test_proximal_momentum_trace_reconstructs_the_head(make_problem, adapt):
     problem = make_problem("mlp", head="random")
     xs, ys = problem.batch.support_x[0], problem.batch.support_y[0]
-    result = sgd_steps(problem.model, problem.params, xs, ys, steps=4, lr=0.3, adapt=adapt,
-                       first_order=False, prox=LAM, momentum=MU)
+    result = sgd_steps(problem.model, problem.params, Support(ys, images=xs),
+                       InnerConfig(steps=4, lr=0.3, momentum=MU, adapt=adapt), prox=LAM)
     phi = problem.model.encode(result.encoder, problem.batch.query_x[0])
     logits = phi @ result.head.weight.T + result.head.bias
     assert float((reconstruct_logits(result.head.trace, phi) - logits).abs().max()) < 1e-12
@@ -62,8 +62,8 @@ def test_proximal_momentum_head_matches_a_direct_implementation(make_problem):
     """Head-only: W ← W − α v, v ← μ v + ∇_W L_S + λ (W − W_0), written out with autograd."""
     problem = make_problem("mlp", head="random")
     xs, ys = problem.batch.support_x[0], problem.batch.support_y[0]
-    result = sgd_steps(problem.model, problem.params, xs, ys, steps=4, lr=0.3, adapt="head",
-                       first_order=True, prox=LAM, momentum=MU)
+    result = sgd_steps(problem.model, problem.params, Support(ys, images=xs),
+                       InnerConfig(steps=4, lr=0.3, momentum=MU, adapt="head", order="first_order"), prox=LAM)
     feats = problem.model.encode({k[8:]: v for k, v in problem.params.items() if k.startswith("encoder.")}, xs)
     w0, b0 = problem.params["head.weight"], problem.params["head.bias"]
     w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
@@ -87,8 +87,8 @@ def test_evaluation_with_momentum_runs_each_step_count_from_the_start(make_probl
         expected = []
         for i in range(problem.batch.support_y.shape[0]):
             xs, ys = problem.batch.support_x[i], problem.batch.support_y[i]
-            result = sgd_steps(problem.model, problem.params, xs, ys, steps=t, lr=problem.inner_lr,
-                               adapt=adapt, first_order=True, momentum=MU)
+            result = sgd_steps(problem.model, problem.params, Support(ys, images=xs),
+                               InnerConfig(t, problem.inner_lr, MU, adapt, "first_order"))
             phi = problem.model.encode(result.encoder, problem.batch.query_x[i])
             logits = phi @ result.head.weight.T + result.head.bias
             expected.append((logits.argmax(-1) == problem.batch.query_y[i]).double().mean())

@@ -16,8 +16,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import bilevel.algorithm as engine
-from bilevel import HEAD_BIAS, HEAD_WEIGHT, InnerResult, encoder_part, encoder_pullback, init_head, readout, register
-from bilevel import cross_entropy_logits_grad
+from bilevel import HEAD_WEIGHT, InnerConfig, InnerStep, chain_steps, frozen_head, register
 from bilevel.app import stalls
 from bilevel.app.config import register_configs, typed_config, validate
 from bilevel.app.stalls import StallWatch
@@ -38,16 +37,8 @@ class EncoderOnly(MAML):
     head_policy = "random"
     head_frozen = True
 
-    def inner_loop(self, params, support_x, support_y, support_features=None, head=None, steps=None,
-                   first_order=None) -> InnerResult:
-        state = head if head is not None else init_head(params[HEAD_WEIGHT], params[HEAD_BIAS])
-        encoder = encoder_part(params)
-        for _ in range(1 if steps is None else steps):
-            feats, pull_back = encoder_pullback(self.model, encoder, support_x, create_graph=True)
-            (grad,) = pull_back(cross_entropy_logits_grad(readout(feats, state.weight, state.bias), support_y)
-                                @ state.weight)
-            encoder = {k: v - self.config.inner_lr * grad[k] for k, v in encoder.items()}
-        return InnerResult(encoder, state, ())
+    def update_rule(self, inner: InnerConfig) -> InnerStep:
+        return chain_steps(frozen_head(), super().update_rule(inner))
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_module
 from torch.func import functional_call
 
 import bilevel.algorithm as engine
+from bilevel import Support
 from algorithms.r2d2 import R2D2, ridge_coefficients
 from bilevel.algorithm import algorithm_config, register
 from bilevel.app.checkpoint import load_checkpoint
@@ -86,7 +87,7 @@ def test_ridge_solution_satisfies_the_normal_equations(make_problem, r2d2):
     p = make_problem("mlp", shots=2)
     algo = r2d2(p.model)
     xs, ys = p.batch.support_x[0], p.batch.support_y[0]
-    inner = algo.inner_loop(p.params, xs, ys)
+    inner = algo.inner_loop(p.params, Support(ys, images=xs), algo.config.inner)
     phi = p.model.encode(encoder_part(p.params), xs)
     x = torch.cat([phi, torch.ones_like(phi[:, :1])], 1)
     head = torch.cat([inner.head.weight, inner.head.bias[:, None]], 1).T  # [d + 1, N]
@@ -155,7 +156,7 @@ def test_evaluation_is_chance_then_the_solve(make_problem, r2d2):
     assert torch.equal(accs[:, 0], torch.full((2,), 1 / p.ways, dtype=accs.dtype))  # a zero head ties: class 0
     assert all(torch.equal(accs[:, t], accs[:, 1]) for t in (2, 3))
     algo = r2d2(p.model)
-    inner = algo.inner_loop(p.params, p.batch.support_x[1], p.batch.support_y[1])
+    inner = algo.inner_loop(p.params, Support(p.batch.support_y[1], images=p.batch.support_x[1]), algo.config.inner)
     phi_q = p.model.encode(encoder_part(p.params), p.batch.query_x[1])
     logits = phi_q @ inner.head.weight.T + inner.head.bias
     assert float(accs[1, 1]) == float((logits.argmax(-1) == p.batch.query_y[1]).double().mean())

@@ -16,7 +16,7 @@ import torch
 
 import algorithms.meta_sgd
 import algorithms.r2d2
-import bilevel.solvers.sgd
+import bilevel.solvers.steps
 import bilevel.hypergrad.rows
 from bilevel.decomposition.cotangents import Nodes, term_cotangents
 from bilevel.primitives.head import HeadState, head_write
@@ -76,7 +76,7 @@ def test_misrecorded_trace_fails_reconstruction(monkeypatch):
         wrong = head_write(state, features, 1.01 * coeff)
         return HeadState(written.weight, written.bias, wrong.trace)
 
-    monkeypatch.setattr(bilevel.solvers.sgd, "head_write", misrecorded)
+    monkeypatch.setattr(bilevel.solvers.steps, "head_write", misrecorded)
     rows = maml_claims.claim1_reconstruction()
     assert len(rows) == 8 and not any(r.passed for r in rows)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from bilevel import MetaStep, build_algorithm, sgd_steps
+from bilevel import InnerConfig, MetaStep, Support, build_algorithm, sgd_steps
 from bilevel.data.batch import TaskBatch
 from bilevel.primitives.head import readout, reconstruct_logits
 from bilevel.primitives.models import BilevelModel
@@ -173,7 +173,7 @@ def claim1_reconstruction() -> list[ClaimResult]:
         algo = _maml(model, adapt=adapt, order=order, steps=steps)
         errors = [float(algo.meta_grad(params, batch, decompose=True).decomposition.reconstruction_error)]
         for i in range(batch.support_x.shape[0]):
-            inner = algo.inner_loop(params, batch.support_x[i], batch.support_y[i])
+            inner = algo.inner_loop(params, Support(batch.support_y[i], images=batch.support_x[i]), algo.config.inner)
             rebuilt = reconstruct_logits(inner.head.trace, model.encode(inner.encoder, batch.query_x[i]))
             fast = reference_adapt(model, leaves, batch.support_x[i], batch.support_y[i],
                                    steps=steps, lr=ALPHA, adapt=adapt, first_order=order == "first_order")
@@ -239,8 +239,9 @@ def _support_input_gradient(model: BilevelModel, params: Params, batch: TaskBatc
     xs = batch.support_x.clone().requires_grad_(True)
     losses = []
     for i in range(xs.shape[0]):
-        inner = sgd_steps(model, params, xs[i], batch.support_y[i], steps=steps, lr=ALPHA,
-                          adapt=adapt, first_order=first_order)
+        order = "first_order" if first_order else "second_order"
+        inner = sgd_steps(model, params, Support(batch.support_y[i], images=xs[i]),
+                          InnerConfig(steps, ALPHA, adapt=adapt, order=order))
         logits = readout(model.encode(inner.encoder, batch.query_x[i]), inner.head.weight, inner.head.bias)
         losses.append(F.cross_entropy(logits, batch.query_y[i]))
     (grad,) = torch.autograd.grad(torch.stack(losses).mean(), xs, allow_unused=True)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from bilevel import build_algorithm
+from bilevel import Support, build_algorithm
 from bilevel.primitives.head import readout, reconstruct_logits
 from bilevel.primitives.params import Params, encoder_part, is_head
 from bilevel.testing import rel_err, seeded_problem
@@ -61,7 +61,8 @@ def r2d2_closed_form_and_trace() -> list[ClaimResult]:
     rows = []
     head_err, trace_err = 0.0, 0.0
     for i in range(p.batch.support_y.shape[0]):
-        result = algo.inner_loop(p.params, p.batch.support_x[i], p.batch.support_y[i])
+        support = Support(p.batch.support_y[i], images=p.batch.support_x[i])
+        result = algo.inner_loop(p.params, support, algo.config.inner)
         feats = p.model.encode(encoder_part(p.params), p.batch.support_x[i])
         weight, bias = primal_head(feats, p.batch.support_y[i], p.ways)
         head_err = max(head_err, rel_err({"W": result.head.weight, "b": result.head.bias}, {"W": weight, "b": bias}))

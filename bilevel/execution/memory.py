@@ -114,8 +114,8 @@ def estimate_bytes(model: BilevelModel, input_shape: tuple[int, ...], cfg: Any, 
     config, steps = algorithm.config, algorithm.train_steps
     element = torch.empty((), dtype=dtype).element_size()
     segment = parse_memory(memory)
-    held = 1 if getattr(config, "adapt", "all") == "head" else (steps if segment is None else min(segment, steps))
-    order = 2 if getattr(config, "order", None) == "second_order" else 1
+    held = 1 if config.inner.adapt == "head" else (steps if segment is None else min(segment, steps))
+    order = 2 if config.inner.order == "second_order" else 1
     n_s, n_q = cfg.data.ways * cfg.data.shots, cfg.data.ways * cfg.data.queries
     per_task = element * activations_per_sample(model, input_shape) * (n_s * held + n_q) * order
     weights = sum(p.numel() for p in model.parameters())

@@ -71,6 +71,7 @@ from bilevel.decomposition.step import MetaStep, TaskResult, Want
 from bilevel.solvers.chain import BATCHES, ChainResult, ChainSpec, chain_batch, run_chain
 from bilevel.primitives.head import readout
 from bilevel.solvers.sgd import sgd_steps
+from bilevel.solvers.support import InnerConfig, Support
 from bilevel.primitives.losses import accuracy
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import (
@@ -149,6 +150,11 @@ class ChainConfig(AlgorithmConfig):
     adapt: str = "all"
     batches: str = "pooled"
 
+    @property
+    def inner(self) -> InnerConfig:
+        """The chain's steps, step size and adapted set (also evaluation's SGD); its gradients are values."""
+        return InnerConfig(self.inner_steps, self.inner_lr, adapt=self.adapt, order="first_order")
+
 
 class ChainAlgorithm(BilevelAlgorithm):
     """Base for algorithms whose outer direction is a chain's ``prox_mean`` direction.
@@ -174,7 +180,11 @@ class ChainAlgorithm(BilevelAlgorithm):
         if config.batches not in BATCHES:
             raise ValueError(f"batches must be one of {BATCHES}, got {config.batches!r}")
         super().__init__(model, config, execution)
-        self.terms = self.spec().terms()
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """The chain's terms (:meth:`ChainSpec.terms`: noise terms only for a noisy chain)."""
+        return self.spec().terms()
 
     @abstractmethod
     def spec(self) -> ChainSpec:
@@ -235,24 +245,23 @@ class ChainAlgorithm(BilevelAlgorithm):
         return last.features.new_zeros(0, n_s, n_q), cosines
 
     def evaluate(self, params: Params, batch: TaskBatch, steps: int) -> Tensor:
-        return finetune_accuracies(
-            self.model, params, batch, steps, self.config.inner_lr, self.config.adapt, self.execution
-        )
+        return finetune_accuracies(self.model, params, batch, steps, self.config.inner, self.execution)
 
 
 def finetune_accuracies(
-    model: BilevelModel, params: Params, batch: TaskBatch, steps: int, lr: float, adapt: str, execution: str
+    model: BilevelModel, params: Params, batch: TaskBatch, steps: int, inner: InnerConfig, execution: str
 ) -> Tensor:
-    """Query accuracy of every task after ``0 … steps`` plain SGD steps of size ``lr`` on the
-    support cross-entropy over the adapted set: ``[tasks, steps + 1]``."""
+    """Query accuracy of every task after ``0 … steps`` plain SGD steps of size ``inner.lr`` on the
+    support cross-entropy over ``inner.adapt``: ``[tasks, steps + 1]``."""
+    one = InnerConfig(1, inner.lr, adapt=inner.adapt, order="first_order")
 
     def task(p, xs, ys, xq, yq):
         accs = []
         for t in range(steps + 1):
             if t:
-                inner = sgd_steps(model, p, xs, ys, steps=1, lr=lr, adapt=adapt, first_order=True)
+                found = sgd_steps(model, p, Support(ys, images=xs), one)
                 p = tree_detach(with_encoder(
-                    {**p, HEAD_WEIGHT: inner.head.weight, HEAD_BIAS: inner.head.bias}, inner.encoder
+                    {**p, HEAD_WEIGHT: found.head.weight, HEAD_BIAS: found.head.bias}, found.encoder
                 ))
             accs.append(accuracy(readout(model.encode(encoder_part(p), xq), p[HEAD_WEIGHT], p[HEAD_BIAS]), yq))
         return torch.stack(accs)

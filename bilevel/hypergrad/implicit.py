@@ -62,7 +62,6 @@ from torch import Tensor
 from torch.func import grad, vjp
 from torch.utils import _pytree as pytree
 
-from bilevel.algorithm import BilevelAlgorithm
 from bilevel.primitives.cg import cg_polynomial, conjugate_gradient
 from bilevel.data.batch import TaskBatch
 from bilevel.decomposition.cotangents import Nodes
@@ -71,7 +70,9 @@ from bilevel.primitives.head import HeadTrace, readout
 from bilevel.hypergrad.rows import Forward, node_rows
 from bilevel.decomposition.assembly import assemble, mean_over_tasks
 from bilevel.decomposition.step import MetaStep, TaskResult, Want
-from bilevel.solvers.sgd import ADAPTED_SETS
+from bilevel.hypergrad.inner import InnerLoopAlgorithm
+from bilevel.solvers.proximal import proximal_solve
+from bilevel.solvers.support import InnerConfig, InnerResult, Support
 from bilevel.primitives.losses import cross_entropy, cross_entropy_logits_grad
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import (
@@ -87,9 +88,9 @@ SupportLoss = Callable[[Any, Params], Tensor]
 Linearization = Callable[[Params], tuple[Any, Params]]
 """``w ↦ ((∂²L_S/∂x∂φ) w, H w)`` at the inner solution."""
 
-Solver = Callable[[Params, Optional[Tensor], Tensor, Optional[Tensor]], Params]
-"""``(meta-parameters, support_x, support_y, support_features) ↦ φ*``: an inner solver of the
-proximal problem (``support_features`` given, ``support_x`` None, when only the head adapts)."""
+Solver = Callable[[Params, Support], Params]
+"""``(meta-parameters, support) ↦ φ*``: an inner solver of the proximal problem, ``φ*`` keyed as the
+meta-parameters (the support's features are given, its images not, when only the head adapts)."""
 
 
 class ImplicitSystem(NamedTuple):
@@ -100,6 +101,16 @@ class ImplicitSystem(NamedTuple):
     cg_iters: int
     damping: float = 0.0
     lam_offset: float = 0.0
+
+
+class ImplicitProblem(NamedTuple):
+    """What one task's implicit hypergradient needs besides the task: the ``model``, the inner
+    solver ``solve`` (:data:`Solver`), the ``system`` and the adapted set ``adapt``."""
+
+    model: BilevelModel
+    solve: Solver
+    system: ImplicitSystem
+    adapt: str
 
 
 class ImplicitVJP(NamedTuple):
@@ -164,115 +175,137 @@ def solve_error(linearization: Linearization, head_cotangent: Params, system: Im
     return tree_add(p_mh, h, -1.0), outer
 
 
-def implicit_task(
-    model: BilevelModel, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *,
-    solve: Solver, system: ImplicitSystem, adapt: str, want: Want,
-) -> TaskResult:
-    """One task's implicit hypergradient around the inner solver ``solve`` (module docstring).
+class _Task:
+    """One task's implicit problem at the solver's point: the outer variables ``x``, ``φ*``, the
+    anchor ``φ_0`` and the initial head ``(W_0, b_0)``, in the solve dtype (module docstring)."""
 
-    ``adapt="head"``: the outer variables are the encoder's features ``x = (Φ_S, φ_q)``, mapped to
-    the encoder by one VJP; ``"all"``: ``φ`` is every parameter and there are none. The forward
-    reads the nodes ``(φ_q, Φ_S, A* = −G_S*/λ, W_0, b_0)``; the trace's noise slot holds the
-    solver's residual ``R = W* − W_0 − A*ᵀΦ_S`` (the ``solver_residual`` term)."""
-    head_only = adapt == "head"
-    head0 = {HEAD_WEIGHT: params[HEAD_WEIGHT], HEAD_BIAS: params[HEAD_BIAS]}
-    if head_only:
-        (phi_s, phi_q), encoder_pull = vjp(lambda e: (model.encode(e, xs), model.encode(e, xq)), encoder_part(params))
-        outer: Any = (phi_s, phi_q)
-        inner, anchor = solve(params, None, ys, phi_s), head0
-    else:
-        outer, inner, anchor = (), solve(params, xs, ys, None), params
+    def __init__(self, problem: ImplicitProblem, params: Params, xs: Tensor, ys: Tensor, xq: Tensor,
+                 yq: Tensor) -> None:
+        self.problem, self.xs, self.ys, self.xq, self.yq = problem, xs, ys, xq, yq
+        self.head_only = problem.adapt == "head"
+        model, head0 = problem.model, {HEAD_WEIGHT: params[HEAD_WEIGHT], HEAD_BIAS: params[HEAD_BIAS]}
+        if self.head_only:
+            (phi_s, phi_q), self.encoder_pull = vjp(lambda e: (model.encode(e, xs), model.encode(e, xq)),
+                                                    encoder_part(params))
+            outer, inner, anchor = (phi_s, phi_q), problem.solve(params, Support(ys, features=phi_s)), head0
+        else:
+            outer, inner, anchor = (), problem.solve(params, Support(ys, images=xs)), params
+        self.dtype = params[HEAD_WEIGHT].dtype
+        wide = partial(pytree.tree_map, lambda t: t.to(SOLVE_DTYPE if self.head_only else self.dtype))
+        self.outer, self.inner, self.head0, self.anchor = wide(outer), wide(inner), wide(head0), wide(anchor)
 
-    def features(x: Any, phi: Params) -> tuple[Tensor, Tensor]:
-        if head_only:
+    def narrow(self, tree: Any) -> Any:
+        """``tree`` in the model's dtype."""
+        return pytree.tree_map(lambda t: t.to(self.dtype), tree)
+
+    def features(self, x: Any, phi: Params) -> tuple[Tensor, Tensor]:
+        """``(Φ_S, φ_q)``: the outer variables (head-only) or the encoder of ``φ`` on the images."""
+        if self.head_only:
             return x
         encoder = encoder_part(phi)
-        return model.encode(encoder, xs), model.encode(encoder, xq)
+        return self.problem.model.encode(encoder, self.xs), self.problem.model.encode(encoder, self.xq)
 
-    def support_loss(x: Any, phi: Params) -> Tensor:
-        return cross_entropy(readout(features(x, phi)[0], phi[HEAD_WEIGHT], phi[HEAD_BIAS]), ys)
+    def support_loss(self, x: Any, phi: Params) -> Tensor:
+        """``L_S(x, φ)``, unregularised."""
+        return cross_entropy(readout(self.features(x, phi)[0], phi[HEAD_WEIGHT], phi[HEAD_BIAS]), self.ys)
 
-    def forward(x: Any, phi: Params, w0: Params):
-        feats_s, feats_q = features(x, phi)
+    def forward(self, x: Any, phi: Params, w0: Params):
+        """The query loss and the nodes ``(φ_q, Φ_S, A* = −G_S*/λ, W_0, b_0)``; the trace's noise slot
+        holds the solver's residual ``R = W* − W_0 − A*ᵀΦ_S`` (the ``solver_residual`` term)."""
+        feats_s, feats_q = self.features(x, phi)
         logits = readout(feats_q, phi[HEAD_WEIGHT], phi[HEAD_BIAS])
-        coeff = -cross_entropy_logits_grad(readout(feats_s, phi[HEAD_WEIGHT], phi[HEAD_BIAS]), ys) / system.lam
+        coeff = -cross_entropy_logits_grad(readout(feats_s, phi[HEAD_WEIGHT], phi[HEAD_BIAS]), self.ys)
+        coeff = coeff / self.problem.system.lam
         trace = HeadTrace(
             w0[HEAD_WEIGHT], w0[HEAD_BIAS], (feats_s,), (coeff,),
             phi[HEAD_WEIGHT] - w0[HEAD_WEIGHT] - coeff.transpose(-1, -2) @ feats_s,
             phi[HEAD_BIAS] - w0[HEAD_BIAS] - coeff.sum(-2),
         )
-        return (cross_entropy(logits, yq), Nodes.of(trace, feats_q)), (logits, trace)
+        return (cross_entropy(logits, self.yq), Nodes.of(trace, feats_q)), (logits, trace)
 
-    solve_dtype = SOLVE_DTYPE if head_only else params[HEAD_WEIGHT].dtype
-    wide = partial(pytree.tree_map, lambda t: t.to(solve_dtype))
-    narrow = partial(pytree.tree_map, lambda t: t.to(params[HEAD_WEIGHT].dtype))
-    outer, inner, head0, anchor = wide(outer), wide(inner), wide(head0), wide(anchor)
-    (loss, nodes), pull, (logits, trace) = vjp(forward, outer, inner, head0, has_aux=True)
-    support_grad, linearization = linearize_stationarity(support_loss, outer, inner)
-
-    def to_meta(anchor_cot: Params, outer_cot: Any, head0_cot: Params) -> Params:
+    def to_meta(self, anchor_cot: Params, outer_cot: Any, head0_cot: Params) -> Params:
         """The meta-parameters' gradient, in the model's dtype, of cotangents on ``(φ_0, x, (W_0, b_0))``."""
         grad_ = {k: v + head0_cot[k] if is_head(k) else v for k, v in anchor_cot.items()}
-        if head_only:
-            (enc_grad,) = encoder_pull(narrow(outer_cot))
+        if self.head_only:
+            (enc_grad,) = self.encoder_pull(self.narrow(outer_cot))
             grad_.update({ENCODER_PREFIX + k: v for k, v in enc_grad.items()})
-        return narrow(grad_)
+        return self.narrow(grad_)
 
-    def meta_gradient(pulled: tuple[Any, Params, Params], polynomial=None) -> tuple[Params, ImplicitVJP]:
+    def meta_gradient(self, linearization: Linearization, pulled: tuple[Any, Params, Params],
+                      polynomial=None) -> tuple[Params, ImplicitVJP]:
+        """The meta-gradient of the forward's pulled-back cotangent, by CG or a fixed CG polynomial."""
         x_bar, phi_bar, head0_bar = pulled
-        implicit = implicit_vjp(linearization, phi_bar, system, polynomial)
-        return to_meta(implicit.anchor, pytree.tree_map(torch.add, x_bar, implicit.outer), head0_bar), implicit
+        implicit = implicit_vjp(linearization, phi_bar, self.problem.system, polynomial)
+        return self.to_meta(implicit.anchor, pytree.tree_map(torch.add, x_bar, implicit.outer), head0_bar), implicit
 
+
+def implicit_task(problem: ImplicitProblem, params: Params, xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor,
+                  want: Want) -> TaskResult:
+    """One task's implicit hypergradient around the inner solver ``problem.solve`` (module docstring).
+
+    ``adapt="head"``: the outer variables are the encoder's features ``x = (Φ_S, φ_q)``, mapped to
+    the encoder by one VJP; ``"all"``: ``φ`` is every parameter and there are none."""
+    task = _Task(problem, params, xs, ys, xq, yq)
+    (loss, nodes), pull, (logits, trace) = vjp(task.forward, task.outer, task.inner, task.head0, has_aux=True)
+    support_grad, linearization = linearize_stationarity(task.support_loss, task.outer, task.inner)
+    gradient = partial(task.meta_gradient, linearization)
     plain_pulled = pull((torch.ones_like(loss), nodes.zeros()))
-    plain_grad, plain = meta_gradient(plain_pulled)
+    plain_grad, plain = gradient(plain_pulled)
     polynomial = (plain.alphas, plain.betas)
     direct = {}
     if "solve_error" in want.terms + (want.keep or ()):
         head_cot = {k: v if is_head(k) else torch.zeros_like(v) for k, v in plain_pulled[1].items()}
-        anchor_err, outer_err = solve_error(linearization, head_cot, system, polynomial)
-        direct["solve_error"] = to_meta(anchor_err, outer_err, tree_map(torch.zeros_like, head0))
-    forward_ = Forward(loss, logits, yq, nodes, trace, lambda c: meta_gradient(pull(c), polynomial)[0])
+        anchor_err, outer_err = solve_error(linearization, head_cot, problem.system, polynomial)
+        direct["solve_error"] = task.to_meta(anchor_err, outer_err, tree_map(torch.zeros_like, task.head0))
+    forward_ = Forward(loss, logits, yq, nodes, trace, lambda c: gradient(pull(c), polynomial)[0])
     result = node_rows(forward_, want, grad=plain_grad, direct=direct)
-    result = result._replace(**{f: narrow(getattr(result, f)) for f in TaskResult._fields
+    result = result._replace(**{f: task.narrow(getattr(result, f)) for f in TaskResult._fields
                                 if f not in ("grad", "extras") and getattr(result, f) is not None})
     norms = plain.residual_norms
-    return result._replace(grad=plain_grad, extras=narrow({
+    return result._replace(grad=plain_grad, extras=task.narrow({
         "cg_residual": norms[-1] / norms[0].clamp_min(torch.finfo(norms.dtype).tiny),
-        "stationarity": stationarity_residual(support_grad, inner, anchor, system.lam),
+        "stationarity": stationarity_residual(support_grad, task.inner, task.anchor, problem.system.lam),
     }))
 
 
-class ImplicitAlgorithm(BilevelAlgorithm):
+class ImplicitAlgorithm(InnerLoopAlgorithm):
     """Base for algorithms whose meta-gradient is implicit around a solver of the proximal inner
-    problem ``argmin_φ L_S(φ) + (λ/2)‖φ − φ_0‖²`` over the adapted set (``config.adapt``).
+    problem ``argmin_φ L_S(φ) + (λ/2)‖φ − φ_0‖²`` over the adapted set (``config.inner.adapt``).
 
-    Subclasses implement :meth:`solve` (φ*) and :meth:`system` (λ and the CG budget) and
-    :meth:`evaluate`; the meta-gradient, its exact decomposition (with ``solve_error``) and the
-    execution paths come with the base. Extras ``<name>/cg_residual`` (relative) and
-    ``<name>/stationarity`` (``‖∇L_S + λ(φ* − φ_0)‖``) are means over tasks."""
+    Subclasses implement :meth:`system` (λ and the CG budget) and may replace the solver,
+    :meth:`inner_loop` (default: ``inner.steps`` proximal gradient-descent steps of size
+    ``inner.lr``); the meta-gradient, its exact decomposition (with ``solve_error``), the execution
+    paths and evaluation (the query accuracy after ``0 … steps`` solver steps, each count run from
+    the start: the solver pulls towards where it starts) come with the base. Extras
+    ``<name>/cg_residual`` (relative) and ``<name>/stationarity`` (``‖∇L_S + λ(φ* − φ_0)‖``) are
+    means over tasks."""
 
     terms = ("contrastive", "init", "coefficient", "solver_residual", "solve_error")
     splits_contrastive = True
     executions = ("vmap", "loop")
 
-    def __init__(self, model: BilevelModel, config: Any, execution: Optional[str] = None) -> None:
-        if config.adapt not in ADAPTED_SETS:
-            raise ValueError(f"adapt must be one of {ADAPTED_SETS}, got {config.adapt!r}")
-        super().__init__(model, config, execution)
-
-    @abstractmethod
-    def solve(self, params: Params, support_x: Optional[Tensor], support_y: Tensor,
-              support_features: Optional[Tensor]) -> Params:
-        """The inner solution ``φ*`` (adapted keys only; :data:`Solver`)."""
-
     @abstractmethod
     def system(self) -> ImplicitSystem:
         """The implicit VJP's linear system."""
 
+    def inner_loop(self, params: Params, support: Support, inner: InnerConfig) -> InnerResult:
+        """``inner.steps`` gradient-descent steps of size ``inner.lr`` on the proximal problem with
+        the system's λ (:func:`~bilevel.solvers.proximal.proximal_solve`: no graph is kept)."""
+        return proximal_solve(self.model, params, support, inner, self.system().lam)
+
+    def solution(self, params: Params, support: Support) -> Params:
+        """``φ*`` keyed as the meta-parameters: the head's, and with ``adapt="all"`` the encoder's."""
+        found = self.inner_loop(params, support, self.config.inner)
+        head = {HEAD_WEIGHT: found.head.weight, HEAD_BIAS: found.head.bias}
+        if self.config.inner.adapt == "head":
+            return head
+        return {**{ENCODER_PREFIX + k: v for k, v in found.encoder.items()}, **head}
+
     def meta_step(self, params: Params, batch: TaskBatch, want: Want = Want()) -> MetaStep:
+        problem = ImplicitProblem(self.model, self.solution, self.system(), self.config.inner.adapt)
+
         def task(p, xs, ys, xq, yq) -> TaskResult:
-            return implicit_task(self.model, p, xs, ys, xq, yq, solve=self.solve, system=self.system(),
-                                 adapt=self.config.adapt, want=want)
+            return implicit_task(problem, p, xs, ys, xq, yq, want)
 
         result = mean_over_tasks(map_tasks(task, self.execution, tree_detach(params), batch.support_x,
                                            batch.support_y, batch.query_x, batch.query_y))

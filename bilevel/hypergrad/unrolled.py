@@ -27,21 +27,23 @@ import torch
 from torch import Tensor
 from torch.func import vjp
 
-from bilevel.algorithm import AlgorithmConfig, BilevelAlgorithm
+from bilevel.algorithm import AlgorithmConfig
 from bilevel.data.batch import TaskBatch
 from bilevel.decomposition.cotangents import Nodes
-from bilevel.execution.mapping import map_meta_steps, map_tasks
+from bilevel.execution.mapping import map_meta_steps
 from bilevel.primitives.head import init_head, readout
+from bilevel.hypergrad.inner import InnerLoopAlgorithm
 from bilevel.hypergrad.recompute import Steps, autograd_vjp, recompute_vjp
 from bilevel.hypergrad.rows import Forward, node_rows
 from bilevel.decomposition.assembly import assemble, mean_over_tasks
 from bilevel.decomposition.step import MetaStep, TaskResult, Want
-from bilevel.solvers.sgd import ADAPTED_SETS, InnerResult, autograd_pullbacks, sgd_steps
+from bilevel.solvers.pullback import autograd_pullbacks
+from bilevel.solvers.sgd import sgd
+from bilevel.solvers.steps import InnerStep, descend
+from bilevel.solvers.support import InnerConfig, InnerResult, Support
 from bilevel.primitives.losses import accuracy, cross_entropy
 from bilevel.primitives.precision import loss_scales, unscale
 from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, with_encoder
-
-ORDERS = ("second_order", "first_order")
 
 
 @dataclass
@@ -55,6 +57,11 @@ class UnrolledConfig(AlgorithmConfig):
     adapt: str = "all"
     order: str = "second_order"
 
+    @property
+    def inner(self) -> InnerConfig:
+        """The inner loop of these fields, as the bases read it."""
+        return InnerConfig(self.inner_steps, self.inner_lr, self.inner_momentum, self.adapt, self.order)
+
 
 def head_of(params: Params) -> Params:
     """Everything but the encoder: the head, and meta-parameters of the algorithm's own (what a
@@ -62,11 +69,12 @@ def head_of(params: Params) -> Params:
     return {k: v for k, v in params.items() if not k.startswith(ENCODER_PREFIX)}
 
 
-class UnrolledAlgorithm(BilevelAlgorithm):
+class UnrolledAlgorithm(InnerLoopAlgorithm):
     """Base for algorithms whose hypergradient is backprop through ``inner_loop``.
 
-    Subclasses may override :meth:`inner_loop` (any solver built from the head
-    primitives); the decomposition, execution paths and evaluation come with the base.
+    Subclasses may override :meth:`update_rule` (the inner steps chained, :mod:`bilevel.solvers.steps`)
+    or the whole :meth:`inner_loop` (any solver built from the head primitives); the decomposition,
+    execution paths and evaluation come with the base.
     """
 
     Config = UnrolledConfig
@@ -74,13 +82,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
     splits_contrastive = True
 
     def __init__(self, model, config, execution: str | None = None) -> None:
-        if config.adapt not in ADAPTED_SETS:
-            raise ValueError(f"adapt must be one of {ADAPTED_SETS}, got {config.adapt!r}")
-        if config.order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {config.order!r}")
-        if config.inner_steps < 1:
-            raise ValueError(f"inner_steps must be >= 1, got {config.inner_steps}")
-        self.executions = ("vmap", "loop", "shared") if config.adapt == "head" else ("vmap", "loop")
+        self.executions = ("vmap", "loop", "shared") if config.inner.adapt == "head" else ("vmap", "loop")
         super().__init__(model, config, execution)
 
     @property
@@ -90,15 +92,20 @@ class UnrolledAlgorithm(BilevelAlgorithm):
     @property
     def memories(self) -> tuple[str, ...]:
         """``recompute`` restarts each step from its fast parameters and head state, which
-        momentum's velocity would have to join: offered for momentum-free loops."""
-        return ("store", "recompute") if self.config.inner_momentum == 0 else ("store",)
+        momentum's velocity would have to join: offered for restartable update rules."""
+        return ("store", "recompute") if self.restartable else ("store",)
 
     def memory_note(self) -> str:
-        return "memory=recompute needs algorithm.inner_momentum=0" if self.config.inner_momentum else ""
+        return "" if self.restartable else "memory=recompute needs a restartable inner loop (inner_momentum=0)"
+
+    @property
+    def restartable(self) -> bool:
+        """Whether the update rule restarts exactly at an adapted point (no momentum, no schedule)."""
+        return self.update_rule(self.config.inner).restartable
 
     @property
     def first_order(self) -> bool:
-        return self.config.order == "first_order"
+        return self.config.inner.first_order
 
     def structural_zeros(self, head_policy: str) -> dict[str, str]:
         """Besides ``init`` under zeroing: ``coefficient`` at first order (``A`` is a constant) and
@@ -114,18 +121,13 @@ class UnrolledAlgorithm(BilevelAlgorithm):
                                     "whatever the encoder")
         return zeros
 
-    def inner_loop(
-        self, params: Params, support_x, support_y: Tensor, support_features=None, head=None,
-        steps: int | None = None, first_order: bool | None = None,
-    ) -> InnerResult:
-        """The inner solver: ``inner_steps`` SGD steps with step ``inner_lr``."""
-        return sgd_steps(
-            self.model, params, support_x, support_y,
-            steps=self.config.inner_steps if steps is None else steps,
-            lr=self.config.inner_lr, momentum=self.config.inner_momentum, adapt=self.config.adapt,
-            first_order=self.first_order if first_order is None else first_order,
-            support_features=support_features, head=head,
-        )
+    def update_rule(self, inner: InnerConfig) -> InnerStep:
+        """The inner steps chained (:mod:`bilevel.solvers.steps`): SGD with ``inner.lr`` and ``inner.momentum``."""
+        return sgd(inner)
+
+    def inner_loop(self, params: Params, support: Support, inner: InnerConfig) -> InnerResult:
+        """The inner solver: ``inner.steps`` steps of :meth:`update_rule` (:func:`~bilevel.solvers.steps.descend`)."""
+        return descend(self.model, params, support, inner, self.update_rule(inner))
 
     # ----------------------------------------------------------------------------- meta-gradient
     def meta_step(self, params: Params, batch: TaskBatch, want: Want = Want()) -> MetaStep:
@@ -139,14 +141,14 @@ class UnrolledAlgorithm(BilevelAlgorithm):
 
     def _task(self, params: Params, xs, ys, xq, yq, want: Want) -> TaskResult:
         """One task's rows: a full-network or a head-only forward."""
-        if self.config.adapt == "head":
+        if self.config.inner.adapt == "head":
             encode = lambda e: (self.model.encode(e, xs), self.model.encode(e, xq))  # noqa: E731
             return self._head_task(params, encode, self._head_forward(ys, yq, None), yq, want, tasks=1)
         if self.segment is not None:
             return self._recompute_task(params, xs, ys, xq, yq, want)
 
         def forward(p: Params):
-            inner = self.inner_loop(p, xs, ys)
+            inner = self.inner_loop(p, Support(ys, images=xs), self.config.inner)
             phi_q = self.model.encode(inner.encoder, xq)
             logits = readout(phi_q, inner.head.weight, inner.head.bias)
             path = tuple(inner.encoder_path) + (inner.encoder,)
@@ -170,7 +172,8 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             return encoder_part(p), init_head(p[HEAD_WEIGHT], p[HEAD_BIAS])
 
         def step(carry, p: Params, first_order: bool | None = None):
-            inner = self.inner_loop(with_encoder(p, carry[0]), xs, ys, head=carry[1], steps=1, first_order=first_order)
+            one = self.config.inner.with_steps(1, first_order)
+            inner = self.inner_loop(with_encoder(p, carry[0]), Support(ys, images=xs, head=carry[1]), one)
             return inner.encoder, inner.head
 
         def final(carry, p: Params):
@@ -178,7 +181,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             logits = readout(phi_q, carry[1].weight, carry[1].bias)
             return (cross_entropy(logits, yq), Nodes.of(carry[1].trace, phi_q)), (logits, carry[1].trace)
 
-        return Steps(init, step, partial(step, first_order=True), final, self.config.inner_steps)
+        return Steps(init, step, partial(step, first_order=True), final, self.config.inner.steps)
 
     def _recompute_task(self, params: Params, xs, ys, xq, yq, want: Want) -> TaskResult:
         """:meth:`_task` under ``memory=recompute[:K]`` (:mod:`bilevel.hypergrad.recompute`): the
@@ -223,7 +226,7 @@ class UnrolledAlgorithm(BilevelAlgorithm):
             w, b = head_params[HEAD_WEIGHT], head_params[HEAD_BIAS]
             if tasks is not None:
                 w, b = w.expand(tasks, *w.shape), b.expand(tasks, *b.shape)
-            inner = self.inner_loop(head_params, None, ys, support_features=phi_s, head=init_head(w, b))
+            inner = self.inner_loop(head_params, Support(ys, features=phi_s, head=init_head(w, b)), self.config.inner)
             logits = readout(phi_q, inner.head.weight, inner.head.bias)
             return (cross_entropy(logits, yq).mean(), Nodes.of(inner.head.trace, phi_q)), (logits, inner.head.trace)
 
@@ -290,28 +293,11 @@ class UnrolledAlgorithm(BilevelAlgorithm):
 
     # ------------------------------------------------------------------------------ evaluation
     def evaluate(self, params: Params, batch: TaskBatch, steps: int) -> Tensor:
-        if self.config.adapt == "head":
+        """Task by task (:meth:`InnerLoopAlgorithm.evaluate`), or, head-only, every task at once on
+        the shared encoder pass."""
+        if self.config.inner.adapt == "head":
             return self._evaluate_shared(params, batch, steps)
-        mode = "loop" if self.execution == "shared" else self.execution
-        fn = lambda p, xs, ys, xq, yq: self._evaluate_task(p, xs, ys, xq, yq, steps)  # noqa: E731
-        return map_tasks(fn, mode, params, batch.support_x, batch.support_y, batch.query_x, batch.query_y)
-
-    def _evaluate_task(self, params, xs, ys, xq, yq, steps: int) -> Tensor:
-        """Step 0 is the state :meth:`inner_loop` starts from (``steps=0``: the meta head, or
-        whatever initial head the plugin builds); each further step continues from the previous
-        adapted state (``steps=1``, ``head=`` the adapted head). With momentum (whose velocity a
-        restart would lose) every step count runs from the start."""
-        restart = self.config.inner_momentum != 0
-        inner, accs = self.inner_loop(params, xs, ys, steps=0, first_order=True), []
-        for t in range(steps + 1):
-            if t:
-                adapted = {**params, **{ENCODER_PREFIX + k: v.detach() for k, v in inner.encoder.items()}}
-                head = init_head(inner.head.weight.detach(), inner.head.bias.detach())
-                inner = self.inner_loop(params if restart else adapted, xs, ys, head=None if restart else head,
-                                        steps=t if restart else 1, first_order=True)
-            phi_q = self.model.encode(inner.encoder, xq)
-            accs.append(accuracy(readout(phi_q, inner.head.weight, inner.head.bias), yq))
-        return torch.stack(accs)
+        return super().evaluate(params, batch, steps)
 
     def _evaluate_shared(self, params, batch, steps: int) -> Tensor:
         tasks, n_s = batch.support_y.shape
@@ -326,11 +312,9 @@ class UnrolledAlgorithm(BilevelAlgorithm):
                 params[HEAD_BIAS].expand(tasks, *params[HEAD_BIAS].shape),
             )
             accs = [accuracy(readout(phi_q, head.weight, head.bias), batch.query_y)]
-            start = head
+            start, restart = head, not self.restartable
             for t in range(1, steps + 1):
-                restart = self.config.inner_momentum != 0
-                head = self.inner_loop(params, None, batch.support_y, support_features=phi_s,
-                                       head=start if restart else head, steps=t if restart else 1, first_order=True).head
+                support = Support(batch.support_y, features=phi_s, head=start if restart else head)
+                head = self.inner_loop(params, support, self.config.inner.with_steps(t if restart else 1, True)).head
                 accs.append(accuracy(readout(phi_q, head.weight, head.bias), batch.query_y))
         return torch.stack(accs, dim=-1)
-

@@ -25,7 +25,7 @@ from bilevel.primitives.head import HeadState, head_add_noise, head_displacement
 from bilevel.primitives.losses import accuracy, cross_entropy, cross_entropy_logits_grad
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, is_head, with_encoder
-from bilevel.solvers.sgd import ADAPTED_SETS
+from bilevel.solvers.support import ADAPTED_SETS
 
 
 BATCHES = ("pooled", "support", "query")
@@ -104,6 +104,62 @@ class ChainResult(NamedTuple):
     steps: tuple[ChainStep, ...]
 
 
+class _EncoderChain:
+    """The encoder's side of a chain: ``θ'`` carried as the displacement ``u = θ' − θ`` with its EMA
+    (``adapt="all"``), or the frozen encoder's features at ``θ`` and the weighted sum of every
+    step's cotangent on them (``adapt="head"``: one VJP at the end)."""
+
+    def __init__(self, model: BilevelModel, encoder: Params, x: Tensor, spec: ChainSpec,
+                 noise: Optional[Params]) -> None:
+        self.model, self.encoder, self.x, self.spec, self.noise = model, encoder, x, spec, noise
+        if spec.adapt == "all":
+            self.disp = {k: torch.zeros_like(v) for k, v in encoder.items()}
+            self.mean = dict(self.disp)
+        else:
+            self.features, self.pull = vjp(lambda e: model.encode(e, x), encoder)
+            self.cotangent = torch.zeros_like(self.features)
+
+    def features_at_step(self) -> tuple[Tensor, Callable, Optional[Params]]:
+        """``Φ_ℓ``, its VJP and the point ``θ'_{ℓ−1}`` (None when the encoder is frozen)."""
+        if self.spec.adapt != "all":
+            return self.features, self.pull, None
+        point = {k: self.encoder[k] + self.disp[k] for k in self.encoder}
+        feats, pull = vjp(lambda e: self.model.encode(e, self.x), point)
+        return feats, pull, point
+
+    def advance(self, l: int, cotangent: Tensor, pull: Callable) -> None:
+        """Step ``ℓ``: ``u ← ρ u − η' ∇_θ f + sqrt(η') ε n`` and its EMA, or add ``v_ℓ`` times the cotangent."""
+        spec = self.spec
+        if spec.adapt != "all":
+            self.cotangent = self.cotangent + spec.gradient_weights()[l] * cotangent
+            return
+        (grad,) = pull(cotangent)
+        rho, a = 1.0 - spec.lr * spec.gamma, spec.ema
+        self.disp = {k: rho * u - spec.lr * grad[k] for k, u in self.disp.items()}
+        if spec.noise:
+            self.disp = {k: u + spec.noise_amplitude * self.noise[ENCODER_PREFIX + k][l] for k, u in self.disp.items()}
+        self.mean = {k: (1 - a) * m + a * self.disp[k] for k, m in self.mean.items()}
+
+    def direction(self) -> Params:
+        """The encoder's part of ``d``: ``−s (μ − θ)``, or the chain-average of its own gradient."""
+        if self.spec.adapt == "all":
+            return {k: -self.spec.scale * m for k, m in self.mean.items()}
+        (grad,) = self.pull(self.cotangent)
+        return grad
+
+
+def _head_step(head: HeadState, feats: Tensor, logits_grad: Tensor, spec: ChainSpec, noise: Optional[Params],
+               l: int) -> HeadState:
+    """Step ``ℓ`` of the head by the head primitives: the coupling, the gradient, the noise."""
+    if spec.gamma:
+        head = head_shrink(head, 1.0 - spec.lr * spec.gamma)
+    head = head_write(head, feats, -spec.lr * logits_grad)
+    if spec.noise:
+        amp = spec.noise_amplitude
+        head = head_add_noise(head, amp * noise[HEAD_WEIGHT][l], amp * noise[HEAD_BIAS][l])
+    return head
+
+
 def run_chain(
     model: BilevelModel, params: Params, x: Tensor, y: Tensor, spec: ChainSpec,
     noise: Optional[Params] = None, record: bool = False, recompute: bool = False,
@@ -116,54 +172,26 @@ def run_chain(
     """
     if spec.noise and noise is None:
         raise ValueError("a chain with noise > 0 needs its standard normal draws (noise=...)")
-    encoder = encoder_part(params)
     w0, b0 = params[HEAD_WEIGHT], params[HEAD_BIAS]
-    head = init_head(w0, b0)
-    lr, a, amp, rho = spec.lr, spec.ema, spec.noise_amplitude, 1.0 - spec.lr * spec.gamma
+    head, a = init_head(w0, b0), spec.ema
     mean_w, mean_b = torch.zeros_like(w0), torch.zeros_like(b0)
-    if spec.adapt == "all":
-        disp = {k: torch.zeros_like(v) for k, v in encoder.items()}
-        mean_enc = dict(disp)
-    else:
-        frozen_features, frozen_pull = vjp(lambda e: model.encode(e, x), encoder)
-        frozen_cot = torch.zeros_like(frozen_features)
-    frozen_weights = spec.gradient_weights()
+    encoder = _EncoderChain(model, encoder_part(params), x, spec, noise)
     losses, accs, steps = [], [], []
     for l in range(spec.steps):
-        if spec.adapt == "all":
-            point = {k: encoder[k] + disp[k] for k in encoder}
-            feats, pull = vjp(lambda e: model.encode(e, x), point)
-        else:
-            feats, pull = frozen_features, frozen_pull
+        feats, pull, point = encoder.features_at_step()
         logits = readout(feats, head.weight, head.bias)
         logits_grad = cross_entropy_logits_grad(logits, y)
         losses.append(cross_entropy(logits, y))
         accs.append(accuracy(logits, y))
         if record:
-            held = _recomputed_pullback(model, point, x) if recompute and spec.adapt == "all" else pull
+            held = _recomputed_pullback(model, point, x) if recompute and point is not None else pull
             steps.append(ChainStep(head, feats, logits, logits_grad, held))
-        cot = logits_grad @ head.weight
-        if spec.adapt == "all":
-            (grad,) = pull(cot)
-            disp = {k: rho * u - lr * grad[k] for k, u in disp.items()}
-            if spec.noise:
-                disp = {k: u + amp * noise[ENCODER_PREFIX + k][l] for k, u in disp.items()}
-            mean_enc = {k: (1 - a) * m + a * disp[k] for k, m in mean_enc.items()}
-        else:
-            frozen_cot = frozen_cot + frozen_weights[l] * cot
-        if spec.gamma:
-            head = head_shrink(head, rho)
-        head = head_write(head, feats, -lr * logits_grad)
-        if spec.noise:
-            head = head_add_noise(head, amp * noise[HEAD_WEIGHT][l], amp * noise[HEAD_BIAS][l])
+        encoder.advance(l, logits_grad @ head.weight, pull)
+        head = _head_step(head, feats, logits_grad, spec, noise, l)
         disp_w, disp_b = head_displacement(head)
         mean_w = (1 - a) * mean_w + a * disp_w
         mean_b = (1 - a) * mean_b + a * disp_b
-    if spec.adapt == "all":
-        enc_dir = {k: -spec.scale * m for k, m in mean_enc.items()}
-    else:
-        (enc_dir,) = frozen_pull(frozen_cot)
-    direction = with_encoder({HEAD_WEIGHT: -spec.scale * mean_w, HEAD_BIAS: -spec.scale * mean_b}, enc_dir)
+    direction = with_encoder({HEAD_WEIGHT: -spec.scale * mean_w, HEAD_BIAS: -spec.scale * mean_b}, encoder.direction())
     direction = {k: direction[k] for k in params}
     return ChainResult(direction, torch.stack(losses).mean(), torch.stack(accs).mean(), tuple(steps))
 
