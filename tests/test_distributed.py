@@ -516,7 +516,7 @@ def test_joblib_sweep_of_two_jobs_completes_and_bilevel_report_reads_it(tmp_path
     assert "Joblib" in result.stdout + result.stderr
     jobs = sorted(p.parent for p in sweep.rglob("metrics.json"))
     assert len(jobs) == 2
-    report = subprocess.run([sys.executable, "-m", "bilevel.app.report_cli", str(sweep), "--json", str(tmp_path / "r.json")],
+    report = subprocess.run([sys.executable, "-m", "bilevel.report", str(sweep), "--json", str(tmp_path / "r.json")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     (setting,) = json.loads((tmp_path / "r.json").read_text())

@@ -34,7 +34,7 @@ from bilevel.errors import ConfigError, CorruptFileError, NonFiniteError, Resume
 from bilevel.files import FileLock, save_checked
 from bilevel.execution.memory import memory_plans
 from bilevel.primitives.models import build_model
-from bilevel.app.tb import event_files
+from bilevel.run_files import event_files
 from bilevel.tags import logical
 from bilevel.app.train import train
 from algorithms.maml import MAML

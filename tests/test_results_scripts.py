@@ -61,9 +61,9 @@ def test_a_published_table_is_recomputed_from_the_committed_per_seed_data() -> N
     test-time sections, recomputed from ``synthetic_shots.seeds.json`` alone, equal the published
     report's, and every run records a clean tree of one commit at the current engine epoch."""
     from bilevel.app.provenance import ENGINE_EPOCH
-    from bilevel.app.report import group_runs
-    from bilevel.app.seed_data import load_seed_data
-    from bilevel.app.study import study_markdown
+    from bilevel.report.runs import group_runs
+    from bilevel.report.seed_data import load_seed_data
+    from bilevel.report.study import study_markdown
 
     build_results = load("build_results")
     runs = load_seed_data(ROOT / "docs" / "results" / "synthetic_shots.seeds.json")

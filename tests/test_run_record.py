@@ -18,7 +18,7 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from bilevel.app.evaluation import ci95
 from bilevel.tags import logical
-from bilevel.app.tb import event_files
+from bilevel.run_files import event_files
 from bilevel.app.tb_hparams import HPARAM_KEYS
 from bilevel.app.naming import Naming
 from bilevel.app.train import HPARAM_METRICS, train

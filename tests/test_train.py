@@ -14,7 +14,7 @@ from bilevel.algorithm import register
 from bilevel.app.checkpoint import load_checkpoint
 from bilevel.app.config import register_configs
 from bilevel.errors import NonFiniteError
-from bilevel.app.tb import event_files
+from bilevel.run_files import event_files
 from bilevel.app.train import setup, train
 from algorithms.maml import MAML
 from bilevel import Want

@@ -54,7 +54,7 @@ class HeadConfig:
 @dataclass
 class StudyConfig:
     """A study's declared comparisons (``configs/experiment/*.yaml``; read by ``bilevel-report``,
-    :mod:`bilevel.app.study_claims`): ``name`` and ``comparisons``, a list of mappings. Not part of
+    :mod:`bilevel.report.study_claims`): ``name`` and ``comparisons``, a list of mappings. Not part of
     a run's trajectory: the report groups runs without it."""
 
     name: str = ""
@@ -187,18 +187,6 @@ class TrainConfig:
     precision: str = "fp32"
     execution: str = "auto"
     memory: str = "store"
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys → leaf values of a config tree (lists become tuples, so values compare and hash)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = tuple(value) if isinstance(value, list) else value
-    return out
 
 
 def typed_config(cfg: Any) -> DictConfig:

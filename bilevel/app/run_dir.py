@@ -29,12 +29,10 @@ from bilevel.app.checkpoint import latest_checkpoint
 from bilevel.app.provenance import provenance
 from bilevel.errors import ConfigError, RunDirectoryBusy
 from bilevel.files import DirectoryLock, atomic_write_text, storage_error, temp_files
+from bilevel.run_files import CONFIG, METRICS, PROVENANCE
 
-CONFIG = "config.yaml"
-METRICS = "metrics.json"
 LOCK = "run.lock"
 LOG = "train.log"
-PROVENANCE = "provenance"
 
 
 def _without_comments(text: str) -> list[str]:

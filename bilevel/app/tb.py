@@ -37,10 +37,7 @@ from bilevel.app.distributed import GatheredLabels
 from bilevel.app.figures import cosine_figure, pair_weight_figure
 from bilevel.app.tb_hparams import hparam_summaries
 from bilevel.app.tb_layout import custom_scalars_layout, describe, present, term_of
-
-EVENTS_DIR = "tb"
-EVENT_FILES = "events.out.tfevents.*"
-
+from bilevel.run_files import EVENTS_DIR, event_files
 
 NAME_CHARS = 80
 FIRST_STEP = 1
@@ -55,11 +52,6 @@ def run_name(name: str) -> str:
     if len(safe) <= NAME_CHARS:
         return safe
     return f"{safe[:NAME_CHARS - 12]}...{hashlib.sha1(safe.encode()).hexdigest()[:8]}"
-
-
-def event_files(run_dir: str | Path) -> list[Path]:
-    """Every event file of a run directory, at any depth under ``tb/``."""
-    return sorted((Path(run_dir) / EVENTS_DIR).rglob(EVENT_FILES))
 
 
 class RunLogger:

@@ -55,7 +55,8 @@ from bilevel.app.checkpoint import LATEST, latest_checkpoint, save_checkpoint
 from bilevel.app.cli_errors import check_overrides, explain, explain_os_error, override_words
 from bilevel.app.cosine_protocol import CosineProbe
 from bilevel.app.console import log_file, log_started, silence_run_log
-from bilevel.app.config import DEVICES, flatten, register_configs, typed_config, validate
+from bilevel.app.config import DEVICES, register_configs, typed_config, validate
+from bilevel.run_files import flatten
 from bilevel.data import TaskBatch, TaskSampler, build_sampler, input_shape
 from bilevel.app.distributed import (
     GatheredLabels, Quiet, Replicas, check_command_line, check_launch, detect_launch, rank_device, resolve_backend,
