@@ -117,7 +117,7 @@ __all__ = [
 ]
 
 _APP_NAMES = {
-    "algorithm_choices": "bilevel.app.catalog",
+    "algorithm_choices": "bilevel.app.config.catalog",
     "Launch": "bilevel.app.distributed",
     "Replicas": "bilevel.app.distributed",
     "detect_launch": "bilevel.app.distributed",

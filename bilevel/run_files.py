@@ -19,7 +19,7 @@ EVENTS_DIR = "tb"
 EVENT_FILES = "events.out.tfevents.*"
 PROBE_FILE = "cosine_probe.json"
 PROVENANCE = "provenance"
-"""The section of :data:`CONFIG` that records the code a run ran (:mod:`bilevel.app.provenance`)."""
+"""The section of :data:`CONFIG` that records the code a run ran (:mod:`bilevel.app.lifecycle.provenance`)."""
 
 
 def event_files(run_dir: str | Path) -> list[Path]:

@@ -26,8 +26,8 @@ import torch
 from hydra import compose, initialize_config_module
 
 from bilevel import ModelConfig, build_algorithm, build_model
-from bilevel.app.checkpoint import load_checkpoint
-from bilevel.app.config import register_configs
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
+from bilevel.app.config.schema import register_configs
 from bilevel.data import DataConfig, TaskSampler, build_dataset
 from bilevel.app.distributed import Launch, check_command_line, detect_launch, task_share
 from bilevel.errors import ConfigError

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bilevel import ModelConfig, build_algorithm, build_model
-from bilevel.app.checkpoint import load_checkpoint
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
 from bilevel.app import loss_scale
 from bilevel.app.loss_scale import DynamicLossScale
 from bilevel.report.runs import load_scalars

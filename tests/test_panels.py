@@ -19,13 +19,13 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 from bilevel import tags
 from bilevel.report import cli as report_cli
 from bilevel.report import runs as report_runs
-from bilevel.app.naming import Naming
+from bilevel.app.config.naming import Naming
 from bilevel.report.figures import task_bounds
 from bilevel.report.html import markdown_html
 from bilevel.app.summary import identity_line
-from bilevel.app.tb import RunLogger
+from bilevel.app.tb.logger import RunLogger
 from bilevel.run_files import event_files
-from bilevel.app.tb_hparams import HPARAM_KEYS, hparam_summaries
+from bilevel.app.tb.hparams import HPARAM_KEYS, hparam_summaries
 from bilevel.app.train import train
 from bilevel.data import glyphs
 from test_train import config

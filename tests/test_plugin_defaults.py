@@ -19,7 +19,7 @@ import bilevel.algorithm as engine
 from bilevel import HEAD_BIAS, HEAD_WEIGHT, InnerResult, encoder_part, encoder_pullback, init_head, readout, register
 from bilevel import cross_entropy_logits_grad
 from bilevel.app import stalls
-from bilevel.app.config import register_configs, typed_config, validate
+from bilevel.app.config.schema import register_configs, typed_config, validate
 from bilevel.app.stalls import StallWatch
 from bilevel.app.train import train
 from algorithms.maml import MAML

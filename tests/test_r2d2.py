@@ -18,8 +18,8 @@ from torch.func import functional_call
 import bilevel.algorithm as engine
 from algorithms.r2d2 import R2D2, ridge_coefficients
 from bilevel.algorithm import algorithm_config, register
-from bilevel.app.checkpoint import load_checkpoint
-from bilevel.app.config import register_configs
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
+from bilevel.app.config.schema import register_configs
 from bilevel.app.train import setup, train
 from bilevel.primitives.params import ENCODER_PREFIX, encoder_part, is_head
 

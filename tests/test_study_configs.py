@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from bilevel.app.config import register_configs, typed_config, validate
+from bilevel.app.config.schema import register_configs, typed_config, validate
 from bilevel.report.runs import format_value
 from bilevel.report.study_claims import parse_declared
 from bilevel.run_files import flatten

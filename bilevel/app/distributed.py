@@ -65,8 +65,8 @@ from bilevel.decomposition.record import Decomposition
 from bilevel.decomposition.reduction import MAX, MEAN, ROWS, reduce_fields
 from bilevel.errors import BilevelError, ConfigError, DistributedError
 from bilevel.primitives.params import Params
-from bilevel.app.run_dir import RunDirectory
-from bilevel.app.signals import GracefulStop
+from bilevel.app.lifecycle.run_dir import RunDirectory
+from bilevel.app.lifecycle.signals import GracefulStop
 
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 T = TypeVar("T")
@@ -169,7 +169,7 @@ def check_launch(launch: Launch, cfg: Any, device: torch.device) -> None:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """``dist.backend`` (one of :data:`~bilevel.app.config.BACKENDS`): ``auto`` → NCCL on CUDA, gloo on
+    """``dist.backend`` (one of :data:`~bilevel.app.config.schema.BACKENDS`): ``auto`` → NCCL on CUDA, gloo on
     the CPU; NCCL asked for on the CPU is a :class:`ConfigError`."""
     if name == "auto":
         return "nccl" if device.type == "cuda" else "gloo"

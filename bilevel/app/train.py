@@ -5,27 +5,27 @@ A run, in order (``docs/reliability.md`` states what is guaranteed):
 1. :func:`setup` validates everything before any work — schema keys and declared ranges,
    algorithm and options, ablation terms, data shapes and directories, device, and a memory
    estimate of one meta-step — and builds data, model and algorithm.
-2. :func:`train` takes the run directory (:mod:`bilevel.app.run_dir`: lock, stale temporary files),
-   reads its checkpoint and checks the resume contract (:mod:`bilevel.app.resume`), settles the
+2. :func:`train` takes the run directory (:mod:`bilevel.app.lifecycle.run_dir`: lock, stale temporary files),
+   reads its checkpoint and checks the resume contract (:mod:`bilevel.app.lifecycle.resume`), settles the
    execution path (:mod:`bilevel.app.execution_choice`) — :func:`begin`, then :func:`resume` — and
    only then writes ``config.yaml`` (:func:`open_run`). Each step is :meth:`Attempt.step`, its
    logging :meth:`Attempt.log_training` / :meth:`Attempt.log_decomposition`, the evaluations
    :meth:`Attempt.evaluate`, the checkpoints :meth:`Attempt.checkpoint`, the end :meth:`Attempt.finish`.
 3. Every step is watched for non-finite values (:mod:`bilevel.app.finite`); a checkpoint (the last
-   two kept, :mod:`bilevel.app.checkpoint`) holds every random state of the run; SIGINT/SIGTERM
-   finish the step, checkpoint and stop (:mod:`bilevel.app.signals`). Evaluations
+   two kept, :mod:`bilevel.app.lifecycle.checkpoint`) holds every random state of the run; SIGINT/SIGTERM
+   finish the step, checkpoint and stop (:mod:`bilevel.app.lifecycle.signals`). Evaluations
    (:mod:`bilevel.app.evaluation`: a fixed task prefix within a time budget, accuracy after every
    test step with 95 % CIs) run every ``train.eval_every`` steps and once at the end, each with
-   its own progress bar (:mod:`bilevel.app.progress`); TensorBoard: :mod:`bilevel.app.tb`.
+   its own progress bar (:mod:`bilevel.app.progress`); TensorBoard: :mod:`bilevel.app.tb.logger`.
 4. ``metrics.json`` is written last, only by a run that finished, which then prints its summary
-   (:mod:`bilevel.app.summary`). What the console shows goes to ``train.log`` too (:mod:`bilevel.app.console`).
+   (:mod:`bilevel.app.summary`). What the console shows goes to ``train.log`` too (:mod:`bilevel.app.lifecycle.console`).
 
 Under ``torchrun`` the run spans its processes (:mod:`bilevel.app.distributed`): each draws its share
 of every meta-batch and of every evaluation batch, one collective per step reduces the
 meta-step, and rank 0 alone writes (the run directory, TensorBoard, ``train.log``).
 
 The CLI prints the failures of :mod:`bilevel.errors`, and Hydra's refusals of a command line
-(:mod:`bilevel.app.cli_errors`), without a traceback, with their exit status (2 for a
+(:mod:`bilevel.app.config.cli_errors`), without a traceback, with their exit status (2 for a
 configuration error, 130/143 for SIGINT/SIGTERM, else 1) and, when a run stopped, the command
 that resumes it; a refused start leaves no run directory behind.
 """
@@ -50,12 +50,12 @@ from bilevel import tags
 from bilevel.decomposition.ablation import Ablation, resolve_ablation
 from bilevel.execution.allocator import ensure_allocator
 from bilevel.algorithm import BilevelAlgorithm, MetaStep, build_algorithm
-from bilevel.app.catalog import unknown_algorithm_message
-from bilevel.app.checkpoint import LATEST, latest_checkpoint, save_checkpoint
-from bilevel.app.cli_errors import check_overrides, explain, explain_os_error, override_words
+from bilevel.app.config.catalog import unknown_algorithm_message
+from bilevel.app.lifecycle.checkpoint import LATEST, latest_checkpoint, save_checkpoint
+from bilevel.app.config.cli_errors import check_overrides, explain, explain_os_error, override_words
 from bilevel.app.cosine_protocol import CosineProbe
-from bilevel.app.console import log_file, log_started, silence_run_log
-from bilevel.app.config import DEVICES, register_configs, typed_config, validate
+from bilevel.app.lifecycle.console import log_file, log_started, silence_run_log
+from bilevel.app.config.schema import DEVICES, register_configs, typed_config, validate
 from bilevel.run_files import flatten
 from bilevel.data import TaskBatch, TaskSampler, build_sampler, input_shape
 from bilevel.app.distributed import (
@@ -70,22 +70,22 @@ from bilevel.app.head_policy import before_outer_step, initialise_head
 from bilevel.app.loss_scale import DynamicLossScale
 from bilevel.execution.memory import MemoryPlan, budget_words, memory_plans
 from bilevel.primitives.models import BilevelModel, build_model
-from bilevel.app.naming import Naming, hydra_naming
+from bilevel.app.config.naming import Naming, hydra_naming
 from bilevel.primitives.head import row_spread
 from bilevel.primitives.precision import mixed_precision, precision_warning
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, Params, tree_norm
 from bilevel.app.progress import phase_bar, training_bar
-from bilevel.app.resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
+from bilevel.app.lifecycle.resume import check_resume, checkpoint_to_resume, fingerprint, resume_command
 from bilevel.rng import global_rng_state, set_global_rng_state
-from bilevel.app.run_dir import RunDirectory, discard_unstarted
-from bilevel.app.signals import GracefulStop
+from bilevel.app.lifecycle.run_dir import RunDirectory, discard_unstarted
+from bilevel.app.lifecycle.signals import GracefulStop
 from bilevel.files import check_cache_dir, storage_error
-from bilevel.app.preflight import check_model, check_outer_lr
-from bilevel.app.streams import survive_closed_console
+from bilevel.app.config.preflight import check_model, check_outer_lr
+from bilevel.app.lifecycle.streams import survive_closed_console
 from bilevel.app.stalls import StallWatch
 from bilevel.decomposition.structural import idle_ablation_warning, structural_zeros
 from bilevel.app.summary import evaluation_line, identity_line, run_summary, run_title
-from bilevel.app.tb import RunLogger
+from bilevel.app.tb.logger import RunLogger
 
 TRIAL_SEED_OFFSET = 20_000  # the execution measurement's own sampler: seed + this
 log = logging.getLogger(__name__)
@@ -248,9 +248,9 @@ Found = Optional[tuple[Path, dict[str, Any]]]
 
 
 def begin(run: Run, directory: RunDirectory | Quiet) -> tuple[Found, ExecutionChoice]:
-    """Rank 0's start of an attempt: the checkpoint to resume (:func:`~bilevel.app.resume.checkpoint_to_resume`),
+    """Rank 0's start of an attempt: the checkpoint to resume (:func:`~bilevel.app.lifecycle.resume.checkpoint_to_resume`),
     the execution path (:func:`settle_path`; a resumed run keeps its recorded one) and the resume
-    contract, checked against the fingerprint of that path (:func:`~bilevel.app.resume.check_resume`)."""
+    contract, checked against the fingerprint of that path (:func:`~bilevel.app.lifecycle.resume.check_resume`)."""
     cfg = run.cfg
     found = checkpoint_to_resume(directory.path, cfg.train.resume)
     choice = settle_path(run, (found[1]["execution"], found[1].get("memory", "store")) if found else None)
@@ -307,7 +307,7 @@ def decomposes_at(step: int, cfg: DictConfig, ablation: Ablation) -> bool:
     """Whether outer step ``step`` (from 0) computes and logs the decomposition: every
     ``train.decompose_every`` steps from step 0 (0: never) and, in a run without an ablation, the
     last step too (with an ablation a decomposition step takes the encoder's update from the
-    decomposition, so an extra one would change the trajectory: :data:`bilevel.app.resume.FORCEABLE`)."""
+    decomposition, so an extra one would change the trajectory: :data:`bilevel.app.lifecycle.resume.FORCEABLE`)."""
     every = cfg.train.decompose_every
     return every > 0 and (step % every == 0 or (step + 1 == cfg.train.steps and ablation.plain))
 
@@ -535,7 +535,7 @@ def _exit_on(error: BaseException, run_dir: str) -> None:
     storage failed and a checkpoint is there to resume) and exit with its status; with
     ``HYDRA_FULL_ERROR=1`` re-raise it. A run that had started says it through its log (console
     and ``train.log``); a refused or interrupted start prints it and leaves no run directory behind
-    (:func:`~bilevel.app.run_dir.discard_unstarted`). A further Ctrl-C meanwhile is ignored."""
+    (:func:`~bilevel.app.lifecycle.run_dir.discard_unstarted`). A further Ctrl-C meanwhile is ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if _TRACEBACKS["shown"]:
         raise error
@@ -575,9 +575,9 @@ def _hydra_main(cfg: DictConfig) -> Optional[float]:
 def main() -> None:
     """Console entry point ``bilevel-train``. Runs under the page-retaining allocator
     (:mod:`bilevel.execution.allocator`) unless ``BILEVEL_ALLOCATOR=default``. Hydra's refusals of the
-    command line (:mod:`bilevel.app.cli_errors`) are printed as one paragraph, exit status 2, and so
+    command line (:mod:`bilevel.app.config.cli_errors`) are printed as one paragraph, exit status 2, and so
     is a run directory Hydra cannot make; Ctrl-C before the run starts exits 130 without a
-    traceback. Output to a console whose reader has gone is dropped (:mod:`bilevel.app.streams`)."""
+    traceback. Output to a console whose reader has gone is dropped (:mod:`bilevel.app.lifecycle.streams`)."""
     survive_closed_console()
     ensure_allocator(os.environ.get("BILEVEL_ALLOCATOR", "retain"), ["-m", "bilevel.app.train"] + sys.argv[1:])
     _TRACEBACKS["shown"] = os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -28,7 +28,7 @@ from bilevel.run_files import CONFIG, EVENTS_DIR, METRICS, PROVENANCE, event_fil
 RUN_KEYS = ("seed", "train.resume", "execution")
 RECORD_PREFIXES = ("study.", f"{PROVENANCE}.")
 """Config sections that describe a run without defining its setting: the study's declared
-comparisons and the code it ran (:mod:`bilevel.app.provenance`)."""
+comparisons and the code it ran (:mod:`bilevel.app.lifecycle.provenance`)."""
 RUN_DIR_CONTENTS = f"a run directory must contain {CONFIG} and a {EVENTS_DIR}/ folder of TensorBoard events"
 
 EVAL_ACCURACY = tags.accuracy(tags.EVAL)

@@ -5,7 +5,7 @@ every run has alike, the study's declared comparisons among them), and per run `
 keys where runs differ, the seed included), ``metrics`` (its ``metrics.json``), ``curves`` (the
 validation accuracy and the feature cosines of :data:`CURVES`, each ``[steps, values]``) and
 ``provenance`` (the code it ran:
-:mod:`bilevel.app.provenance`; null for a run that predates the record). ``bilevel-report PATH``
+:mod:`bilevel.app.lifecycle.provenance`; null for a run that predates the record). ``bilevel-report PATH``
 reads such a file as it reads run directories, so the arms table, the declared and exploratory
 comparisons and test-time zeroing are recomputed from the repository alone (the decomposition
 and cosine sections need the TensorBoard events and are not).

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bilevel.app.checkpoint import LATEST, latest_checkpoint, load_checkpoint
+from bilevel.app.lifecycle.checkpoint import LATEST, latest_checkpoint, load_checkpoint
 from bilevel.errors import ResumeError
 from bilevel.run_files import flatten
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from bilevel.app.catalog import register_plugin_presets
+from bilevel.app.config.catalog import register_plugin_presets
 from bilevel.app.cosine_protocol import CosineConfig
 from bilevel.data import DataConfig
 from bilevel.data.dataset import SPLITS
@@ -89,7 +89,7 @@ class TrainLoopConfig:
     ``resume``: ``auto`` continues the directory's checkpoint when its trajectory keys match
     (else starts a new run), ``true`` requires a checkpoint, ``force`` also lets
     ``steps`` and the logging cadence change, ``false`` refuses a directory that holds one
-    (:mod:`bilevel.app.resume`). ``memory_gb``: the memory one meta-step may take (null: what the
+    (:mod:`bilevel.app.lifecycle.resume`). ``memory_gb``: the memory one meta-step may take (null: what the
     device has available less a margin); ``execution``/``memory`` set to ``auto`` pick the fastest
     combination that fits, and a configuration that fits none is refused (:mod:`bilevel.execution.memory`)."""
 
@@ -207,6 +207,6 @@ def validate(cfg: DictConfig) -> None:
 
 def register_configs() -> None:
     """Register the schema ``base_train`` and a preset for every plugin that has no preset file
-    (:func:`bilevel.app.catalog.register_plugin_presets`; idempotent)."""
+    (:func:`bilevel.app.config.catalog.register_plugin_presets`; idempotent)."""
     ConfigStore.instance().store(name="base_train", node=TrainConfig)
     register_plugin_presets()
