@@ -118,10 +118,10 @@ __all__ = [
 
 _APP_NAMES = {
     "algorithm_choices": "bilevel.app.config.catalog",
-    "Launch": "bilevel.app.distributed",
-    "Replicas": "bilevel.app.distributed",
-    "detect_launch": "bilevel.app.distributed",
-    "task_share": "bilevel.app.distributed",
+    "Launch": "bilevel.app.distributed.launch",
+    "Replicas": "bilevel.app.distributed.replicas",
+    "detect_launch": "bilevel.app.distributed.launch",
+    "task_share": "bilevel.app.distributed.launch",
     "Evaluation": "bilevel.app.evaluation",
     "TaskSet": "bilevel.app.evaluation",
     "ci95": "bilevel.app.evaluation",

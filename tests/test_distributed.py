@@ -1,4 +1,4 @@
-"""Distributed meta-training (``bilevel/app/distributed.py``): one run over many processes, with the
+"""Distributed meta-training (``bilevel/app/distributed/``): one run over many processes, with the
 result of one process.
 
 Multi-process runs use gloo on 127.0.0.1 only: processes started with a launcher's environment
@@ -29,7 +29,7 @@ from bilevel import ModelConfig, build_algorithm, build_model
 from bilevel.app.lifecycle.checkpoint import load_checkpoint
 from bilevel.app.config.schema import register_configs
 from bilevel.data import DataConfig, TaskSampler, build_dataset
-from bilevel.app.distributed import Launch, check_command_line, detect_launch, task_share
+from bilevel.app.distributed.launch import Launch, check_command_line, detect_launch, task_share
 from bilevel.errors import ConfigError
 from bilevel.testing import rel_err
 from bilevel.app.train import train

@@ -278,7 +278,7 @@ def title(run: Run, naming: Naming) -> str:
 def open_run(run: Run, directory: RunDirectory | Quiet, choice: ExecutionChoice, found: Found, start: int,
              naming: Naming) -> RunLogger | Quiet:
     """Fix the execution path, write ``config.yaml`` (only now, once everything is settled), say
-    what the run is, and open its TensorBoard logger (a :class:`~bilevel.app.distributed.Quiet` on a
+    what the run is, and open its TensorBoard logger (a :class:`~bilevel.app.distributed.replicas.Quiet` on a
     rank that does not write), which records the execution path and why."""
     cfg = run.cfg
     run.algorithm = run.algorithm.with_execution(choice.path).with_memory(choice.memory)
@@ -313,7 +313,7 @@ def decomposes_at(step: int, cfg: DictConfig, ablation: Ablation) -> bool:
 
 
 Labels = Optional[TaskBatch | GatheredLabels]
-"""The labels of a whole meta-batch (:meth:`~bilevel.app.distributed.Replicas.reduce_step`): the batch
+"""The labels of a whole meta-batch (:meth:`~bilevel.app.distributed.replicas.Replicas.reduce_step`): the batch
 itself in one process, gathered labels on a distributed decomposition step, else None."""
 
 
@@ -361,7 +361,7 @@ class Attempt:
         """Outer step ``step`` (from 0): draw the meta-batch, apply the head policy, compute the
         meta-step (with its decomposition when ``decompose``; its ``grad`` is the update the
         ablation follows), reduce it over the processes, and apply the update. Returns the whole
-        meta-batch's meta-step and labels (:meth:`~bilevel.app.distributed.Replicas.reduce_step`).
+        meta-batch's meta-step and labels (:meth:`~bilevel.app.distributed.replicas.Replicas.reduce_step`).
         Under fp16 a step whose meta-gradient is not finite is skipped (``applied`` False:
         :class:`~bilevel.app.loss_scale.DynamicLossScale`)."""
         run, done = self.run, step + 1

@@ -33,7 +33,7 @@ from bilevel import tags
 from bilevel.files import KeptDirectory
 from bilevel.data.batch import TaskBatch
 from bilevel.decomposition.record import Decomposition
-from bilevel.app.distributed import GatheredLabels
+from bilevel.app.distributed.replicas import GatheredLabels
 from bilevel.app.tb.figures import cosine_figure, pair_weight_figure
 from bilevel.app.tb.hparams import hparam_summaries
 from bilevel.app.tb.layout import custom_scalars_layout, describe, present, term_of
