@@ -1,7 +1,7 @@
 """One run over several processes: seconds per meta-step, tasks/s and the collective's share, and
 the agreement of the parameters with one process.
 
-**Timing** (default). The trainer's own step, built by ``bilevel.app.train.setup``: conv4 on glyphs
+**Timing** (default). The trainer's own step, built by ``bilevel.app.setup.setup``: conv4 on glyphs
 (the default run's tasks: 5-way 1-shot, 5 queries per class; one inner step, ``execution=loop``, the
 zeroing head), each process
 drawing its share of every meta-batch, then ``Ablation.step`` + ``Replicas.reduce_step`` (one
@@ -131,7 +131,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from bilevel.app.head_policy import before_outer_step
     from bilevel.app.lifecycle.signals import GracefulStop
-    from bilevel.app.train import setup
+    from bilevel.app.setup import setup
 
     torch.set_num_threads(args.threads)
     cells = [(m, order) for order in args.order for m in args.meta_batch]

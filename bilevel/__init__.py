@@ -124,6 +124,7 @@ _APP_NAMES = {
     "task_share": "bilevel.app.distributed.launch",
     "Evaluation": "bilevel.app.evaluation",
     "TaskSet": "bilevel.app.evaluation",
+    "TaskSetSpec": "bilevel.app.evaluation",
     "ci95": "bilevel.app.evaluation",
     "headline_step": "bilevel.app.evaluation",
 }

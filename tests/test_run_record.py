@@ -21,7 +21,8 @@ from bilevel.tags import logical
 from bilevel.run_files import event_files
 from bilevel.app.tb.hparams import HPARAM_KEYS
 from bilevel.app.config.naming import Naming
-from bilevel.app.train import HPARAM_METRICS, train
+from bilevel.app.attempt import HPARAM_METRICS
+from bilevel.app.train import train
 from test_errors import cli_env
 from test_train import config
 
@@ -184,7 +185,7 @@ def test_config_yaml_records_the_commit_the_tree_state_and_the_engine_hash(tmp_p
 def test_the_papers_head_init_is_kaiming_normal_with_zero_bias():
     """``head.init=paper``: ``W ~ N(0, 2/d)``, ``b = 0`` (d = 16 features here, 5 × 16 weights: the
     sample sd within 25 % of √(2/16)); ``default`` keeps ``nn.Linear``'s ``U(−1/√d, 1/√d)``."""
-    from bilevel.app.train import setup
+    from bilevel.app.setup import setup
 
     paper = setup(config("head.policy=random", "head.init=paper")).params
     default = setup(config("head.policy=random", "head.init=default")).params

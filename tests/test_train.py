@@ -15,7 +15,8 @@ from bilevel.app.lifecycle.checkpoint import load_checkpoint
 from bilevel.app.config.schema import register_configs
 from bilevel.errors import NonFiniteError
 from bilevel.run_files import event_files
-from bilevel.app.train import setup, train
+from bilevel.app.setup import setup
+from bilevel.app.train import train
 from algorithms.maml import MAML
 from bilevel import Want
 
