@@ -54,9 +54,10 @@ Found = Optional[tuple[Path, dict[str, Any]]]
 
 
 def begin(run: Run, directory: RunDirectory | Quiet) -> tuple[Found, ExecutionChoice]:
-    """Rank 0's start of an attempt: the checkpoint to resume (:func:`~bilevel.app.lifecycle.resume.checkpoint_to_resume`),
-    the execution path (:func:`settle_path`; a resumed run keeps its recorded one) and the resume
-    contract, checked against the fingerprint of that path (:func:`~bilevel.app.lifecycle.resume.check_resume`)."""
+    """Rank 0's start of an attempt: the checkpoint to resume
+    (:func:`~bilevel.app.lifecycle.resume.checkpoint_to_resume`), the execution path
+    (:func:`settle_path`; a resumed run keeps its recorded one) and the resume contract, checked
+    against the fingerprint of that path (:func:`~bilevel.app.lifecycle.resume.check_resume`)."""
     cfg = run.cfg
     found = checkpoint_to_resume(directory.path, cfg.train.resume)
     choice = settle_path(run, (found[1]["execution"], found[1].get("memory", "store")) if found else None)

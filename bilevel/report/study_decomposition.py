@@ -49,7 +49,8 @@ def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
                   for t in terms}
         pairs = {tag.split("/")[1]: Stat.of(by_seed(g, lambda r, tag=tag: mean_over_training(r, tag)).values())
                  for tag in PAIR_TAGS}
-        last = {tag: Stat.of(by_seed(g, lambda r, tag=tag: r.final(tag)).values()) for tag in (HEAD_NORM, HEAD_ROW_SPREAD)}
+        last = {tag: Stat.of(by_seed(g, lambda r, tag=tag: r.final(tag)).values())
+                for tag in (HEAD_NORM, HEAD_ROW_SPREAD)}
         rows.append(DecompositionRow(g.label, shares, pairs, last[HEAD_NORM], last[HEAD_ROW_SPREAD]))
     return rows
 
