@@ -135,7 +135,7 @@ class TaskSampler:
 
     def share(self, tasks: range) -> "TaskSampler":
         """A sampler at the same position that draws only the tasks ``tasks`` of every meta-batch
-        (one process's share: :func:`bilevel.app.distributed.launch.task_share`)."""
+        (one process's share: :func:`bilevel.app.distributed.task_share`)."""
         shared = TaskSampler(self.dataset, self.ways, self.shots, self.queries, self.meta_batch, self.seed,
                              self.fixed_labels, tasks, self.fixed_blocks)
         shared.step = self.step

@@ -130,7 +130,7 @@ def memory_plans(model: BilevelModel, input_shape: tuple[int, ...], cfg: Any, al
     """The allowed (path, strategy) combinations that fit the budget, fastest-first by design
     (``store`` before ``recompute``); a :class:`ConfigError` with every estimate and the budget
     when none fits. ``tasks``: the tasks held in that memory at once (a distributed run's shares,
-    :func:`bilevel.app.distributed.launch.tasks_in_memory`); default ``train.meta_batch``."""
+    :func:`bilevel.app.distributed.tasks_in_memory`); default ``train.meta_batch``."""
     paths = algorithm.executions if cfg.execution == "auto" else (cfg.execution,)
     memories = algorithm.memories if cfg.memory == "auto" else (cfg.memory,)
     tasks = cfg.train.meta_batch if tasks is None else tasks
