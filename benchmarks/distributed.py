@@ -1,7 +1,7 @@
 """One run over several processes: seconds per meta-step, tasks/s and the collective's share, and
 the agreement of the parameters with one process.
 
-**Timing** (default). The trainer's own step, built by ``bilevel.app.train.setup``: conv4 on glyphs
+**Timing** (default). The trainer's own step, built by ``bilevel.app.setup.setup``: conv4 on glyphs
 (the default run's tasks: 5-way 1-shot, 5 queries per class; one inner step, ``execution=loop``, the
 zeroing head), each process
 drawing its share of every meta-batch, then ``Ablation.step`` + ``Replicas.reduce_step`` (one
@@ -101,7 +101,7 @@ def launch(processes: int, threads: int, program: list[str], cwd: Path) -> subpr
 def compose(overrides: list[str]) -> Any:
     from hydra import compose as hydra_compose, initialize_config_module
 
-    from bilevel.app.config import register_configs
+    from bilevel.app.config.schema import register_configs
 
     register_configs()
     with initialize_config_module("configs", version_base="1.3"):
@@ -130,8 +130,8 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from bilevel.app.head_policy import before_outer_step
-    from bilevel.app.signals import GracefulStop
-    from bilevel.app.train import setup
+    from bilevel.app.lifecycle.signals import GracefulStop
+    from bilevel.app.setup import setup
 
     torch.set_num_threads(args.threads)
     cells = [(m, order) for order in args.order for m in args.meta_batch]
@@ -210,7 +210,7 @@ def timing(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
 
 
 def params_of(run_dir: Path) -> dict[str, Any]:
-    from bilevel.app.checkpoint import load_checkpoint
+    from bilevel.app.lifecycle.checkpoint import load_checkpoint
 
     return load_checkpoint(run_dir / "checkpoint.pt")["params"]
 

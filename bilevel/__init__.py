@@ -3,8 +3,9 @@
 The layers, top to bottom (a module imports only its own layer and those below it; the
 contract is in ``pyproject.toml`` and checked by ``lint-imports``, docs/architecture.md):
 
-- ``bilevel.app`` — the Hydra trainer (``bilevel-train``), config, logging, checkpoints,
-  evaluation, the run's execution choice, distributed runs, the report (``bilevel-report``);
+- ``bilevel.app`` — the Hydra trainer (``bilevel-train``): config, logging, checkpoints,
+  evaluation, the run's execution choice, distributed runs; ``bilevel.report`` — the offline
+  report (``bilevel-report``), which reads run directories and imports nothing of the trainer;
 - ``bilevel.engine`` — the engine tier of the API (below);
 - ``bilevel.hypergrad`` — the hypergradient rules: unrolled (``UnrolledAlgorithm``), implicit
   (``ImplicitAlgorithm``, exact at any CG budget), chain (``ChainAlgorithm``), the
@@ -23,7 +24,8 @@ contract is in ``pyproject.toml`` and checked by ``lint-imports``, docs/architec
 - ``bilevel.primitives`` — parameter dicts, the head and its trace (eq. (1) of docs/theory.md),
   losses, conjugate gradient (and its fixed polynomial), pooling, models; ``bilevel.data`` —
   data sets and the task sampler;
-- ``bilevel.validate``; ``bilevel.files``, ``bilevel.rng``, ``bilevel.tags``; ``bilevel.errors``.
+- ``bilevel.validate``; ``bilevel.files``, ``bilevel.rng``, ``bilevel.run_files``,
+  ``bilevel.tags``; ``bilevel.errors``.
 
 Two tiers of API. ``bilevel`` (this module) exports what users and plugin authors need: the
 bases and their configs, the inner-loop contract (``Support``, ``InnerConfig``, ``InnerResult``)
@@ -122,7 +124,7 @@ __all__ = [
     "BilevelError", "ConfigError", "CorruptFileError", "DistributedError", "NonFiniteError", "ResumeError", "RunDirectoryBusy",
     "StorageError", "RunInterrupted", "UnknownAlgorithm", "AT_LEAST_1", "INNER_LOOP", "NON_NEGATIVE", "POSITIVE", "Check", "OneOf",
     "Range",
-    "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "ci95", "headline_step", "structural_zeros",
+    "check_declared", "algorithm_choices", "Evaluation", "TaskSet", "TaskSetSpec", "ci95", "headline_step", "structural_zeros",
     # what plugins read besides the bases: parameter roles, batches, losses, noise draws
     "ENCODER_PREFIX", "HEAD_BIAS", "HEAD_WEIGHT", "TaskBatch", "accuracy", "cross_entropy",
     "cross_entropy_logits_grad", "draw_noise", "encoder_part", "task_position", "tree_detach",
@@ -130,13 +132,14 @@ __all__ = [
 ]
 
 _APP_NAMES = {
-    "algorithm_choices": "bilevel.app.catalog",
-    "Launch": "bilevel.app.distributed",
-    "Replicas": "bilevel.app.distributed",
-    "detect_launch": "bilevel.app.distributed",
-    "task_share": "bilevel.app.distributed",
+    "algorithm_choices": "bilevel.app.config.catalog",
+    "Launch": "bilevel.app.distributed.launch",
+    "Replicas": "bilevel.app.distributed.replicas",
+    "detect_launch": "bilevel.app.distributed.launch",
+    "task_share": "bilevel.app.distributed.launch",
     "Evaluation": "bilevel.app.evaluation",
     "TaskSet": "bilevel.app.evaluation",
+    "TaskSetSpec": "bilevel.app.evaluation",
     "ci95": "bilevel.app.evaluation",
     "headline_step": "bilevel.app.evaluation",
 }

@@ -1,10 +1,10 @@
 """The TensorBoard tag names of a run, defined once: the decomposition's summary, the trainer,
-the evaluation, the panels (:mod:`bilevel.app.tb`, :mod:`bilevel.app.tb_layout`) and ``bilevel-report``
-all spell them from here. What each tag means: :mod:`bilevel.app.tb_layout`.
+the evaluation, the panels (:mod:`bilevel.app.tb.logger`, :mod:`bilevel.app.tb.layout`) and ``bilevel-report``
+all spell them from here. What each tag means: :mod:`bilevel.app.tb.layout`.
 
 Two spellings of the decomposition exist: :meth:`bilevel.decomposition.record.Decomposition.summary` keys
 its scalars ``decomp/<term>/<stat>`` and ``decomp/check/<check>``; what is logged
-(:func:`bilevel.app.tb_layout.present`) is ``terms/<term>/<stat>`` and ``checks/log10_<check>``.
+(:func:`bilevel.app.tb.layout.present`) is ``terms/<term>/<stat>`` and ``checks/log10_<check>``.
 An evaluation's tags are ``<prefix>/<name>`` for the prefixes :data:`EVAL` and :data:`TEST`
 and their test-time-zeroing variants (:func:`zeroed`); ``metrics.json`` holds the final test's
 tags with ``/`` written ``_`` (:func:`metric_key`).

@@ -16,11 +16,11 @@ import torch
 from omegaconf import OmegaConf
 
 from bilevel import build_algorithm, build_model
-from bilevel.app.checkpoint import load_checkpoint
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
 from bilevel.data import build_sampler, input_shape
-from bilevel.app.figures import cosine_figure, pair_weight_figure
+from bilevel.app.tb.figures import cosine_figure, pair_weight_figure
 from bilevel.app.head_policy import before_outer_step
-from bilevel.app.train import typed_config
+from bilevel.app.config.schema import typed_config
 
 
 def main() -> None:

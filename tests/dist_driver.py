@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from bilevel.decomposition.ablation import Ablation
-from bilevel.app.distributed import Replicas
+from bilevel.app.distributed.replicas import Replicas
 
 
 def _detached(tree: Any) -> Any:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from bilevel.app.config import register_configs
-from bilevel.app.cosine_protocol import PROBE_FILE, class_pair_means, heat_maps
+from bilevel.app.config.schema import register_configs
+from bilevel.app.cosine_protocol import class_pair_means, heat_maps
 from bilevel.app.train import train
+from bilevel.run_files import PROBE_FILE
 
 FAST = [
     "data=synthetic", "model=mlp", "model.hidden=16", "data.queries=3", "data.synthetic_dim=8",

@@ -1,4 +1,4 @@
-"""Distributed meta-training (``bilevel/app/distributed.py``): one run over many processes, with the
+"""Distributed meta-training (``bilevel/app/distributed/``): one run over many processes, with the
 result of one process.
 
 Multi-process runs use gloo on 127.0.0.1 only: processes started with a launcher's environment
@@ -26,10 +26,10 @@ import torch
 from hydra import compose, initialize_config_module
 
 from bilevel import ModelConfig, build_algorithm, build_model
-from bilevel.app.checkpoint import load_checkpoint
-from bilevel.app.config import register_configs
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
+from bilevel.app.config.schema import register_configs
 from bilevel.data import DataConfig, TaskSampler, build_dataset
-from bilevel.app.distributed import Launch, check_command_line, detect_launch, task_share
+from bilevel.app.distributed.launch import Launch, check_command_line, detect_launch, task_share
 from bilevel.errors import ConfigError
 from bilevel.testing import rel_err
 from bilevel.app.train import train
@@ -516,7 +516,7 @@ def test_joblib_sweep_of_two_jobs_completes_and_bilevel_report_reads_it(tmp_path
     assert "Joblib" in result.stdout + result.stderr
     jobs = sorted(p.parent for p in sweep.rglob("metrics.json"))
     assert len(jobs) == 2
-    report = subprocess.run([sys.executable, "-m", "bilevel.app.report_cli", str(sweep), "--json", str(tmp_path / "r.json")],
+    report = subprocess.run([sys.executable, "-m", "bilevel.report", str(sweep), "--json", str(tmp_path / "r.json")],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     (setting,) = json.loads((tmp_path / "r.json").read_text())

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bilevel.algorithm import available_algorithms, get_algorithm
-from bilevel.app.config import TrainConfig
+from bilevel.app.config.schema import TrainConfig
 from bilevel.validate import declared_checks
 
 ROOT = Path(__file__).resolve().parents[1]

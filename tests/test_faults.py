@@ -28,13 +28,13 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 import bilevel.algorithm as engine
 import bilevel.data.glyphs as glyphs
 from bilevel.algorithm import get_algorithm, register
-from bilevel.app.checkpoint import load_checkpoint
-from bilevel.app.config import register_configs, typed_config
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
+from bilevel.app.config.schema import register_configs, typed_config
 from bilevel.errors import ConfigError, CorruptFileError, NonFiniteError, ResumeError, RunDirectoryBusy, StorageError
 from bilevel.files import FileLock, save_checked
 from bilevel.execution.memory import memory_plans
 from bilevel.primitives.models import build_model
-from bilevel.app.tb import event_files
+from bilevel.run_files import event_files
 from bilevel.tags import logical
 from bilevel.app.train import train
 from algorithms.maml import MAML
@@ -539,7 +539,7 @@ def test_a_stale_cached_path_measurement_is_dropped_when_the_steps_disagree(tmp_
 
 
 def test_deleting_run_lock_lets_no_second_run_in(tmp_path):
-    from bilevel.app.run_dir import RunDirectory
+    from bilevel.app.lifecycle.run_dir import RunDirectory
 
     with RunDirectory(tmp_path / "run"):
         (tmp_path / "run" / "run.lock").unlink()
@@ -631,7 +631,7 @@ def test_sigint_at_start_up_twice_exits_130_without_a_traceback_and_leaves_nothi
 
 
 def test_model_that_cannot_take_the_inputs_is_refused_naming_the_image_size():
-    from bilevel.app.preflight import check_model
+    from bilevel.app.config.preflight import check_model
 
     register_configs()
     with initialize_config_module("configs", version_base="1.3"):

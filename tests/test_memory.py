@@ -17,8 +17,8 @@ from algorithms.meta_sgd import MetaSGD
 import bilevel.algorithm as engine
 from bilevel import build_algorithm
 from bilevel.algorithm import algorithm_config, register
-from bilevel.app.checkpoint import load_checkpoint
-from bilevel.app.config import register_configs, typed_config
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
+from bilevel.app.config.schema import register_configs, typed_config
 from bilevel.app.train import train
 from bilevel.errors import ConfigError
 from bilevel.execution.memory import estimate_bytes

@@ -19,8 +19,8 @@ from torch.func import functional_call
 import bilevel.algorithm as engine
 from algorithms.meta_sgd import LR_HEAD, LR_PREFIX, MetaSGD
 from bilevel.algorithm import algorithm_config, register
-from bilevel.app.checkpoint import load_checkpoint
-from bilevel.app.config import register_configs
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
+from bilevel.app.config.schema import register_configs
 from bilevel.errors import ConfigError
 from bilevel.primitives.params import ENCODER_PREFIX, is_head
 from bilevel.app.train import train

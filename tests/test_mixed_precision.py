@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from bilevel import ModelConfig, build_algorithm, build_model
-from bilevel.app.checkpoint import load_checkpoint
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
 from bilevel.app import loss_scale
 from bilevel.app.loss_scale import DynamicLossScale
-from bilevel.app.report import load_scalars
+from bilevel.report.runs import load_scalars
 from bilevel.app.train import train
 from bilevel.data import build_sampler
 from bilevel.data.config import DataConfig

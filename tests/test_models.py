@@ -17,8 +17,8 @@ import torch.nn as nn
 from hydra import compose, initialize_config_module
 
 from bilevel import BilevelModel, ConfigError, ModelConfig, build_model
-from bilevel.app.config import register_configs
-from bilevel.app.train import setup
+from bilevel.app.config.schema import register_configs
+from bilevel.app.setup import setup
 from bilevel.primitives.batchnorm import SetBatchNorm
 from bilevel.primitives.resnet12 import ResNet12, widths
 from bilevel.testing import reference_meta_grad, reference_meta_loss, rel_err, seeded_batch

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from bilevel.app.config import register_configs
+from bilevel.app.config.schema import register_configs
 from bilevel.app.train import train
 from bilevel.primitives.batchnorm import SetBatchNorm
 

@@ -17,13 +17,15 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from bilevel import tags
-from bilevel.app import report, report_cli
-from bilevel.app.naming import Naming
-from bilevel.app.report_figures import task_bounds
-from bilevel.app.report_html import markdown_html
+from bilevel.report import cli as report_cli
+from bilevel.report import runs as report_runs
+from bilevel.app.config.naming import Naming
+from bilevel.report.figures import task_bounds
+from bilevel.report.html import markdown_html
 from bilevel.app.summary import identity_line
-from bilevel.app.tb import RunLogger, event_files
-from bilevel.app.tb_hparams import HPARAM_KEYS, hparam_summaries
+from bilevel.app.tb.logger import RunLogger
+from bilevel.run_files import event_files
+from bilevel.app.tb.hparams import HPARAM_KEYS, hparam_summaries
 from bilevel.app.train import train
 from bilevel.data import glyphs
 from test_train import config
@@ -82,7 +84,7 @@ def test_logger_writes_nested_runs_the_report_reads_back_and_a_resume_keeps_them
     resumed = RunLogger(tmp_path, "head.policy=random", resume=(2, checkpoint_time))  # keeps steps 1, 2
     resumed.scalars({"terms/contrastive/share": 0.9}, 3)
     resumed.close()
-    scalars = report.load_scalars(tmp_path)
+    scalars = report_runs.load_scalars(tmp_path)
     assert scalars["terms/contrastive/share"][0].tolist() == [1, 2, 3]
     assert scalars["terms/contrastive/share"][1].tolist() == pytest.approx([0.1, 0.2, 0.9])
     assert scalars["terms/init/share"][0].tolist() == [1, 2]
@@ -191,7 +193,7 @@ def test_markdown_tables_and_headings_become_html():
 
 def test_learning_curve_of_one_seed_draws_its_task_interval(tmp_path, capsys):
     _fake_run(tmp_path / "run", 0, 0.80, 0.78, 0.82)
-    runs = report.find_runs([tmp_path / "run"])
+    runs = report_runs.find_runs([tmp_path / "run"])
     bounds = task_bounds(runs, tags.accuracy(tags.EVAL))
     assert bounds is not None and bounds[0].tolist() == pytest.approx([0.15, 0.75])
     report_cli.main([str(tmp_path / "run")])

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import bilevel.algorithm as engine
 from bilevel import HEAD_WEIGHT, InnerConfig, InnerStep, chain_steps, frozen_head, register
 from bilevel.app import stalls
-from bilevel.app.config import register_configs, typed_config, validate
+from bilevel.app.config.schema import register_configs, typed_config, validate
 from bilevel.app.stalls import StallWatch
 from bilevel.app.train import train
 from algorithms.maml import MAML
@@ -101,7 +101,7 @@ def test_stall_watch_warns_about_chance_accuracy_and_not_about_learning():
 
 def test_a_run_that_cannot_learn_warns(encoder_only, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(stalls, "PATIENCE", 4)
-    with caplog.at_level(logging.WARNING, logger="bilevel.app.train"):
+    with caplog.at_level(logging.WARNING, logger="bilevel.app.attempt"):
         train(_config("algorithm.name=encoder_only", "head.policy=zeroing"), tmp_path, show_progress=False)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("warning: after step")]
     assert len(said) == 2
@@ -110,7 +110,7 @@ def test_a_run_that_cannot_learn_warns(encoder_only, tmp_path, monkeypatch, capl
 
 def test_the_same_run_from_its_own_default_policy_does_not_warn(encoder_only, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(stalls, "PATIENCE", 4)
-    with caplog.at_level(logging.WARNING, logger="bilevel.app.train"):
+    with caplog.at_level(logging.WARNING, logger="bilevel.app.attempt"):
         train(_config("algorithm.name=encoder_only"), tmp_path, show_progress=False)
     assert not [r for r in caplog.records if "below round-off" in r.getMessage()]
     assert OmegaConf.load(tmp_path / "config.yaml").head.policy == "random"

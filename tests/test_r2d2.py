@@ -19,9 +19,10 @@ import bilevel.algorithm as engine
 from bilevel import Support
 from algorithms.r2d2 import R2D2, ridge_coefficients
 from bilevel.algorithm import algorithm_config, register
-from bilevel.app.checkpoint import load_checkpoint
-from bilevel.app.config import register_configs
-from bilevel.app.train import setup, train
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
+from bilevel.app.config.schema import register_configs
+from bilevel.app.setup import setup
+from bilevel.app.train import train
 from bilevel.primitives.params import ENCODER_PREFIX, encoder_part, is_head
 
 pytestmark = pytest.mark.usefixtures("single_thread")

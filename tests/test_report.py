@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from scipy.stats import t as t_dist
 from torch.utils.tensorboard import SummaryWriter
 
-from bilevel.app.report import RunRecord, find_runs, group_runs, load_run, summarise
-from bilevel.app.report_cli import main
+from bilevel.report.runs import RunRecord, find_runs, group_runs, load_run
+from bilevel.report.tables import summarise
+from bilevel.report.cli import main
 
 STEPS = (10, 20, 30)
 # setting -> seed -> known values
@@ -195,3 +197,27 @@ def test_runs_shorter_than_the_decomposition_cadence_are_named_in_a_warning(tmp_
     err = capsys.readouterr().err
     assert "warning: 1 of 2 runs are shorter than train.decompose_every (25)" in err
     assert str((tmp_path / "short").resolve()) in err and str((tmp_path / "long").resolve()) not in err
+
+
+def test_a_test_accuracy_shows_its_interval_over_seeds_or_else_over_test_tasks(sweep: Path, tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    def rows(path: Path) -> dict[str, dict[str, str]]:
+        main([str(path), "--out", str(tmp_path / "figures")])
+        out = capsys.readouterr().out
+        lines = out[:out.index("\n\n")].splitlines()  # the settings table, before the study's
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        body = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+        return {row["setting"]: row for row in body}
+
+    mean, sd = mean_sd([TEST["zeroing"][s][0] for s in (0, 1)])
+    half = t_dist.ppf(0.975, 1) * sd / math.sqrt(2)
+    zeroing = rows(sweep)["head.policy=zeroing"]
+    assert zeroing["test acc after k steps"] == f"{mean:.3f} ± {sd:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+    eval_mean, eval_sd = mean_sd([EVAL["zeroing"][s][-1] for s in (0, 1)])
+    assert zeroing["final eval acc"] == f"{eval_mean:.3f} ± {eval_sd:.3f}"  # no interval for the eval columns
+
+    write_run(tmp_path / "one", "zeroing", 0)
+    metrics = {"test_accuracy": 0.5, "test_accuracy_low": 0.46, "test_accuracy_high": 0.54, "test_zeroed_accuracy": 0.4}
+    (tmp_path / "one" / "metrics.json").write_text(json.dumps(metrics))
+    one = rows(tmp_path / "one")["all runs"]
+    assert one["test acc after k steps"] == "0.500 ± 0.040 †" and one["test acc (zeroed head)"] == "0.400"

@@ -48,11 +48,11 @@ engine's meta-gradients changed, so ENGINE_EPOCH must be bumped and the new hash
 def test_the_engine_epoch_names_the_saved_reference_meta_gradients() -> None:
     import hashlib
 
-    from bilevel.app.provenance import ENGINE_EPOCH
+    from bilevel.app.lifecycle.provenance import ENGINE_EPOCH
 
     digest = hashlib.sha256((ROOT / "tests" / "data" / "reference_meta_grads.pt").read_bytes()).hexdigest()
     assert REFERENCE_SHA256.get(ENGINE_EPOCH) == digest, (
-        "tests/data/reference_meta_grads.pt changed: bump ENGINE_EPOCH (bilevel/app/provenance.py) and add its "
+        "tests/data/reference_meta_grads.pt changed: bump ENGINE_EPOCH (bilevel/app/lifecycle/provenance.py) and add its "
         "hash to REFERENCE_SHA256")
 
 
@@ -60,10 +60,10 @@ def test_a_published_table_is_recomputed_from_the_committed_per_seed_data() -> N
     """§7.2 of RESULTS.md (the shots sweep): its arms, declared, effect-size, exploratory and
     test-time sections, recomputed from ``synthetic_shots.seeds.json`` alone, equal the published
     report's, and every run records a clean tree of one commit at the current engine epoch."""
-    from bilevel.app.provenance import ENGINE_EPOCH
-    from bilevel.app.report import group_runs
-    from bilevel.app.seed_data import load_seed_data
-    from bilevel.app.study import study_markdown
+    from bilevel.app.lifecycle.provenance import ENGINE_EPOCH
+    from bilevel.report.runs import group_runs
+    from bilevel.report.seed_data import load_seed_data
+    from bilevel.report.study import study_markdown
 
     build_results = load("build_results")
     runs = load_seed_data(ROOT / "docs" / "results" / "synthetic_shots.seeds.json")

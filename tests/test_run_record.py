@@ -18,10 +18,11 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from bilevel.app.evaluation import ci95
 from bilevel.tags import logical
-from bilevel.app.tb import event_files
-from bilevel.app.tb_hparams import HPARAM_KEYS
-from bilevel.app.naming import Naming
-from bilevel.app.train import HPARAM_METRICS, train
+from bilevel.run_files import event_files
+from bilevel.app.tb.hparams import HPARAM_KEYS
+from bilevel.app.config.naming import Naming
+from bilevel.app.attempt import HPARAM_METRICS
+from bilevel.app.train import train
 from test_errors import cli_env
 from test_train import config
 
@@ -151,7 +152,7 @@ def test_an_ablation_of_only_zero_terms_warns(tmp_path, caplog):
 
 
 def test_the_swept_keys_come_from_the_command_line_and_the_sweeper():
-    from bilevel.app.naming import sweep_keys
+    from bilevel.app.config.naming import sweep_keys
 
     argv = ["-m", "head.policy=random,zeroing", "train.steps=5", "algorithm=fomaml,maml"]
     assert sweep_keys(argv, {"seed": "0,1", "data.shots": "1"}) == ["head.policy", "algorithm", "seed"]
@@ -164,7 +165,7 @@ def test_config_yaml_records_the_commit_the_tree_state_and_the_engine_hash(tmp_p
 
     import yaml
 
-    from bilevel.app.provenance import ENGINE_EPOCH
+    from bilevel.app.lifecycle.provenance import ENGINE_EPOCH
 
     train(config("train.steps=2", "train.eval_every=2"), tmp_path, show_progress=False)
     record = yaml.safe_load((tmp_path / "config.yaml").read_text())["provenance"]
@@ -184,7 +185,7 @@ def test_config_yaml_records_the_commit_the_tree_state_and_the_engine_hash(tmp_p
 def test_the_papers_head_init_is_kaiming_normal_with_zero_bias():
     """``head.init=paper``: ``W ~ N(0, 2/d)``, ``b = 0`` (d = 16 features here, 5 × 16 weights: the
     sample sd within 25 % of √(2/16)); ``default`` keeps ``nn.Linear``'s ``U(−1/√d, 1/√d)``."""
-    from bilevel.app.train import setup
+    from bilevel.app.setup import setup
 
     paper = setup(config("head.policy=random", "head.init=paper")).params
     default = setup(config("head.policy=random", "head.init=default")).params

@@ -1,4 +1,4 @@
-"""``bilevel.app.stats``: seed summaries and paired tests, checked against formulas computed here.
+"""``bilevel.report.stats``: seed summaries and paired tests, checked against formulas computed here.
 
 The t quantiles are table values (two-sided 95 %: 4.303 for 2 dof, 2.776 for 4, 2.365 for 7);
 the Wilcoxon p-values are counted by enumerating all 2^n sign assignments (the exact null
@@ -6,6 +6,7 @@ distribution), independent of scipy.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -14,7 +15,7 @@ import pytest
 
 from scipy.stats import t as t_dist
 
-from bilevel.app.stats import curve_band, format_p, holm, paired, seed_stat, t_quantile, welch
+from bilevel.report.stats import Stat, curve_band, format_p, holm, paired, t_quantile, welch
 
 T_TABLE = {3: 4.303, 5: 2.776, 8: 2.365}
 
@@ -24,9 +25,9 @@ def test_t_quantile_matches_the_table(n: int) -> None:
     assert t_quantile(n) == pytest.approx(T_TABLE[n], abs=1e-3)
 
 
-def test_seed_stat_mean_sd_and_t_interval() -> None:
+def test_stat_mean_sd_and_t_interval() -> None:
     xs = [0.81, 0.77, 0.90, 0.85, 0.79]
-    s = seed_stat(xs)
+    s = Stat.of(xs)
     mean = sum(xs) / 5
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / 4)
     half = 2.776 * sd / math.sqrt(5)
@@ -35,9 +36,9 @@ def test_seed_stat_mean_sd_and_t_interval() -> None:
     assert s.cell() == f"{mean:.3f} ± {sd:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
 
 
-def test_seed_stat_skips_missing_values_and_has_no_interval_for_one() -> None:
-    assert seed_stat([None, None]) is None
-    one = seed_stat([0.5, None, float("nan")])
+def test_stat_skips_missing_values_and_has_no_interval_for_one() -> None:
+    assert Stat.of([None, None]) is None
+    one = Stat.of([0.5, None, float("nan")])
     assert (one.n, one.mean, one.sd, one.ci_low) == (1, 0.5, None, None) and one.cell() == "0.500"
 
 
@@ -118,3 +119,10 @@ def test_welch_against_the_satterthwaite_formulas() -> None:
     assert result.p == pytest.approx(2 * t_dist.sf(mean / se, df))
     assert result.ci_high - mean == pytest.approx(t_dist.ppf(0.975, df) * se)
     assert welch([0.5], b) is None and welch([0.5, 0.5], [0.5, 0.5]) is None
+
+
+def test_stat_cell_without_its_interval_and_with_a_task_interval() -> None:
+    s = Stat.of([0.81, 0.77])
+    assert s.cell(interval=False) == "0.790 ± 0.028"
+    one = dataclasses.replace(Stat.of([0.5]), task_ci=0.04)
+    assert one.cell() == "0.500 ± 0.040 †" and one.cell(digits=2) == "0.50 ± 0.04 †"

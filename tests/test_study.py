@@ -16,10 +16,10 @@ import yaml
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from bilevel.app.report import find_runs, group_runs
-from bilevel.app.report_cli import main
-from bilevel.app.study import arm_row, comparisons, cosine_comparisons, cosine_rows, zeroing_effects
-from bilevel.app.study_figures import side_by_side
+from bilevel.report.runs import find_runs, group_runs
+from bilevel.report.cli import main
+from bilevel.report.study import arm_row, comparisons, cosine_comparisons, cosine_rows, zeroing_effects
+from bilevel.report.study_figures import side_by_side
 
 POLICIES, ORDERS = ("random", "zeroing"), ("first_order", "second_order")
 T4 = 2.776  # t_{0.975, 4}
@@ -143,7 +143,7 @@ def test_cosine_rows_and_gap_comparisons(sweep: Path) -> None:
 
 
 def test_decomposition_rows_average_over_training_then_seeds(sweep: Path) -> None:
-    from bilevel.app.study import decomposition_rows
+    from bilevel.report.study import decomposition_rows
     rows = {r.label: r for r in decomposition_rows(list(groups_of(sweep).values()))}
     assert set(rows) == {"algorithm.order=first_order head.policy=random", "algorithm.order=second_order head.policy=random"}
     row = rows["algorithm.order=second_order head.policy=random"]
@@ -156,7 +156,7 @@ def test_decomposition_rows_average_over_training_then_seeds(sweep: Path) -> Non
 
 
 def test_small_differences_are_not_printed_as_zero() -> None:
-    from bilevel.app.study import signed
+    from bilevel.report.study import signed
     assert (signed(0.0123), signed(-3.2e-6), signed(0.0)) == ("+0.012", "-3.2e-06", "+0.000")
 
 

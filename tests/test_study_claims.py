@@ -1,4 +1,4 @@
-"""Declared comparisons (:mod:`bilevel.app.study_claims`): the verdict rule, Holm's family, arms
+"""Declared comparisons (:mod:`bilevel.report.study_claims`): the verdict rule, Holm's family, arms
 matched by their declared settings, interactions paired or Welch, every test step, and the per-seed
 file that a report can be recomputed from. Expected numbers are computed here from the values the
 fake runs hold (numpy, scipy's t distribution), never taken from the code under test."""
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from bilevel.app.report import RunRecord, group_runs
-from bilevel.app.report_cli import main
-from bilevel.app.seed_data import load_seed_data, write_seed_data
-from bilevel.app.study import exploratory, study_markdown
-from bilevel.app.study_figures import forest_figure
-from bilevel.app.study_claims import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Effect, parse_declared,
+from bilevel.report.runs import RunRecord, group_runs
+from bilevel.report.cli import main
+from bilevel.report.seed_data import load_seed_data, write_seed_data
+from bilevel.report.study import exploratory, study_markdown
+from bilevel.report.study_figures import forest_figure
+from bilevel.report.study_claims import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Effect, parse_declared,
                                       sign_pattern, declared_results, verdict)
 
 SEEDS = range(6)

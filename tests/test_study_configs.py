@@ -9,9 +9,10 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from bilevel.app.config import flatten, register_configs, typed_config, validate
-from bilevel.app.report import format_value
-from bilevel.app.study_claims import parse_declared
+from bilevel.app.config.schema import register_configs, typed_config, validate
+from bilevel.report.runs import format_value
+from bilevel.report.study_claims import parse_declared
+from bilevel.run_files import flatten
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "configs" / "experiment"
 STUDIES = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))

@@ -11,11 +11,12 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 
 from bilevel.algorithm import register
-from bilevel.app.checkpoint import load_checkpoint
-from bilevel.app.config import register_configs
+from bilevel.app.lifecycle.checkpoint import load_checkpoint
+from bilevel.app.config.schema import register_configs
 from bilevel.errors import NonFiniteError
-from bilevel.app.tb import event_files
-from bilevel.app.train import setup, train
+from bilevel.run_files import event_files
+from bilevel.app.setup import setup
+from bilevel.app.train import train
 from algorithms.maml import MAML
 from bilevel import Want
 

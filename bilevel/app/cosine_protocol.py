@@ -14,7 +14,7 @@ after each outer update count in ``cosine.steps`` (0: at initialisation).
     QQ[i, j] = mean_{q ∈ Q_i, q' ∈ Q_j, q' ≠ q} ⟨ẑ_q, ẑ_q'⟩ (query vs query; self-pairs excluded)
 
 are stored per step in ``cosine_probe.json`` of the run directory; the report
-(:mod:`bilevel.app.study_figures`) lays them side by side as the paper's ``ways × (2·ways + 1)``
+(:mod:`bilevel.report.study_figures`) lays them side by side as the paper's ``ways × (2·ways + 1)``
 map (5 × 11 for 5-way: QS, a blank column, QQ), averaged over seeds. The file is rewritten
 atomically after every recorded step, so a resumed run keeps what its earlier attempts
 measured.
@@ -34,9 +34,8 @@ from bilevel.data.dataset import SPLITS
 from bilevel.files import atomic_write_text
 from bilevel.primitives.models import BilevelModel
 from bilevel.primitives.params import Params, encoder_part
+from bilevel.run_files import PROBE_FILE
 from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, Check, OneOf
-
-PROBE_FILE = "cosine_probe.json"
 
 
 @dataclass
@@ -132,8 +131,3 @@ def _plain(data: Any) -> dict[str, Any]:
         return asdict(data)
     return {f.name: data[f.name] for f in fields(DataConfig) if f.name in data}
 
-
-def load_probe(run_dir: Path) -> Optional[dict[str, Any]]:
-    """A run's ``cosine_probe.json`` (``{"protocol": ..., "steps": {step: {name: matrix}}}``), or None."""
-    path = Path(run_dir) / PROBE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -94,17 +94,29 @@ class Evaluation:
         return out
 
 
+@dataclass(frozen=True)
+class TaskSetSpec:
+    """Which tasks an evaluation uses: at most ``tasks`` tasks of ``split`` in batches of ``batch``,
+    from the sequence seeded by ``seed + EVAL_SEED_OFFSET``, within ``budget_s`` seconds (None or 0:
+    no budget, every task)."""
+
+    split: str
+    tasks: int
+    batch: int
+    budget_s: Optional[float]
+    seed: int
+
+
 class TaskSet:
     """The fixed evaluation tasks of one split and their settled count (module docstring)."""
 
-    def __init__(self, data_cfg: DataConfig, split: str, max_tasks: int, batch: int, budget_s: Optional[float],
-                 seed: int, device: torch.device, dtype: torch.dtype,
+    def __init__(self, data_cfg: DataConfig, spec: TaskSetSpec, device: torch.device, dtype: torch.dtype,
                  share: Callable[[TaskSampler], TaskSampler] = lambda sampler: sampler) -> None:
-        size = min(batch, max_tasks)
-        self.split, self.budget_s, self.size = split, budget_s or 0.0, size
-        self.max_batches = math.ceil(max_tasks / size)
+        size = min(spec.batch, spec.tasks)
+        self.split, self.budget_s, self.size = spec.split, spec.budget_s or 0.0, size
+        self.max_batches = math.ceil(spec.tasks / size)
         self.batches: Optional[int] = None if self.budget_s > 0 else self.max_batches  # a budget: settled by the first evaluation
-        self._sampler = share(build_sampler(data_cfg, split, size, seed=seed + EVAL_SEED_OFFSET))
+        self._sampler = share(build_sampler(data_cfg, spec.split, size, seed=spec.seed + EVAL_SEED_OFFSET))
         self._drawn: list[TaskBatch] = []
         self._device, self._dtype = device, dtype
 

@@ -41,7 +41,7 @@ from bilevel.data import TaskBatch
 from bilevel.execution.mapping import synchronize, choose_execution
 from bilevel.files import FileLock, atomic_write_text, cache_dir
 from bilevel.primitives.params import Params
-from bilevel.app.resume import is_forceable
+from bilevel.app.lifecycle.resume import is_forceable
 from bilevel.rng import global_rng_state, set_global_rng_state
 
 CACHE_FILE = "execution.json"

@@ -16,11 +16,10 @@ confidence interval (:func:`bilevel.app.evaluation.ci95`).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
 import math
-from typing import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -121,10 +120,33 @@ RAW_URL = "http://localhost:6006/?smoothing=0"
 """TensorBoard's address with its smoothing off (its default, 0.6, cannot be set in the event files)."""
 
 
-def run_summary(what: str, start: int, steps: int, evaluation: Evaluation, split: str, ways: int, wall_s: float,
-                eval_s: float, run_dir: Path, log_file: Optional[Path], events_dir: Path, sweep_dir: str = "") -> str:
+@dataclass(frozen=True)
+class Timing:
+    """An attempt's span: from step ``start`` (0, or where it resumed) to ``steps``, ``wall_s``
+    seconds of which ``eval_s`` evaluating."""
+
+    start: int
+    steps: int
+    wall_s: float
+    eval_s: float
+
+
+@dataclass(frozen=True)
+class Places:
+    """Where a run's record is: its directory, its log file (None outside a Hydra run), its
+    TensorBoard events and, for a sweep's job, the sweep's directory."""
+
+    run_dir: Path
+    log_file: Optional[Path]
+    events_dir: Path
+    sweep_dir: str = ""
+
+
+def run_summary(what: str, evaluation: Evaluation, split: str, ways: int, timing: Timing, places: Places) -> str:
     """The whole summary (see the module docstring): times are this attempt's (a resumed run
-    started at step ``start``); a sweep's job also names the sweep's commands."""
+    started at step ``timing.start``); a sweep's job also names the sweep's commands."""
+    start, steps, wall_s, eval_s = timing.start, timing.steps, timing.wall_s, timing.eval_s
+    run_dir = places.run_dir
     done = f"{steps} steps" if start == 0 else f"{steps} steps ({steps - start} in this attempt, resumed at {start})"
     lines = [
         f"finished {what}: {done} in {duration(wall_s)} "
@@ -133,10 +155,10 @@ def run_summary(what: str, start: int, steps: int, evaluation: Evaluation, split
         *accuracy_table(evaluation),
         f"run directory: {run_dir}",
     ]
-    if log_file is not None:
-        lines.append(f"log file:      {log_file}")
-    lines.append(f"TensorBoard:   tensorboard --logdir {events_dir}  (raw values: open it at {RAW_URL})")
+    if places.log_file is not None:
+        lines.append(f"log file:      {places.log_file}")
+    lines.append(f"TensorBoard:   tensorboard --logdir {places.events_dir}  (raw values: open it at {RAW_URL})")
     lines.append(f"report:        bilevel-report {run_dir}  (writes {run_dir / 'report' / 'report.html'})")
-    if sweep_dir:
-        lines.append(f"the sweep:     tensorboard --logdir {sweep_dir}; bilevel-report {sweep_dir}")
+    if places.sweep_dir:
+        lines.append(f"the sweep:     tensorboard --logdir {places.sweep_dir}; bilevel-report {places.sweep_dir}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's engine, not an installed one
 
-from bilevel.app.provenance import ENGINE_EPOCH  # noqa: E402
+from bilevel.app.lifecycle.provenance import ENGINE_EPOCH  # noqa: E402
 
 DIRECTIVE = re.compile(r"^\{\{([^#}]+)(?:#([^}]+))?\}\}$")
 PREDATES_PROVENANCE = ("> ⚠ **predates provenance**: no per-seed data in the repository; this table cannot be "

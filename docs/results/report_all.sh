@@ -10,7 +10,7 @@ for tier in glyphs synthetic; do
   for dir in "$base"/*/; do
     study=$(basename "$dir"); [ "$study" = synthetic ] && continue
     ls "$dir" | grep -q "seed=" || continue
-    python -m bilevel.app.report_cli "$dir" --out docs/figures/studies/$tier/$study --seeds docs/results/${tier}_$study.seeds.json \
+    python -m bilevel.report "$dir" --out docs/figures/studies/$tier/$study --seeds docs/results/${tier}_$study.seeds.json \
       --markdown docs/results/${tier}_$study.md > /dev/null 2> docs/results/.${tier}_$study.err || true
     echo "$tier/$study"
   done

@@ -5,7 +5,7 @@ every run has alike, the study's declared comparisons among them), and per run `
 keys where runs differ, the seed included), ``metrics`` (its ``metrics.json``), ``curves`` (the
 validation accuracy and the feature cosines of :data:`CURVES`, each ``[steps, values]``) and
 ``provenance`` (the code it ran:
-:mod:`bilevel.app.provenance`; null for a run that predates the record). ``bilevel-report PATH``
+:mod:`bilevel.app.lifecycle.provenance`; null for a run that predates the record). ``bilevel-report PATH``
 reads such a file as it reads run directories, so the arms table, the declared and exploratory
 comparisons and test-time zeroing are recomputed from the repository alone (the decomposition
 and cosine sections need the TensorBoard events and are not).
@@ -18,12 +18,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bilevel.app.config import flatten
-from bilevel.app.report import COS_DIFF, COS_SAME, EVAL_ACCURACY, RunRecord
+from bilevel.report.runs import COS_DIFF, COS_SAME, EVAL_ACCURACY, RunRecord
+from bilevel.run_files import PROVENANCE, flatten
 
 SUFFIX = ".seeds.json"
 FORMAT = 1
-PROVENANCE = "provenance"
 CURVES = (EVAL_ACCURACY, COS_SAME, COS_DIFF)
 
 
@@ -60,7 +59,7 @@ def write_seed_data(runs: Sequence[RunRecord], path: Path) -> None:
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """Dotted keys back to a config tree (the inverse of :func:`bilevel.app.config.flatten`)."""
+    """Dotted keys back to a config tree (the inverse of :func:`bilevel.run_files.flatten`)."""
     tree: dict[str, Any] = {}
     for key, value in flat.items():
         *parents, leaf = key.split(".")
@@ -72,7 +71,7 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_seed_data(path: Path) -> list[RunRecord]:
-    """The runs of a per-seed file as :class:`~bilevel.app.report.RunRecord` (scalars: the curves)."""
+    """The runs of a per-seed file as :class:`~bilevel.report.runs.RunRecord` (scalars: the curves)."""
     data = json.loads(Path(path).read_text())
     if data.get("format") != FORMAT:
         raise ValueError(f"{path}: not a per-seed file of format {FORMAT} (written by bilevel-report --seeds)")

@@ -1,9 +1,9 @@
 """A run directory, held by one process at a time.
 
 Contents: ``config.yaml`` (the resolved config of the current attempt and, under ``provenance:``,
-the code it ran: :func:`bilevel.app.provenance.provenance`; earlier attempts' differing records
+the code it ran: :func:`bilevel.app.lifecycle.provenance.provenance`; earlier attempts' differing records
 are kept as ``config.1.yaml``, ``config.2.yaml``, ...), ``checkpoint.pt`` and
-``checkpoint.prev.pt`` (:mod:`bilevel.app.checkpoint`), ``tb/`` (TensorBoard), ``metrics.json``
+``checkpoint.prev.pt`` (:mod:`bilevel.app.lifecycle.checkpoint`), ``tb/`` (TensorBoard), ``metrics.json``
 (written last, by a run that finished) and ``run.lock`` while a run holds it.
 
 Invariants: entering takes the lock without waiting — an ``flock`` on the directory and on
@@ -25,16 +25,14 @@ from typing import Optional
 
 import yaml
 
-from bilevel.app.checkpoint import latest_checkpoint
-from bilevel.app.provenance import provenance
+from bilevel.app.lifecycle.checkpoint import latest_checkpoint
+from bilevel.app.lifecycle.provenance import provenance
 from bilevel.errors import ConfigError, RunDirectoryBusy
 from bilevel.files import DirectoryLock, atomic_write_text, storage_error, temp_files
+from bilevel.run_files import CONFIG, METRICS, PROVENANCE
 
-CONFIG = "config.yaml"
-METRICS = "metrics.json"
 LOCK = "run.lock"
 LOG = "train.log"
-PROVENANCE = "provenance"
 
 
 def _without_comments(text: str) -> list[str]:
@@ -73,7 +71,7 @@ class RunDirectory:
 
     @property
     def checkpoint(self) -> Optional[Path]:
-        """The checkpoint a run here would continue (:func:`bilevel.app.checkpoint.latest_checkpoint`)."""
+        """The checkpoint a run here would continue (:func:`bilevel.app.lifecycle.checkpoint.latest_checkpoint`)."""
         return latest_checkpoint(self.path)
 
     def begin(self, config_yaml: str, note: str) -> None:

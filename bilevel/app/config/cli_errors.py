@@ -30,8 +30,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from bilevel.algorithm import available_algorithms, get_algorithm
-from bilevel.app.catalog import GROUP as ALGORITHM_GROUP
-from bilevel.app.catalog import unknown_algorithm_message
+from bilevel.app.config.catalog import GROUP as ALGORITHM_GROUP
+from bilevel.app.config.catalog import unknown_algorithm_message
 from bilevel.errors import ConfigError
 from bilevel.validate import closest, shown, unknown_key_error
 

@@ -1,4 +1,5 @@
-"""What code a run ran: recorded in every run's ``config.yaml`` (:meth:`RunDirectory.begin`).
+"""What code a run ran: recorded in every run's ``config.yaml``
+(:meth:`~bilevel.app.lifecycle.run_dir.RunDirectory.begin`).
 
 * ``commit`` — ``git rev-parse HEAD`` of the checkout that holds this package (``unknown``
   outside a git checkout), ``dirty`` — whether its tracked files differed from that commit

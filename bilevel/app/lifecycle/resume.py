@@ -21,9 +21,9 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from bilevel.app.checkpoint import LATEST, latest_checkpoint, load_checkpoint
-from bilevel.app.config import flatten
+from bilevel.app.lifecycle.checkpoint import LATEST, latest_checkpoint, load_checkpoint
 from bilevel.errors import ResumeError
+from bilevel.run_files import flatten
 
 FORCEABLE = ("train.steps", "train.eval_every", "train.log_every", "train.image_every", "train.checkpoint_every", "eval.")
 """Keys that may change with ``train.resume=force`` (exact keys, or prefixes ending in '.').

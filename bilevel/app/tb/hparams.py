@@ -3,7 +3,7 @@
 TensorBoard's HPARAMS table shows the hyperparameters of the experiment summary sorted with
 those marked ``differs`` first, then by name, and ticks the first five; PyTorch's
 ``add_hparams`` marks none, so the table opened on the first keys of the whole config in
-alphabetical order. Here a job of a sweep logs only the swept keys (:mod:`bilevel.app.naming`):
+alphabetical order. Here a job of a sweep logs only the swept keys (:mod:`bilevel.app.config.naming`):
 the keys that vary across the sweep's runs, all marked ``differs`` (a key equal in every run
 tells the runs nothing; the whole config is in each run's ``config.yaml``). A single run logs
 the keys its command line set, marked ``differs`` so that they come first, then the few keys that

@@ -16,7 +16,7 @@ tests under ``study.comparisons``; every run records them in its ``config.yaml``
   beside ours and sets the smallest effect of interest, ``margin`` (default ``|Δ| / 2``).
 
 The declared tests of a report form one family: their p-values (paired t, or Welch) are
-Holm-adjusted (:func:`bilevel.app.stats.holm`); every other comparison the report shows is
+Holm-adjusted (:func:`bilevel.report.stats.holm`); every other comparison the report shows is
 exploratory. :func:`verdict` is the only place a verdict is decided. Every test step is
 tested too (raw p, outside the family), and a change of sign across the steps is reported.
 """
@@ -26,9 +26,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from bilevel.app.config import flatten
-from bilevel.app.report import RECORD_PREFIXES, RUN_KEYS, Group, RunRecord, format_value, table
-from bilevel.app.stats import holm, paired, welch
+from bilevel.run_files import flatten
+from bilevel.report.runs import RECORD_PREFIXES, RUN_KEYS, Group, RunRecord, format_value
+from bilevel.report.stats import holm, paired, welch
+from bilevel.report.tables import table
 
 ALPHA = 0.05
 CLAIMS = (">", "<", "=")
@@ -191,7 +192,7 @@ def metric(name: str) -> Callable[[RunRecord], Optional[float]]:
 
 
 def paired_effect(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Effect]:
-    """``b − a`` paired by seed (:func:`bilevel.app.stats.paired`), as an :class:`Effect`."""
+    """``b − a`` paired by seed (:func:`bilevel.report.stats.paired`), as an :class:`Effect`."""
     result = paired(a, b)
     if result is None or result.p_t is None or result.diff.ci_low is None:
         return None

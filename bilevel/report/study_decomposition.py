@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from bilevel import tags
-from bilevel.app.report import Group, RunRecord, table
-from bilevel.app.stats import SeedStat, seed_stat
-from bilevel.app.study_claims import by_seed
+from bilevel.report.runs import Group, RunRecord
+from bilevel.report.stats import Stat
+from bilevel.report.study_claims import by_seed
+from bilevel.report.tables import table
 
 SHARE_TAG = re.compile(r"^terms/([^/]+)/share$")
 PAIR_TAGS = ("pairs/same_class_weight", "pairs/diff_class_weight")
@@ -31,10 +32,10 @@ class DecompositionRow:
     (:func:`~bilevel.primitives.head.row_spread`) at the end."""
 
     label: str
-    shares: dict[str, Optional[SeedStat]]
-    pair_weights: dict[str, Optional[SeedStat]]
-    head_norm_last: Optional[SeedStat]
-    head_row_spread_last: Optional[SeedStat]
+    shares: dict[str, Optional[Stat]]
+    pair_weights: dict[str, Optional[Stat]]
+    head_norm_last: Optional[Stat]
+    head_row_spread_last: Optional[Stat]
 
 
 def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
@@ -44,16 +45,17 @@ def decomposition_rows(groups: Sequence[Group]) -> list[DecompositionRow]:
     for g in groups:
         if not any(SHARE_TAG.match(t) for r in g.runs for t in r.scalars):
             continue
-        shares = {t: seed_stat(by_seed(g, lambda r, t=t: mean_over_training(r, f"terms/{t}/share")).values())
+        shares = {t: Stat.of(by_seed(g, lambda r, t=t: mean_over_training(r, f"terms/{t}/share")).values())
                   for t in terms}
-        pairs = {tag.split("/")[1]: seed_stat(by_seed(g, lambda r, tag=tag: mean_over_training(r, tag)).values())
+        pairs = {tag.split("/")[1]: Stat.of(by_seed(g, lambda r, tag=tag: mean_over_training(r, tag)).values())
                  for tag in PAIR_TAGS}
-        last = {tag: seed_stat(by_seed(g, lambda r, tag=tag: r.final(tag)).values()) for tag in (HEAD_NORM, HEAD_ROW_SPREAD)}
+        last = {tag: Stat.of(by_seed(g, lambda r, tag=tag: r.final(tag)).values())
+                for tag in (HEAD_NORM, HEAD_ROW_SPREAD)}
         rows.append(DecompositionRow(g.label, shares, pairs, last[HEAD_NORM], last[HEAD_ROW_SPREAD]))
     return rows
 
 
-def _sd_cell(stat: Optional[SeedStat]) -> str:
+def _sd_cell(stat: Optional[Stat]) -> str:
     if stat is None:
         return "—"
     return f"{stat.mean:+.3g}" if stat.sd is None else f"{stat.mean:+.3g} ± {stat.sd:.2g}"

@@ -1,9 +1,10 @@
-"""``bilevel-report``: summarise training runs — one row per setting, the study's declared and
-exploratory comparisons, figures, per-seed data and a self-contained ``report.html``. The command
-line only: it composes :mod:`bilevel.app.report` (runs and tables), :mod:`bilevel.app.study`
-and :mod:`bilevel.app.study_claims` (statistics), :mod:`bilevel.app.report_figures` and
-:mod:`bilevel.app.study_figures` (figures), :mod:`bilevel.app.seed_data` and
-:mod:`bilevel.app.report_html`, none of which imports another's command line."""
+"""``bilevel-report`` (``python -m bilevel.report``): summarise training runs — one row per setting,
+the study's declared and exploratory comparisons, figures, per-seed data and a self-contained
+``report.html``. The command line only: it composes :mod:`bilevel.report.runs` and
+:mod:`bilevel.report.tables` (runs and the table), :mod:`bilevel.report.study` and
+:mod:`bilevel.report.study_claims` (statistics), :mod:`bilevel.report.figures` and
+:mod:`bilevel.report.study_figures` (figures), :mod:`bilevel.report.seed_data` and
+:mod:`bilevel.report.html`, none of which imports another's command line."""
 from __future__ import annotations
 
 import argparse
@@ -12,15 +13,14 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from bilevel.app import seed_data
-from bilevel.app.report import (
-    SETTINGS_HEADING, NoRunsError, find_runs, group_runs, markdown_table, report_json, short_run_warning, summarise,
-)
-from bilevel.app.report_figures import FIGURES, write_figures
-from bilevel.app.report_html import write_report_html
-from bilevel.app.study import study_dict, study_markdown
-from bilevel.app.study_claims import declarations
-from bilevel.app.study_figures import STUDY_FIGURES
+from bilevel.report.figures import FIGURES, write_figures
+from bilevel.report.html import write_report_html
+from bilevel.report.runs import NoRunsError, find_runs, group_runs, short_run_warning
+from bilevel.report.seed_data import load_seed_data, write_seed_data
+from bilevel.report.study import study_dict, study_markdown
+from bilevel.report.study_claims import declarations
+from bilevel.report.study_figures import STUDY_FIGURES
+from bilevel.report.tables import SETTINGS_HEADING, markdown_table, report_json, summarise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "docs/results quotes)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the summaries as JSON")
     parser.add_argument("--seeds", type=Path, metavar="PATH",
-                        help="also write the per-seed data (bilevel.app.seed_data) as PATH; a RUN_DIR that is "
+                        help="also write the per-seed data (bilevel.report.seed_data) as PATH; a RUN_DIR that is "
                         "such a file (*.seeds.json) is read in place of run directories")
     return parser
 
@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         dirs = [p for p in args.paths if not p.is_file()]
-        runs = [r for p in args.paths if p.is_file() for r in seed_data.load_seed_data(p)]
+        runs = [r for p in args.paths if p.is_file() for r in load_seed_data(p)]
         runs += find_runs(dirs) if dirs else []
     except (NoRunsError, ValueError) as error:
         parser.error(str(error))
@@ -72,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(report_json(summaries))
     if args.seeds is not None:
-        seed_data.write_seed_data(runs, args.seeds)
+        write_seed_data(runs, args.seeds)
     first = args.paths[0].parent if args.paths[0].is_file() else args.paths[0]
     out = args.out if args.out is not None else first / "report"
     figures = write_figures(groups, out, STUDY_FIGURES[:1] + FIGURES + STUDY_FIGURES[1:])
@@ -84,6 +84,3 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              [warning] if warning else [])
     print(f"wrote {page} (self-contained: open it in a browser)")
 
-
-if __name__ == "__main__":
-    main()

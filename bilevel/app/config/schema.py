@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from bilevel.app.catalog import register_plugin_presets
+from bilevel.app.config.catalog import register_plugin_presets
 from bilevel.app.cosine_protocol import CosineConfig
 from bilevel.data import DataConfig
 from bilevel.data.dataset import SPLITS
@@ -54,7 +54,7 @@ class HeadConfig:
 @dataclass
 class StudyConfig:
     """A study's declared comparisons (``configs/experiment/*.yaml``; read by ``bilevel-report``,
-    :mod:`bilevel.app.study_claims`): ``name`` and ``comparisons``, a list of mappings. Not part of
+    :mod:`bilevel.report.study_claims`): ``name`` and ``comparisons``, a list of mappings. Not part of
     a run's trajectory: the report groups runs without it."""
 
     name: str = ""
@@ -89,7 +89,7 @@ class TrainLoopConfig:
     ``resume``: ``auto`` continues the directory's checkpoint when its trajectory keys match
     (else starts a new run), ``true`` requires a checkpoint, ``force`` also lets
     ``steps`` and the logging cadence change, ``false`` refuses a directory that holds one
-    (:mod:`bilevel.app.resume`). ``memory_gb``: the memory one meta-step may take (null: what the
+    (:mod:`bilevel.app.lifecycle.resume`). ``memory_gb``: the memory one meta-step may take (null: what the
     device has available less a margin); ``execution``/``memory`` set to ``auto`` pick the fastest
     combination that fits, and a configuration that fits none is refused (:mod:`bilevel.execution.memory`)."""
 
@@ -189,18 +189,6 @@ class TrainConfig:
     memory: str = "store"
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys → leaf values of a config tree (lists become tuples, so values compare and hash)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
 def typed_config(cfg: Any) -> DictConfig:
     """Merge ``cfg`` into the TrainConfig schema: a wrong type fails here."""
     return OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
@@ -219,6 +207,6 @@ def validate(cfg: DictConfig) -> None:
 
 def register_configs() -> None:
     """Register the schema ``base_train`` and a preset for every plugin that has no preset file
-    (:func:`bilevel.app.catalog.register_plugin_presets`; idempotent)."""
+    (:func:`bilevel.app.config.catalog.register_plugin_presets`; idempotent)."""
     ConfigStore.instance().store(name="base_train", node=TrainConfig)
     register_plugin_presets()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from bilevel.algorithm import BilevelAlgorithm
-from bilevel.app.config import TrainLoopConfig
+from bilevel.app.config.schema import TrainLoopConfig
 from bilevel.errors import ConfigError
 from bilevel.execution.memory import available_bytes
 from bilevel.primitives.models import build_model

@@ -34,20 +34,39 @@ from scipy import stats as sps
 
 
 @dataclass(frozen=True)
-class SeedStat:
-    """Mean, sample sd and t-based 95 % CI of the mean over ``n`` seeds (sd, CI None for n = 1)."""
+class Stat:
+    """Mean, sample sd and t-based 95 % CI of the mean over ``n`` seeds (sd, CI None for n = 1); for a
+    final test accuracy of one seed, ``task_ci``: the half-width of the run's own 95 % CI over its
+    test tasks (:func:`bilevel.report.tables.test_stat`)."""
 
     n: int
     mean: float
     sd: Optional[float]
     ci_low: Optional[float]
     ci_high: Optional[float]
+    task_ci: Optional[float] = None
 
-    def cell(self, digits: int = 3) -> str:
-        """``0.912 ± 0.011 [0.898, 0.926]`` (mean ± sd [95 % CI]), or the mean alone for one seed."""
+    @classmethod
+    def of(cls, values: Iterable[Optional[float]]) -> Optional["Stat"]:
+        """The statistics of the values that are present (neither None nor NaN); None when none is."""
+        xs = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+        if xs.size == 0:
+            return None
+        mean = float(xs.mean())
+        if xs.size == 1:
+            return cls(1, mean, None, None, None)
+        sd = float(xs.std(ddof=1))
+        half = t_quantile(xs.size) * sd / math.sqrt(xs.size)
+        return cls(int(xs.size), mean, sd, mean - half, mean + half)
+
+    def cell(self, digits: int = 3, interval: bool = True) -> str:
+        """``0.912 ± 0.011 [0.898, 0.926]`` (mean ± sd [95 % CI]; without the CI unless ``interval``);
+        for one seed the mean alone, or ``0.912 ± 0.013 †`` with its ``task_ci``."""
+        mean = f"{self.mean:.{digits}f}"
         if self.sd is None:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
+            return mean if self.task_ci is None else f"{mean} ± {self.task_ci:.{digits}f} †"
+        text = f"{mean} ± {self.sd:.{digits}f}"
+        return f"{text} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]" if interval else text
 
 
 def t_quantile(n: int, level: float = 0.95) -> float:
@@ -57,26 +76,13 @@ def t_quantile(n: int, level: float = 0.95) -> float:
     return float(sps.t.ppf((1 + level) / 2, n - 1))
 
 
-def seed_stat(values: Iterable[Optional[float]]) -> Optional[SeedStat]:
-    """:class:`SeedStat` of the values that are present (None when none is)."""
-    xs = np.array([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-    if xs.size == 0:
-        return None
-    mean = float(xs.mean())
-    if xs.size == 1:
-        return SeedStat(1, mean, None, None, None)
-    sd = float(xs.std(ddof=1))
-    half = t_quantile(xs.size) * sd / math.sqrt(xs.size)
-    return SeedStat(int(xs.size), mean, sd, mean - half, mean + half)
-
-
 @dataclass(frozen=True)
 class Paired:
     """A paired comparison ``b − a`` over the ``n`` seeds both arms have (module docstring)."""
 
     n: int
     seeds: tuple[int, ...]
-    diff: SeedStat
+    diff: Stat
     t: Optional[float]
     p_t: Optional[float]
     p_wilcoxon: Optional[float]
@@ -96,7 +102,7 @@ def paired(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Paired]:
     xa = np.array([a[s] for s in seeds], dtype=np.float64)
     xb = np.array([b[s] for s in seeds], dtype=np.float64)
     d = xb - xa
-    diff = seed_stat(d)
+    diff = Stat.of(d)
     assert diff is not None
     if diff.sd <= 1e-12:  # constant differences (up to round-off): t is undefined
         t, p_t = None, (1.0 if np.all(d == 0) else 0.0)

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 
-from bilevel.app.cli_errors import override_words
+from bilevel.app.config.cli_errors import override_words
 
 NOT_NAMING = ("train.resume",)
 

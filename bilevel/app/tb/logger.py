@@ -1,5 +1,5 @@
 """TensorBoard logging of a run: scalars with descriptions, the custom-scalars layout,
-decomposition panels, figures, text and HPARAMS (what each tag is: :mod:`bilevel.app.tb_layout`).
+decomposition panels, figures, text and HPARAMS (what each tag is: :mod:`bilevel.app.tb.layout`).
 
 Events go to ``run_dir/tb/<name>/``, so TensorBoard names the run after the experiment
 (:func:`run_name`); the lines of a chart that must be told apart go to runs nested in it,
@@ -33,14 +33,11 @@ from bilevel import tags
 from bilevel.files import KeptDirectory
 from bilevel.data.batch import TaskBatch
 from bilevel.decomposition.record import Decomposition
-from bilevel.app.distributed import GatheredLabels
-from bilevel.app.figures import cosine_figure, pair_weight_figure
-from bilevel.app.tb_hparams import hparam_summaries
-from bilevel.app.tb_layout import custom_scalars_layout, describe, present, term_of
-
-EVENTS_DIR = "tb"
-EVENT_FILES = "events.out.tfevents.*"
-
+from bilevel.app.distributed.replicas import GatheredLabels
+from bilevel.app.tb.figures import cosine_figure, pair_weight_figure
+from bilevel.app.tb.hparams import hparam_summaries
+from bilevel.app.tb.layout import custom_scalars_layout, describe, present, term_of
+from bilevel.run_files import EVENTS_DIR, event_files
 
 NAME_CHARS = 80
 FIRST_STEP = 1
@@ -55,11 +52,6 @@ def run_name(name: str) -> str:
     if len(safe) <= NAME_CHARS:
         return safe
     return f"{safe[:NAME_CHARS - 12]}...{hashlib.sha1(safe.encode()).hexdigest()[:8]}"
-
-
-def event_files(run_dir: str | Path) -> list[Path]:
-    """Every event file of a run directory, at any depth under ``tb/``."""
-    return sorted((Path(run_dir) / EVENTS_DIR).rglob(EVENT_FILES))
 
 
 class RunLogger:
@@ -147,7 +139,7 @@ class RunLogger:
 
     def decomposition(self, decomposition: Decomposition, batch: TaskBatch | GatheredLabels, step: int,
                       images: bool, summary: Optional[Mapping[str, float]] = None) -> None:
-        """Log the decomposition's scalars (:func:`bilevel.app.tb_layout.present` of its ``summary``,
+        """Log the decomposition's scalars (:func:`bilevel.app.tb.layout.present` of its ``summary``,
         computed here when not given) and, when ``images``, the pair-weight and class-cosine maps
         titled with ``step`` (which read the labels of ``batch``: the meta-batch, or its labels
         gathered from the processes of a distributed run)."""
@@ -163,7 +155,7 @@ class RunLogger:
 
     def hparams(self, values: Mapping[str, Any], swept: Sequence[str], metric_tags: Sequence[str],
                 trial: str, sweep: bool = False) -> None:
-        """The HPARAMS entry (:func:`bilevel.app.tb_hparams.hparam_summaries`) of trial ``trial``
+        """The HPARAMS entry (:func:`bilevel.app.tb.hparams.hparam_summaries`) of trial ``trial``
         (a job of a ``sweep``: the swept keys only)."""
         for summary in hparam_summaries(values, swept, metric_tags, trial, sweep):
             self.writer._get_file_writer().add_summary(summary)

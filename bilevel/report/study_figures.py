@@ -2,12 +2,12 @@
 
 * ``learning_curves.png``: per arm, the validation accuracy (``eval/accuracy``, the headline
   step) against the outer step, the mean over seeds and its t-based 95 % CI band
-  (:func:`bilevel.app.stats.curve_band`) over the steps every seed logged.
+  (:func:`bilevel.report.stats.curve_band`) over the steps every seed logged.
 * ``cosine_heatmaps.png``: one row per arm with probes, one column per probe step; each panel
   is the ``ways × (2·ways + 1)`` map of :mod:`bilevel.app.cosine_protocol` — query class (rows)
   against support class (left block) and query class (right block), a blank column between —
   averaged over the arm's seeds (Kao et al., 2022, Fig. 3).
-* ``forest.png``: one row per declared comparison (:mod:`bilevel.app.study_claims`): our effect
+* ``forest.png``: one row per declared comparison (:mod:`bilevel.report.study_claims`): our effect
   and its 95 % CI over seeds, the paper's Δ as a diamond where it gives one, the verdict.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from bilevel.app.report import EVAL_ACCURACY, Group
-from bilevel.app.report_figures import band, common_curve, task_bounds
-from bilevel.app.study import probe_steps, probed
-from bilevel.app.study_claims import NOT_REPRODUCED, REPRODUCED, declared_results
+from bilevel.report.runs import EVAL_ACCURACY, Group
+from bilevel.report.figures import band, common_curve, task_bounds
+from bilevel.report.study import probe_steps, probed
+from bilevel.report.study_claims import NOT_REPRODUCED, REPRODUCED, declared_results
 
 VERDICT_COLORS = {REPRODUCED: "C2", NOT_REPRODUCED: "C3"}
 

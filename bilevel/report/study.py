@@ -1,7 +1,7 @@
 """A study's statistics over a sweep: per-arm summaries over seeds and paired tests across arms.
 
-An *arm* is a setting of :func:`bilevel.app.report.group_runs` (runs equal but for the seed); its
-runs are indexed by seed. All statistics are :mod:`bilevel.app.stats`'s (mean, sd, t-based 95 %
+An *arm* is a setting of :func:`bilevel.report.runs.group_runs` (runs equal but for the seed); its
+runs are indexed by seed. All statistics are :mod:`bilevel.report.stats`'s (mean, sd, t-based 95 %
 CI over seeds; paired t and Wilcoxon signed-rank).
 
 * **Arms.** The final test accuracy (``metrics.json``: read once, at the end, on the test
@@ -12,7 +12,7 @@ CI over seeds; paired t and Wilcoxon signed-rank).
   quarter of the steps earlier: near 0 when the curve has flattened), and the mean wall time of
   a run (``metrics.json``'s ``wall_seconds``: a resumed run's last attempt only).
 * **Declared comparisons.** The paper's claims the study config declares, tested with Holm's
-  correction and judged by one rule (:mod:`bilevel.app.study_claims`), with the paper's Δ
+  correction and judged by one rule (:mod:`bilevel.report.study_claims`), with the paper's Δ
   beside ours.
 * **Exploratory comparisons.** Every other two arms whose settings differ in exactly one key,
   paired by seed on the headline test accuracy, ``b − a`` with ``a`` the arm listed first (raw
@@ -34,12 +34,13 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from bilevel.app.cosine_protocol import load_probe
-from bilevel.app.report import EVAL_ACCURACY, Group, RunRecord, format_value, span, table
-from bilevel.app.stats import Paired, SeedStat, format_p, paired, seed_stat
-from bilevel.app.study_claims import (by_seed, claims_dict, claims_markdown, declared_results, effect_sizes_markdown,
+from bilevel.run_files import load_probe
+from bilevel.report.runs import EVAL_ACCURACY, Group, RunRecord, format_value
+from bilevel.report.stats import Paired, Stat, format_p, paired
+from bilevel.report.study_claims import (by_seed, claims_dict, claims_markdown, declared_results, effect_sizes_markdown,
                                       metric, seed_of)
-from bilevel.app.study_decomposition import decomposition_markdown, decomposition_rows
+from bilevel.report.study_decomposition import decomposition_markdown, decomposition_rows
+from bilevel.report.tables import span, table
 
 TEST = "test_accuracy"
 TEST_ZEROED = "test_zeroed_accuracy"
@@ -64,13 +65,13 @@ class ArmRow:
     finished: int
     headline_steps: list[int]
     test_tasks: list[int]
-    test: Optional[SeedStat]
-    test_per_step: list[Optional[SeedStat]]
-    test_zeroed: Optional[SeedStat]
-    val_final: Optional[SeedStat]
-    val_best: Optional[SeedStat]
-    val_change_last_quarter: Optional[SeedStat]
-    wall_seconds: Optional[SeedStat]
+    test: Optional[Stat]
+    test_per_step: list[Optional[Stat]]
+    test_zeroed: Optional[Stat]
+    val_final: Optional[Stat]
+    val_best: Optional[Stat]
+    val_change_last_quarter: Optional[Stat]
+    wall_seconds: Optional[Stat]
 
 
 def test_steps(group: Group) -> int:
@@ -89,14 +90,14 @@ def arm_row(group: Group) -> ArmRow:
         finished=len(finished),
         headline_steps=sorted({int(r.metrics["test_headline_step"]) for r in finished if "test_headline_step" in r.metrics}),
         test_tasks=sorted({int(r.metrics["test_tasks"]) for r in finished if "test_tasks" in r.metrics}),
-        test=seed_stat(by_seed(group, metric(TEST)).values()),
-        test_per_step=[seed_stat(by_seed(group, metric(f"test_accuracy_step_{k}")).values())
+        test=Stat.of(by_seed(group, metric(TEST)).values()),
+        test_per_step=[Stat.of(by_seed(group, metric(f"test_accuracy_step_{k}")).values())
                        for k in range(test_steps(group))],
-        test_zeroed=seed_stat(by_seed(group, metric(TEST_ZEROED)).values()),
-        val_final=seed_stat(by_seed(group, lambda r: r.final(EVAL_ACCURACY)).values()),
-        val_best=seed_stat(by_seed(group, lambda r: r.best(EVAL_ACCURACY)).values()),
-        val_change_last_quarter=seed_stat(by_seed(group, val_change).values()),
-        wall_seconds=seed_stat(by_seed(group, metric("wall_seconds")).values()),
+        test_zeroed=Stat.of(by_seed(group, metric(TEST_ZEROED)).values()),
+        val_final=Stat.of(by_seed(group, lambda r: r.final(EVAL_ACCURACY)).values()),
+        val_best=Stat.of(by_seed(group, lambda r: r.best(EVAL_ACCURACY)).values()),
+        val_change_last_quarter=Stat.of(by_seed(group, val_change).values()),
+        wall_seconds=Stat.of(by_seed(group, metric("wall_seconds")).values()),
     )
 
 
@@ -211,7 +212,7 @@ class CosineRow:
 
     label: str
     step: int
-    values: dict[str, Optional[SeedStat]]
+    values: dict[str, Optional[Stat]]
 
 
 def cosine_rows(groups: Sequence[Group]) -> list[CosineRow]:
@@ -221,7 +222,7 @@ def cosine_rows(groups: Sequence[Group]) -> list[CosineRow]:
         for label, by_seed_ in found.items():
             per_seed = [probe_summary(p, step) for p in by_seed_.values() if step in p["steps"]]
             if per_seed:
-                rows.append(CosineRow(label, int(step), {k: seed_stat(s[k] for s in per_seed) for k in per_seed[0]}))
+                rows.append(CosineRow(label, int(step), {k: Stat.of(s[k] for s in per_seed) for k in per_seed[0]}))
     return rows
 
 
@@ -239,7 +240,7 @@ def cosine_comparisons(groups: Sequence[Group], quantity: str = "gap") -> list[t
 
 # ---- output ------------------------------------------------------------------------------------
 
-def _stat(stat: Optional[SeedStat], digits: int = 3) -> str:
+def _stat(stat: Optional[Stat], digits: int = 3) -> str:
     return "—" if stat is None else stat.cell(digits)
 
 
@@ -295,7 +296,7 @@ def cosine_markdown(rows: Sequence[CosineRow], compared: Sequence[tuple[int, Com
 
 SECTIONS = (
     ("Declared comparisons (the paper's claims, declared in the study config; p Holm-adjusted over this table; "
-     "verdicts by one rule: bilevel.app.study_claims.verdict)",
+     "verdicts by one rule: bilevel.report.study_claims.verdict)",
      declared_results, lambda rows, _: claims_markdown(rows)),
     ("Effect sizes: the paper's Δ next to ours (95% CI over seeds)",
      declared_results, lambda rows, _: effect_sizes_markdown(rows)),

@@ -2,12 +2,12 @@
 
 ``bilevel-train ... 2>&1 | tee log`` and Ctrl-C: the terminal sends SIGINT to the whole
 pipeline, ``tee`` dies at once, and the run — which finishes its step and writes a checkpoint
-first (:mod:`bilevel.app.signals`) — then writes to a pipe nobody reads. Python ignores SIGPIPE,
+first (:mod:`bilevel.app.lifecycle.signals`) — then writes to a pipe nobody reads. Python ignores SIGPIPE,
 so such a write raises :class:`BrokenPipeError`; uncaught, it would end the run before its
 checkpoint. :func:`survive_closed_console` wraps ``sys.stdout`` and ``sys.stderr`` so that the
 first broken write points the stream's file descriptor at ``/dev/null`` (so buffered output and
 the interpreter's final flush succeed too) and drops that write: the run goes on, and everything
-still reaches ``train.log`` (:mod:`bilevel.app.console`), the resume command included.
+still reaches ``train.log`` (:mod:`bilevel.app.lifecycle.console`), the resume command included.
 """
 from __future__ import annotations
 

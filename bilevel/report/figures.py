@@ -1,6 +1,6 @@
-"""``bilevel-report``'s figures of training curves (:mod:`bilevel.app.report` reads the runs):
+"""``bilevel-report``'s figures of training curves (:mod:`bilevel.report.runs` reads the runs):
 each term's share of the encoder meta-gradient and the same/different-class feature cosines per
-setting, and the band drawer every curve figure uses (:mod:`bilevel.app.study_figures` too).
+setting, and the band drawer every curve figure uses (:mod:`bilevel.report.study_figures` too).
 
 A curve of a setting is the mean over its runs at the steps every run logged
 (:func:`common_curve`), drawn with a band: ± one sd over runs, the t-based 95 % CI of the mean,
@@ -17,8 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bilevel.app.report import COS_DIFF, COS_SAME, SHARE_PREFIX, SHARE_SUFFIX, Group, RunRecord
-from bilevel.app.stats import curve_band
+from bilevel.report.runs import COS_DIFF, COS_SAME, SHARE_PREFIX, SHARE_SUFFIX, Group, RunRecord
+from bilevel.report.stats import curve_band
 
 
 def common_curve(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -49,7 +49,7 @@ def task_bounds(runs: Sequence[RunRecord], tag: str) -> Optional[tuple[np.ndarra
 def band(ax: Any, curve: Optional[tuple[np.ndarray, np.ndarray]], label: str, color: Any = None,
          ci: bool = False, bounds: Optional[tuple[np.ndarray, np.ndarray]] = None) -> None:
     """Draw the mean over runs of a :func:`common_curve` and a band: ± one sd over runs, or with
-    ``ci`` the t-based 95 % CI of the mean (:func:`bilevel.app.stats.curve_band`), or the given
+    ``ci`` the t-based 95 % CI of the mean (:func:`bilevel.report.stats.curve_band`), or the given
     ``bounds`` (one run's CI over tasks: :func:`task_bounds`). One run without bounds: no band."""
     if curve is None:
         return
