@@ -1,6 +1,6 @@
 """The house rules a maintainer can rely on: no module of ``bilevel/`` over 400 lines, and no
-function outside the tests (package, plugins, examples, benchmarks, checks, doc scripts) over 50 lines or 8 parameters (``self`` and
-``cls`` not counted). A file that grows past them is split by job, a long parameter list becomes
+function outside the tests (package, plugins, examples, benchmarks, checks, doc scripts) over
+50 lines or 8 parameters (``self`` and ``cls`` not counted). A file that grows past them is split by job, a long parameter list becomes
 a small frozen dataclass (docs/architecture.md)."""
 from __future__ import annotations
 
