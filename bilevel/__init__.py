@@ -99,6 +99,7 @@ from bilevel.solvers.support import ADAPTED_SETS, ORDERS, InnerConfig, InnerResu
 from bilevel.primitives.batchnorm import SetBatchNorm, forwarding_layout, with_set_statistics
 from bilevel.primitives.models import BilevelModel, ModelConfig, build_model, feature_size
 from bilevel.primitives.resnet12 import ResNet12
+from bilevel.primitives.dropblock import DropBlock, drop_masks, mask_key
 from bilevel.primitives.pooling import max_pool2x2
 from bilevel.primitives.losses import accuracy, cross_entropy, cross_entropy_logits_grad
 from bilevel.primitives.params import ENCODER_PREFIX, HEAD_BIAS, HEAD_WEIGHT, Params, encoder_part, tree_detach
@@ -129,6 +130,7 @@ __all__ = [
     "ENCODER_PREFIX", "HEAD_BIAS", "HEAD_WEIGHT", "TaskBatch", "accuracy", "cross_entropy",
     "cross_entropy_logits_grad", "draw_noise", "encoder_part", "task_position", "tree_detach",
     "ResNet12", "SetBatchNorm", "feature_size", "forwarding_layout", "with_set_statistics",
+    "DropBlock", "drop_masks", "mask_key",
 ]
 
 _APP_NAMES = {

@@ -35,6 +35,7 @@ from bilevel.app.stalls import StallWatch
 from bilevel.app.summary import Places, Timing, evaluation_line, identity_line, run_summary, run_title
 from bilevel.app.tb.logger import RunLogger
 from bilevel.data import TaskBatch
+from bilevel.primitives.dropblock import drop_masks, mask_key
 from bilevel.primitives.head import row_spread
 from bilevel.primitives.params import HEAD_BIAS, HEAD_WEIGHT, tree_norm
 from bilevel.rng import global_rng_state, set_global_rng_state
@@ -141,15 +142,17 @@ class Attempt:
     def step(self, step: int, decompose: bool, stop: GracefulStop) -> tuple[MetaStep, Labels]:
         """Outer step ``step`` (from 0): draw the meta-batch, apply the head policy, compute the
         meta-step (with its decomposition when ``decompose``; its ``grad`` is the update the
-        ablation follows), reduce it over the processes, and apply the update. Returns the whole
+        ablation follows; DropBlock masks keyed by the seed and the step), reduce it over the
+        processes, and apply the update. Returns the whole
         meta-batch's meta-step and labels (:meth:`~bilevel.app.distributed.replicas.Replicas.reduce_step`).
         Under fp16 a step whose meta-gradient is not finite is skipped (``applied`` False:
         :class:`~bilevel.app.loss_scale.DynamicLossScale`)."""
         run, done = self.run, step + 1
         batch = run.sampler.sample().to(run.device, run.dtype)
         before_outer_step(run.params, run.cfg.head.policy)
-        result = self.path_check.timed(lambda: run.ablation.step(run.algorithm, run.params, batch, decompose),
-                                       plain=not decompose)
+        with drop_masks(mask_key(run.cfg.seed, step)):  # a model's DropBlock masks, fixed within the step
+            result = self.path_check.timed(lambda: run.ablation.step(run.algorithm, run.params, batch, decompose),
+                                           plain=not decompose)
         result, labels = run.replicas.reduce_step(result, batch, stop)
         self.applied = run.loss_scale is None or run.loss_scale.accept(done, result.grad, result.loss)
         if not self.applied:

@@ -159,7 +159,9 @@ def feature_size(encoder: nn.Module, input_shape: tuple[int, ...]) -> int:
 class ModelConfig:
     """Model choice. ``channels``: conv width (default 64 for conv4, 32 for conv4_mini) or ResNet-12
     base width ``c`` (blocks ``c``, ``2.5c``, ``5c``, ``10c``; default 64); ``pool``: ResNet-12's
-    features, ``avg`` or ``flatten``; ``hidden``/``layers``: MLP width and depth; ``target``/``kwargs``:
+    features, ``avg`` or ``flatten``; ``dropblock_rate``/``dropblock_size``: ResNet-12's DropBlock on its
+    last two blocks (rate in ``[0, 1)``, 0: off; :mod:`bilevel.primitives.dropblock`); ``hidden``/``layers``:
+    MLP width and depth; ``target``/``kwargs``:
     the ``custom`` encoder, ``target(**kwargs)`` for an import path ``package.module.Class`` (``kwargs``: a
     mapping, or None for none; typed ``Any`` so that ``model.kwargs={...}`` replaces it on the command line)."""
 
@@ -168,6 +170,8 @@ class ModelConfig:
     hidden: int = 64
     layers: int = 2
     pool: str = "avg"
+    dropblock_rate: float = 0.0
+    dropblock_size: int = 5
     target: Optional[str] = None
     kwargs: Any = None
 
@@ -192,12 +196,15 @@ def _image_encoder(cfg: ModelConfig, input_shape: tuple[int, ...]) -> nn.Module:
         )
     channels = cfg.channels or IMAGE_MODELS[cfg.name]
     if cfg.name == "resnet12":
-        return ResNet12(input_shape[0], channels, cfg.pool)
+        return ResNet12(input_shape[0], channels, cfg.pool, cfg.dropblock_rate, cfg.dropblock_size)
     return Conv4(input_shape[0], channels)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], ways: int) -> BilevelModel:
     """Instantiate the model for inputs of ``input_shape`` (without the batch dim)."""
+    if cfg.name != "resnet12" and cfg.dropblock_rate:
+        raise ValueError(f"model.dropblock_rate applies to model=resnet12 only, got {cfg.dropblock_rate!r} with "
+                         f"model={cfg.name}; remove it or use model=resnet12")
     if cfg.name in IMAGE_MODELS:
         encoder = _image_encoder(cfg, input_shape)
     elif cfg.name == "mlp":

@@ -24,7 +24,7 @@ from bilevel.app.head_policy import HEAD_INITS, HEAD_POLICIES, algorithm_policy
 from bilevel.primitives.models import MODELS, ModelConfig
 from bilevel.primitives.precision import PRECISIONS
 from bilevel.primitives.resnet12 import POOLS
-from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, check_declared, reject_unknown_keys
+from bilevel.validate import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Check, OneOf, Range, check_declared, reject_unknown_keys
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
@@ -169,6 +169,7 @@ class TrainConfig:
         "seed": NON_NEGATIVE, "device": OneOf(DEVICES), "dtype": OneOf(DTYPES), "execution": OneOf(EXECUTIONS),
         "precision": OneOf(PRECISIONS), "model.name": OneOf(MODELS), "model.channels": AT_LEAST_1, "model.hidden": AT_LEAST_1,
         "model.layers": AT_LEAST_1, "model.pool": OneOf(POOLS),
+        "model.dropblock_rate": Range(low=0, high=1, high_open=True), "model.dropblock_size": AT_LEAST_1,
     }
 
     algorithm: Any = field(default_factory=lambda: {"name": "maml"})
