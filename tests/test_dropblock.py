@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import test_maml_gradients
 from bilevel import ConfigError, DropBlock, ModelConfig, build_algorithm, build_model, drop_masks, mask_key
-from bilevel.app.train import setup
+from bilevel.app.setup import setup
+from bilevel.app.train import train
 from bilevel.primitives import dropblock as dropblock_module
 from bilevel.primitives.dropblock import image_keys
 from bilevel.primitives.params import encoder_part
@@ -144,11 +145,11 @@ def test_bad_dropblock_settings_are_refused_before_any_work(overrides, message):
 
 def test_the_trainer_draws_masks_in_its_steps_and_none_in_its_evaluations(tmp_path, monkeypatch):
     """Counts DropBlock's calls by (inside an evaluation, inside ``drop_masks``) over a short run."""
-    import bilevel.app.train as app
+    import bilevel.app.attempt as attempt
 
     calls = {(evaluating, masked): 0 for evaluating in (False, True) for masked in (False, True)}
     evaluating = [False]
-    forward, evaluate = DropBlock.forward, app.evaluate
+    forward, evaluate = DropBlock.forward, attempt.evaluate
 
     def counting_forward(self, x, keys):
         calls[evaluating[0], dropblock_module.masking()] += 1
@@ -162,9 +163,9 @@ def test_the_trainer_draws_masks_in_its_steps_and_none_in_its_evaluations(tmp_pa
             evaluating[0] = False
 
     monkeypatch.setattr(DropBlock, "forward", counting_forward)
-    monkeypatch.setattr(app, "evaluate", flagged_evaluate)
+    monkeypatch.setattr(attempt, "evaluate", flagged_evaluate)
     cfg = run_config("model=resnet12", "model.channels=2", "model.dropblock_rate=0.2", "model.dropblock_size=2",
                      "data.queries=2", "train.steps=2", "train.meta_batch=2", "train.decompose_every=1",
                      "train.eval_every=2", "eval.tasks=2", "eval.final_tasks=2", "execution=loop")
-    app.train(cfg, tmp_path, show_progress=False)
+    train(cfg, tmp_path, show_progress=False)
     assert calls[False, True] > 0 and calls[True, False] > 0 and calls[True, True] == 0, calls
