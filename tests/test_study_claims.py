@@ -172,3 +172,18 @@ def test_the_report_refuses_a_malformed_declaration_with_a_clear_error(tmp_path:
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "'gain at 1 shot': claim must be one of >, <, =" in err and "Traceback" not in err
+
+
+def test_a_declared_preset_name_frees_the_fields_of_its_preset() -> None:
+    """``ablation.name`` picks a preset whose fields (``keep``) differ too: the arms still pair, and
+    a key outside the preset (the inner steps) must still agree."""
+    study = {"name": "t", "comparisons": [{"name": "surrogate", "a": {"ablation.name": "none"},
+                                           "b": {"ablation.name": "contrastive_only"}, "claim": "=", "margin": 0.01}]}
+    presets = {"none": {"name": "none", "keep": None}, "contrastive_only": {"name": "contrastive_only",
+                                                                           "keep": ["contrastive"]}}
+    runs = [run({"ablation": presets[name], "algorithm": {"inner_steps": steps}, "study": study}, seed,
+                0.9 + 0.001 * seed + 0.002 * (name == "none") + 0.01 * steps)
+            for name in presets for steps in (1, 2) for seed in SEEDS]
+    rows = declared_results(group_runs(runs))
+    assert len(rows) == 2 and all(r.effect.n == len(SEEDS) for r in rows)
+    assert all(r.effect.mean == pytest.approx(-0.002) for r in rows)

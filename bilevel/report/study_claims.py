@@ -147,10 +147,19 @@ def _agree(x: Mapping[str, str], y: Mapping[str, str], free: set[str]) -> bool:
     return all(x.get(k) == y.get(k) for k in (x.keys() | y.keys()) - free)
 
 
+def _free_keys(declared: Declared, settings: Sequence[Mapping[str, str]]) -> set[str]:
+    """The keys the arms may differ in: the declared ones, and the fields of a preset a declared
+    ``<section>.name`` picks (``ablation.name=contrastive_only`` brings its ``ablation.keep``)."""
+    named = set(declared.a) | set(declared.b)
+    sections = {k[: -len("name")] for k in named if k.endswith(".name")}
+    return named | {k for s in settings for k in s if k.startswith(tuple(sections))} if sections else named
+
+
 def matched_pairs(groups: Sequence[Group], declared: Declared, where: Mapping[str, str]) -> list[tuple[Group, Group]]:
-    """Every ``(A, B)`` with A holding ``where ∪ a``, B holding ``where ∪ b``, agreeing elsewhere."""
+    """Every ``(A, B)`` with A holding ``where ∪ a``, B holding ``where ∪ b``, agreeing elsewhere
+    (:func:`_free_keys`)."""
     settings = [(g, full_setting(g)) for g in groups]
-    free = set(declared.a) | set(declared.b)
+    free = _free_keys(declared, [s for _, s in settings])
     return [(ga, gb) for ga, sa in settings if _holds(sa, {**where, **declared.a})
             for gb, sb in settings if gb is not ga and _holds(sb, {**where, **declared.b}) and _agree(sa, sb, free)]
 
