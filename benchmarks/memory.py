@@ -89,12 +89,14 @@ def grads_fn(method: str, model, params: dict, steps: int, order: str):
     return lambda batch: algo.meta_grad(params, batch).grad
 
 
-def _status(field: str) -> int:
+def status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def _reset_high_water_mark() -> bool:
+def reset_high_water_mark() -> bool:
+    """Reset this process's ``VmHWM`` to its current resident set; False where the kernel refuses."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -123,14 +125,14 @@ def measure_cell(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        reset = _reset_high_water_mark()
-        base = _status("VmRSS") if reset else _status("VmHWM")
+        reset = reset_high_water_mark()
+        base = status_bytes("VmRSS") if reset else status_bytes("VmHWM")
     fn(batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        peak = _status("VmHWM") - base
+        peak = status_bytes("VmHWM") - base
     print(json.dumps({"peak_bytes": peak, "baseline_bytes": base}))
 
 
