@@ -25,6 +25,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -210,6 +211,14 @@ def grad_rel_diff(grad: dict[str, Any], reference: dict[str, Any]) -> float:
     from bilevel.testing import rel_err
 
     return rel_err({k: grad[k].double() for k in reference}, {k: v.double() for k, v in reference.items()})
+
+
+def fresh_process_cell(script: str, argv: Sequence[str], cell: dict[str, Any]) -> dict[str, Any]:
+    """Run ``script`` with ``argv`` and ``--cell <json>`` in a fresh interpreter (so a memory peak
+    is this cell's alone) and return the JSON object on the last line it prints."""
+    out = subprocess.run([sys.executable, script, *argv, "--cell", json.dumps(cell)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def start(args: argparse.Namespace, note: str = "") -> SimpleNamespace:

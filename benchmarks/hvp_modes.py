@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from common import add_common_args, finish, print_table, start
+from common import add_common_args, finish, fresh_process_cell, print_table, start
 from memory import reset_high_water_mark, status_bytes
 
 SHAPES = {"conv4": (1, 28, 28), "resnet12": (3, 84, 84)}
@@ -133,9 +132,7 @@ def measure_cell(args: argparse.Namespace) -> None:
 
 def child(args: argparse.Namespace, cell: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`measure_cell` in a fresh interpreter (same options)."""
-    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--cell", json.dumps(cell)], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return fresh_process_cell(__file__, sys.argv[1:], cell)
 
 
 def main() -> None:

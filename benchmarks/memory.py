@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import add_common_args, finish, print_table, start, time_methods
+from common import add_common_args, finish, fresh_process_cell, print_table, start, time_methods
 
 BACKBONES = {"conv4": (1, 28, 28), "resnet12": (3, 84, 84)}
 
@@ -138,10 +137,7 @@ def measure_cell(args: argparse.Namespace) -> None:
 
 def child_peak(args: argparse.Namespace, cell: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`measure_cell` in a fresh interpreter (same options)."""
-    argv = [a for a in sys.argv[1:] if a != "--quick"]
-    out = subprocess.run([sys.executable, __file__, *argv, "--cell", json.dumps(cell)], check=True,
-                         capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return fresh_process_cell(__file__, [a for a in sys.argv[1:] if a != "--quick"], cell)
 
 
 def time_cell(args: argparse.Namespace, backbone: str, steps: int, run) -> dict[str, Any]:
