@@ -38,10 +38,10 @@ own default configuration (``configs/algorithm/NAME.yaml``, else the plugin's de
 without noise, since float32 and float64 would draw different noise), per execution path, on 1-shot
 tasks: the median and largest error over ``ERROR_TASKS`` tasks, raw and decision-matched (the
 float64 run's max-pool and ReLU decisions imposed, ``bilevel.testing.float32_errors``: round-off
-alone). ``--example-plugins`` registers the Reptile example (``examples/reptile_plugin``) first.
+alone). ``--example-plugins`` registers the example plugins (Reptile, BOIL, ProtoMAML) first.
 
     PYTHONPATH=. python benchmarks/meta_step.py --threads 1 --example-plugins \
-        --defaults maml fomaml anil imaml entropy_sgd r2d2 meta_sgd reptile
+        --defaults maml fomaml anil imaml entropy_sgd r2d2 meta_sgd reptile boil protomaml
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baselines", nargs="*", default=["higher", "autograd"], choices=("higher", "autograd"))
     parser.add_argument("--defaults", nargs="+", default=None, metavar="NAME",
                         help="instead of the grid: float32-vs-float64 error rows of these algorithms at their defaults")
-    parser.add_argument("--example-plugins", action="store_true", help="register examples/reptile_plugin first")
+    parser.add_argument("--example-plugins", action="store_true", help="register the example plugins (Reptile, BOIL, ProtoMAML) first")
     parser.add_argument("--baseline-model", default="paper", choices=("paper", "ours"),
                         help="the conv4 the baselines run: torch.nn layers as the paper's code writes them "
                              "(paper_conv4.py), or this project's model (engine-only comparison)")
@@ -323,10 +323,15 @@ def default_error_rows(run, args) -> list[dict[str, Any]]:
 
         from bilevel.algorithm import register
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "reptile_plugin"))
+        examples = Path(__file__).resolve().parents[1] / "examples"
+        sys.path[:0] = [str(examples / "reptile_plugin"), str(examples)]
+        import boil
+        import protomaml
         import reptile_plugin
 
         register("reptile")(reptile_plugin.Reptile)
+        register("boil")(boil.BOIL)
+        register("protomaml")(protomaml.ProtoMAML)
     batch = cell_batches(run, args, ERROR_TASKS, 1)[0]
     tasks = [batch.task(i) for i in range(ERROR_TASKS)]
     rows = []

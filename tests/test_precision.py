@@ -10,7 +10,7 @@ every implementation's per-task error anywhere in 1e-6 – 3e-5 (the first conv'
 sum that cancels): over three tasks the ratio of two medians is a coin toss, over nine it is within
 1.3× on two seeds.
 
-* ``test_every_default_is_accurate_in_float32``: every algorithm (:data:`DEFAULTS`, one line each)
+* ``test_every_default_is_accurate_in_float32``: every algorithm and example plugin (:data:`DEFAULTS`, one line each)
   at its own default configuration, on every path, eight tasks. *Decision-matched*: with the
   float64 run's max-pool and ReLU decisions imposed (:func:`bilevel.testing.conv_decisions`), the
   float32 error is round-off alone: median ≤ 1e-4 and no task above 1e-3 (a task whose raw error
@@ -46,7 +46,8 @@ from bilevel.testing import (
 
 WAYS, QUERIES, SHAPE, TASKS, MAML_TASKS, DEFAULT_TASKS = 5, 15, (1, 28, 28), 3, 9, 8
 BOUND, TASK_BOUND = 1e-4, 1e-3
-EXAMPLE_PLUGINS = Path(__file__).resolve().parents[1] / "examples" / "reptile_plugin"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLE_PLUGINS = EXAMPLES / "reptile_plugin"
 DEVICE = torch.device(os.environ.get("BILEVEL_TEST_DEVICE", "cpu"))
 
 
@@ -109,19 +110,27 @@ DEFAULTS = [  # one line per algorithm: a preset of configs/algorithm/ or a plug
     ("r2d2", {}, r2d2_reference),
     ("meta_sgd", {}, meta_sgd_reference),
     ("reptile", {}, chain_reference),
+    ("boil", {}, None),
+    ("protomaml", {}, None),
 ]
 
 
 @pytest.fixture
 def example_plugins(monkeypatch):
-    """The Reptile example plugin registered, on a copy of the registry (not installed here)."""
+    """The example plugins (Reptile, BOIL, ProtoMAML) registered, on a copy of the registry (not installed here)."""
     monkeypatch.syspath_prepend(str(EXAMPLE_PLUGINS))
+    monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setattr(engine, "_REGISTRY", dict(engine._REGISTRY))
+    import boil
+    import protomaml
     import reptile_plugin
 
     register("reptile")(reptile_plugin.Reptile)
+    register("boil")(boil.BOIL)
+    register("protomaml")(protomaml.ProtoMAML)
     yield
-    sys.modules.pop("reptile_plugin", None)
+    for module in ("reptile_plugin", "boil", "protomaml"):
+        sys.modules.pop(module, None)
 
 
 @pytest.mark.parametrize("name, overrides, reference", DEFAULTS, ids=[d[0] for d in DEFAULTS])
