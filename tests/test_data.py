@@ -248,6 +248,30 @@ def test_synthetic_splits_are_disjoint_and_deterministic():
     assert train.gather(torch.tensor([1, 2]), torch.tensor([0, 39])).shape == (2, 6)
 
 
+def test_synthetic_images_are_fixed_per_sample_distinct_per_class_and_split():
+    cfg = DataConfig(name="synthetic", synthetic_channels=3, image_size=20, synthetic_classes=6, synthetic_noise=0.5)
+    train, again, val = build_dataset(cfg, "train"), build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    classes, indices = torch.tensor([4, 1, 4, 1, 0]), torch.tensor([3, 0, 7, 39, 3])
+    images = train.gather(classes, indices)
+    assert images.shape == (5, 3, 20, 20) and images.dtype == torch.float32
+    assert torch.equal(images, again.gather(classes.flip(0), indices.flip(0)).flip(0))  # per sample, any order
+    assert torch.equal(images[0], train.gather(torch.tensor([4]), torch.tensor([3]))[0])
+    assert not torch.equal(images[4], val.gather(torch.tensor([0]), torch.tensor([3]))[0])
+    pool = train.class_samples(4)
+    # per-pixel N(0, 1) means and noise 0.5: the within-class spread is the noise, the class means differ
+    assert abs(float(pool.std(0).mean()) - 0.5) < 0.02
+    assert float((pool.mean(0) - train.class_samples(1).mean(0)).std()) > 1.2
+    other_seed = build_dataset(DataConfig(**{**cfg.__dict__, "seed": 1}), "train")
+    assert not torch.equal(images[0], other_seed.gather(torch.tensor([4]), torch.tensor([3]))[0])
+
+
+def test_synthetic_images_sample_tasks_for_a_conv_model():
+    cfg = DataConfig(name="synthetic", synthetic_channels=3, image_size=84, synthetic_classes=8, queries=2)
+    batch = build_sampler(cfg, "train", meta_batch=2, seed=0).sample()
+    assert input_shape(cfg) == build_dataset(cfg, "test").image_shape == (3, 84, 84)
+    assert batch.support_x.shape == (2, 5, 3, 84, 84) and batch.query_x.shape == (2, 10, 3, 84, 84)
+
+
 def test_input_shape_matches_built_data(glyph_cfg):
     assert input_shape(glyph_cfg) == build_dataset(glyph_cfg, "train").image_shape == (1, 28, 28)
     cfg = DataConfig(name="synthetic", synthetic_dim=7)

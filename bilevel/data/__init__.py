@@ -7,9 +7,9 @@ from bilevel.data.glyphs import GlyphDataset, GlyphInfo
 from bilevel.data.miniimagenet import MiniImageNetDataset
 from bilevel.data.omniglot import OmniglotDataset
 from bilevel.data.sampler import ClassRule, TaskSampler
-from bilevel.data.synthetic import SyntheticDataset
+from bilevel.data.synthetic import SyntheticDataset, SyntheticImages
 
 __all__ = [
     "TaskBatch", "ClassDataset", "TaskSampler", "ClassRule", "DataConfig", "build_dataset", "build_sampler", "input_shape",
-    "DATASETS", "SPLITS", "GlyphDataset", "GlyphInfo", "SyntheticDataset", "OmniglotDataset", "MiniImageNetDataset",
+    "DATASETS", "SPLITS", "GlyphDataset", "GlyphInfo", "SyntheticDataset", "SyntheticImages", "OmniglotDataset", "MiniImageNetDataset",
 ]

@@ -8,7 +8,7 @@ from bilevel.data.miniimagenet import SIDE, MiniImageNetDataset
 from bilevel.data.omniglot import OmniglotDataset
 from bilevel.data.sampler import ClassRule, TaskSampler
 from bilevel.data.subset import ClassSubset, choose_classes
-from bilevel.data.synthetic import SyntheticDataset
+from bilevel.data.synthetic import SyntheticDataset, SyntheticImages
 
 DATASETS = ("glyphs", "synthetic", "omniglot", "miniimagenet")
 
@@ -41,6 +41,8 @@ def _full_dataset(cfg: DataConfig, split: str) -> ClassDataset:
     check_split(split)
     if cfg.name == "glyphs":
         return glyph_dataset(split, seed=cfg.seed, image_size=cfg.image_size, cache_dir=cfg.root)
+    if cfg.name == "synthetic" and cfg.synthetic_channels:
+        return SyntheticImages(split, cfg.synthetic_classes, input_shape(cfg), cfg.synthetic_noise, cfg.seed)
     if cfg.name == "synthetic":
         return SyntheticDataset(split, cfg.synthetic_classes, cfg.synthetic_dim, cfg.synthetic_noise, cfg.seed)
     if cfg.name == "omniglot":
@@ -62,6 +64,8 @@ def build_sampler(cfg: DataConfig, split: str, meta_batch: int, seed: int) -> Ta
 def input_shape(cfg: DataConfig) -> tuple[int, ...]:
     """Shape of one input of the configured data set, without building it."""
     _check_name(cfg)
+    if cfg.name == "synthetic" and cfg.synthetic_channels:
+        return (cfg.synthetic_channels, cfg.image_size, cfg.image_size)
     if cfg.name == "synthetic":
         return (cfg.synthetic_dim,)
     if cfg.name == "miniimagenet":

@@ -20,7 +20,9 @@ class DataConfig:
     (None -> ``$BILEVEL_CACHE`` or ``~/.cache/bilevel``). ``image_size``: side length for
     glyphs/omniglot, at most ``MAX_IMAGE_SIZE`` (miniimagenet is always 84). ``rotations``:
     omniglot only, add the 90/180/270 degree rotations as new classes. ``synthetic_*``: synthetic only (classes per split, vector
-    dimension, cluster std relative to unit-norm means). ``seed``: data generation seed.
+    dimension, cluster std relative to unit-norm means; ``synthetic_channels`` C > 0: images of
+    ``C × image_size × image_size`` instead of vectors, per-pixel N(0, 1) means, ``synthetic_dim``
+    unused). ``seed``: data generation seed.
     ``train_classes``: train on that many classes of the train split only (a fixed subset chosen
     by ``seed``: :mod:`bilevel.data.subset`; null: all). ``fixed_blocks``: every training task
     is one of the fixed blocks of ``ways`` consecutive classes
@@ -31,6 +33,7 @@ class DataConfig:
     checks: ClassVar[dict[str, Check]] = {
         "ways": Range(low=2), "shots": AT_LEAST_1, "queries": AT_LEAST_1, "image_size": Range(low=1, high=MAX_IMAGE_SIZE),
         "synthetic_classes": Range(low=2), "synthetic_dim": AT_LEAST_1, "synthetic_noise": NON_NEGATIVE,
+        "synthetic_channels": NON_NEGATIVE,
         "seed": NON_NEGATIVE, "train_classes": Range(low=2),
     }
 
@@ -47,4 +50,5 @@ class DataConfig:
     synthetic_classes: int = 64
     synthetic_dim: int = 16
     synthetic_noise: float = 0.5
+    synthetic_channels: int = 0
     seed: int = 0

@@ -1,9 +1,19 @@
-"""The ``synthetic`` data set: Gaussian clusters around random unit vectors in R^dim.
+"""The ``synthetic`` data set: Gaussian clusters, as vectors or as images.
 
-The three splits are disjoint sets of ``num_classes`` clusters each, all drawn from one generator
-seeded with ``seed`` (train uses the first ``num_classes`` means, val the next, test the last).
+Vectors (:class:`SyntheticDataset`): clusters around random unit vectors in R^dim. The three
+splits are disjoint sets of ``num_classes`` clusters each, all drawn from one generator seeded
+with ``seed`` (train uses the first ``num_classes`` means, val the next, test the last).
+
+Images (:class:`SyntheticImages`, ``data.synthetic_channels=C > 0``): class ``c`` of a split has a
+mean image ``m_c ~ N(0, I)`` of shape ``C × S × S`` and samples ``m_c + noise · N(0, I)``: every
+pixel has the signal-to-noise ratio ``1 / noise`` (a vector cluster of dim ``D`` has
+``1 / (noise · √D)`` per coordinate). Nothing is stored: a class's mean and its samples are drawn
+from a generator seeded by a hash of ``(seed, split, c)`` when the class is gathered, so memory does
+not grow with ``S`` or the number of classes, and a sample is the same in every draw.
 """
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -36,3 +46,31 @@ class SyntheticDataset:
     def gather(self, classes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """classes [M] int64, indices [M] int64 -> float32 vectors [M, dim]."""
         return self.samples[classes, indices]
+
+
+class SyntheticImages:
+    """``num_classes`` classes of ``SAMPLES_PER_CLASS`` images ``mean + noise * N(0, I)`` of
+    ``shape`` ``(C, S, S)``, each class drawn when gathered (module docstring)."""
+
+    def __init__(self, split: str, num_classes: int, shape: tuple[int, int, int], noise: float, seed: int) -> None:
+        check_split(split)
+        self.split, self.noise, self.seed = split, noise, seed
+        self.num_classes = num_classes
+        self.samples_per_class = SAMPLES_PER_CLASS
+        self.image_shape = tuple(shape)
+
+    def class_samples(self, label: int) -> torch.Tensor:
+        """Every sample of class ``label``: float32 ``[SAMPLES_PER_CLASS, *image_shape]``."""
+        key = hashlib.blake2b(f"synthetic-images/{self.seed}/{self.split}/{label}".encode(), digest_size=7).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(key, "little"))
+        mean = torch.randn(self.image_shape, generator=generator)
+        return mean + self.noise * torch.randn((SAMPLES_PER_CLASS, *self.image_shape), generator=generator)
+
+    def gather(self, classes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """classes [M] int64, indices [M] int64 -> float32 images [M, C, S, S] (one draw per
+        distinct class)."""
+        out = torch.empty((len(classes), *self.image_shape))
+        for label in torch.unique(classes).tolist():
+            rows = classes == label
+            out[rows] = self.class_samples(label)[indices[rows]]
+        return out
