@@ -8,6 +8,8 @@
   ``meta_loss``, ``meta_grad``); it shares nothing with the engine but the model definition, so
   engine gradients are checked against it, and it is itself checked against finite differences.
 * ``rel_err``: :func:`bilevel.testing.rel_err`, ``‖a − b‖ / ‖b‖`` as a float.
+* ``onednn_kernels`` (every test): a run with ``cpu_conv=native`` turns oneDNN's CPU
+  convolutions off process-wide; they are back on after each test.
 * ``single_thread``: run a test with one intra-op thread (restored afterwards). On a shared,
   oversubscribed CPU the tiny kernels here run much faster that way than with spinning
   OpenMP workers.
@@ -65,3 +67,10 @@ def reference() -> SimpleNamespace:
 @pytest.fixture
 def rel_err() -> Callable[..., float]:
     return testing.rel_err
+
+
+@pytest.fixture(autouse=True)
+def onednn_kernels():
+    """Turn oneDNN's CPU convolutions back on after a test that ran ``cpu_conv=native``."""
+    yield
+    torch.backends.mkldnn.enabled = True

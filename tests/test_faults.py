@@ -201,6 +201,7 @@ def finished_run(tmp_path) -> Path:
 @pytest.mark.parametrize("override, key", [
     ("algorithm=fomaml", "algorithm.order"), ("data.seed=1", "data.seed"), ("train.meta_batch=3", "train.meta_batch"),
     ("model.hidden=16", "model.hidden"), ("dtype=float64", "dtype"), ("execution=vmap", "execution"),
+    ("cpu_conv=native", "cpu_conv"),
 ])
 def test_resume_with_another_trajectory_is_refused_and_the_record_is_kept(finished_run, override, key):
     before = {p.name: p.read_bytes() for p in finished_run.iterdir() if p.is_file()}

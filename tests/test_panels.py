@@ -111,7 +111,11 @@ def test_identity_line_says_round_off_or_not():
     assert identity_line(fine, torch.float32).endswith("= 3.1e-07, reconstruction 2.0e-06: round-off (below 1e-05 "
                                                          "in float32)")
     assert "ABOVE round-off" in identity_line(fine, torch.float64)
+    assert "float32 round-off" not in identity_line(fine, torch.float64)
     assert "ABOVE round-off" in identity_line({**fine, tags.CHECK_IDENTITY: float("nan")}, torch.float32)
+    assert "float32 round-off" not in identity_line({**fine, tags.CHECK_IDENTITY: float("nan")}, torch.float32)
+    above = identity_line({**fine, tags.CHECK_IDENTITY: 1.7e-5}, torch.float32)
+    assert "ABOVE round-off" in above and "cpu_conv=native" in above and "dtype=float64" in above
 
 
 def test_console_names_the_preset_and_ablation_and_says_every_identity_check(tmp_path, caplog):

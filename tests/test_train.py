@@ -83,6 +83,15 @@ def test_missing_data_directory_is_a_clear_error(tmp_path):
         setup(config("data=omniglot", f"data.root={tmp_path / 'nowhere'}", "model=conv4"))
 
 
+def test_cpu_conv_picks_the_convolution_kernels_and_refuses_others():
+    setup(config("cpu_conv=native"))
+    assert not torch.backends.mkldnn.enabled
+    setup(config())
+    assert torch.backends.mkldnn.enabled
+    with pytest.raises(ValueError, match="cpu_conv.*onednn.*native"):
+        setup(config("cpu_conv=mkl"))
+
+
 def test_dropping_a_term_the_algorithm_lacks_says_so():
     with pytest.raises(ValueError, match="no term"):
         setup(config("ablation.drop=[noise]"))

@@ -95,9 +95,11 @@ def setup(cfg: Any) -> Run:
 
 
 def _placement(cfg: DictConfig, launch: Launch) -> tuple[torch.device, torch.dtype, Replicas]:
-    """The device and dtype of this process, and its :class:`Replicas`; refuses a precision
-    without float32 master parameters, a launch the run cannot take, and an unusable cache."""
+    """The device and dtype of this process, and its :class:`Replicas`; sets the CPU convolution
+    kernels (``cpu_conv``); refuses a precision without float32 master parameters, a launch the run
+    cannot take, and an unusable cache."""
     device, dtype = resolve_device(cfg.device), getattr(torch, cfg.dtype)
+    torch.backends.mkldnn.enabled = cfg.cpu_conv == "onednn"
     if cfg.precision != "fp32" and cfg.dtype != "float32":
         raise ConfigError(f"precision={cfg.precision} keeps float32 master parameters; it needs dtype=float32, "
                           f"got dtype={cfg.dtype} (or set precision=fp32)")

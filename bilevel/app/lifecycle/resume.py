@@ -36,6 +36,9 @@ of processes is not in the fingerprint either: a run may resume on another world
 (``docs/distributed.md``). ``train.memory_gb`` only chose the memory strategy, which is recorded."""
 RESOLVED = ("execution", "device", "memory")
 """Config keys replaced in the fingerprint by what they resolved to."""
+OMITTED_AT_DEFAULT = {"cpu_conv": "onednn"}
+"""Keys added after checkpoints existed: in the fingerprint only away from their default (the
+behaviour before them), so that those checkpoints resume."""
 
 
 def code_version() -> dict[str, str]:
@@ -52,7 +55,7 @@ def fingerprint(cfg: DictConfig, execution: str, device: torch.device, memory: O
     the memory strategy (``memory``, default the config's) only when it is not ``store``, so
     that checkpoints written before the key existed resume."""
     flat = {k: v for k, v in flatten(OmegaConf.to_container(cfg, resolve=True)).items()
-            if not _matches(k, NOT_COMPARED + RESOLVED)}
+            if not _matches(k, NOT_COMPARED + RESOLVED) and not (k in OMITTED_AT_DEFAULT and OMITTED_AT_DEFAULT[k] == v)}
     flat.update({"execution": execution, "device": device.type})
     memory = memory or cfg.get("memory", "store")
     if memory != "store":
