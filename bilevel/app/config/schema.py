@@ -168,7 +168,8 @@ class TrainConfig:
     loss scale, :mod:`bilevel.app.loss_scale`). ``cpu_conv`` onednn|native: the CPU convolution
     kernels (``torch.backends.mkldnn.enabled``; :data:`CPU_CONVS`). On a trained ResNet-12 at 84×84
     oneDNN's float32 weight gradients put the decomposition identity at 1.7e-5 and the native
-    kernels at 2.1e-6, for 1.5× the time of a Conv-4 step (docs/models.md).
+    kernels at 2.1e-6; native kernels take 1.46× the time of a Conv-4 step and 1.81× that of a
+    5-step ResNet-12 step (``benchmarks/cpu_conv.py``; docs/performance.md).
     The model's checks are declared here, as :class:`ModelConfig` lives with the models."""
 
     checks: ClassVar[dict[str, Check]] = {
