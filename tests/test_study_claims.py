@@ -18,9 +18,9 @@ from bilevel.report.seed_data import load_seed_data, write_seed_data
 from bilevel.report.study import exploratory, study_markdown
 from bilevel.report.study_figures import forest_figure
 from bilevel.report.study_claims import (INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Effect, parse_declared,
-                                      sign_pattern, declared_results, verdict)
+                                      sign_pattern, declared_results, verdict, claims_markdown)
 
-SEEDS = range(6)
+SEEDS = range(8)
 
 
 @pytest.mark.parametrize("claim,mean,ci,p_adj,margin,expected", [
@@ -37,7 +37,21 @@ SEEDS = range(6)
     ("=", 0.0, (-0.02, +0.02), 0.50, 0.01, INCONCLUSIVE),
 ])
 def test_the_verdict_rule(claim, mean, ci, p_adj, margin, expected) -> None:
-    assert verdict(claim, mean, ci[0], ci[1], p_adj, margin) == expected
+    assert verdict(claim, mean, ci[0], ci[1], p_adj, margin, seeds=8) == expected
+
+
+@pytest.mark.parametrize("claim,ci,margin", [(">", (+0.02, +0.08), 0.025), ("=", (-0.005, +0.008), 0.01),
+                                             (">", (-0.03, +0.02), 0.025)])
+def test_fewer_than_eight_seeds_give_no_verdict(claim, ci, margin) -> None:
+    assert verdict(claim, sum(ci) / 2, ci[0], ci[1], 0.001, margin, seeds=8) != INCONCLUSIVE
+    assert verdict(claim, sum(ci) / 2, ci[0], ci[1], 0.001, margin, seeds=7) == INCONCLUSIVE
+
+
+def test_a_report_on_too_few_seeds_says_why_it_gives_no_verdict() -> None:
+    runs = [r for r in sweep() if r.config["seed"] < 5]
+    rows = declared_results(group_runs(runs))
+    assert [r.verdict for r in rows] == [INCONCLUSIVE] * 3
+    assert all("**inconclusive (5 < 8 seeds)**" in line for line in claims_markdown(rows).splitlines()[2:])
 
 
 def test_a_declaration_with_a_mistake_is_refused_with_its_name() -> None:
@@ -108,7 +122,7 @@ def test_declared_comparisons_match_their_arms_and_are_holm_adjusted_as_one_fami
     holm = np.empty(3)
     holm[order] = np.maximum.accumulate([min(1.0, (3 - i) * raw[j]) for i, j in enumerate(order)])
     for row, mean, p, p_holm in zip(rows, (d1.mean(), d5.mean(), (d5 - d1).mean()), raw, holm):
-        assert row.effect.test == "paired t" and row.effect.n == 6
+        assert row.effect.test == "paired t" and row.effect.n == len(SEEDS)
         assert row.effect.mean == pytest.approx(mean) and row.effect.p == pytest.approx(p)
         assert row.p_holm == pytest.approx(p_holm)
     assert [r.verdict for r in rows] == [REPRODUCED, REPRODUCED, REPRODUCED]

@@ -32,6 +32,7 @@ from bilevel.report.stats import holm, paired, welch
 from bilevel.report.tables import table
 
 ALPHA = 0.05
+MIN_SEEDS = 8   # fewer seeds than this give no verdict: the issue's "at least 8 seeds behind every verdict"
 CLAIMS = (">", "<", "=")
 KINDS = ("difference", "interaction")
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
@@ -107,9 +108,10 @@ def declarations(groups: Sequence[Group]) -> list[Declared]:
 # ---- the verdict rule -----------------------------------------------------------------------
 
 def verdict(claim: str, mean: float, ci_low: float, ci_high: float, p_adjusted: Optional[float],
-            margin: Optional[float], alpha: float = ALPHA) -> str:
-    """The verdict on a declared claim from its Holm-adjusted p-value and 95 % CI.
+            margin: Optional[float], seeds: int, alpha: float = ALPHA) -> str:
+    """The verdict on a declared claim from its Holm-adjusted p-value and 95 % CI over ``seeds``.
 
+    With fewer than :data:`MIN_SEEDS` seeds the verdict is *inconclusive*, whatever the test says.
     ``>`` / ``<`` (sign ``s`` = +1 / −1): *reproduced* when ``p_adj < α`` and the mean has sign
     ``s``; *not reproduced* when ``p_adj < α`` with the opposite sign, or when the CI excludes
     every effect of size ``margin`` in the paper's direction (``s·CI`` lies below ``margin``);
@@ -117,6 +119,8 @@ def verdict(claim: str, mean: float, ci_low: float, ci_high: float, p_adjusted: 
     *not reproduced* when ``p_adj < α`` (a difference is established) and it does not;
     otherwise *inconclusive*.
     """
+    if seeds < MIN_SEEDS:
+        return INCONCLUSIVE
     significant = p_adjusted is not None and p_adjusted < alpha
     if claim == "=":
         if margin is not None and -margin < ci_low and ci_high < margin:
@@ -283,7 +287,7 @@ def declared_results(groups: Sequence[Group], name: str = "test_accuracy") -> li
     for tested, p in zip(out, holm([t.effect.p for t in out])):
         e = tested.effect
         tested.p_holm = p
-        tested.verdict = verdict(tested.declared.claim, e.mean, e.ci_low, e.ci_high, p, tested.declared.margin)
+        tested.verdict = verdict(tested.declared.claim, e.mean, e.ci_low, e.ci_high, p, tested.declared.margin, e.n)
     return out
 
 
@@ -333,6 +337,12 @@ def paper_cell(declared: Declared) -> str:
     return f"{arms}Δ {_signed(declared.paper_delta)}{source}"
 
 
+def verdict_cell(tested: Tested) -> str:
+    """The verdict, with the reason when it is inconclusive for want of seeds."""
+    short = tested.effect.n < MIN_SEEDS
+    return tested.verdict + (f" ({tested.effect.n} < {MIN_SEEDS} seeds)" if short else "")
+
+
 def _ci(e: Effect) -> str:
     return f"{_signed(e.mean)} [{_signed(e.ci_low)}, {_signed(e.ci_high)}]"
 
@@ -348,14 +358,14 @@ def claims_markdown(rows: Sequence[Tested]) -> str:
              paper_cell(t.declared), str(t.effect.n), _ci(t.effect), t.effect.test, _p(t.effect.p), _p(t.p_holm),
              "—" if t.effect.positive is None else f"{t.effect.positive}/{t.effect.n}",
              " / ".join("—" if e is None else _signed(e.mean) for e in t.per_step) or "—",
-             sign_pattern(t.per_step), f"**{t.verdict}**"] for t in rows]
+             sign_pattern(t.per_step), f"**{verdict_cell(t)}**"] for t in rows]
     return table(header, body)
 
 
 def effect_sizes_markdown(rows: Sequence[Tested]) -> str:
     """The paper's Δ next to ours (95 % CI), with n, the Holm-adjusted p and the verdict."""
     body = [[t.declared.name, t.context, paper_cell(t.declared), _ci(t.effect), str(t.effect.n), _p(t.p_holm),
-             t.verdict] for t in rows]
+             verdict_cell(t)] for t in rows]
     return table(["declared comparison", "shared setting", "the paper", "ours: Δ [95% CI]", "seeds", "p (Holm)",
                   "verdict"], body)
 
