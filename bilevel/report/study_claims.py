@@ -32,7 +32,7 @@ from bilevel.report.stats import holm, paired, welch
 from bilevel.report.tables import table
 
 ALPHA = 0.05
-MIN_SEEDS = 8   # fewer seeds than this give no verdict: the "at least 8 seeds behind every verdict"
+MIN_SEEDS = 8   # a verdict needs at least this many seeds (pairs, or the smaller level of a Welch test)
 CLAIMS = (">", "<", "=")
 KINDS = ("difference", "interaction")
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
