@@ -96,3 +96,41 @@ def test_results_md_is_the_template_built_and_marks_tables_without_per_seed_data
     seeds.write_text(json.dumps({"format": 1, "shared": {}, "runs": [{**run, "provenance": current}]}))
     assert build_results.provenance_line(report).startswith("> Recomputable") and "0123456" in \
         build_results.provenance_line(report)
+
+
+def manifest() -> dict[str, str]:
+    lines = (ROOT / "docs" / "results" / "reports.tsv").read_text().splitlines()
+    return dict(line.split("\t") for line in lines if line and not line.startswith("#"))
+
+
+def test_the_report_manifest_names_every_published_report_and_gives_each_sweep_one_report() -> None:
+    import re
+
+    reports = manifest()
+    template = (ROOT / "docs" / "results" / "RESULTS.template.md").read_text()
+    pasted = set(re.findall(r"\{\{(\w+)\.md#", template)) - {"walltime"}
+    on_disk = {p.stem for p in (ROOT / "docs" / "results").glob("*_*.md")}
+    assert pasted <= set(reports) and set(reports) == on_disk
+    sweeps = [sweep for sweep in reports.values() if sweep != "-"]
+    assert len(sweeps) == len(set(sweeps))
+    for report, sweep in reports.items():
+        assert report.split("_")[0] in ("glyphs", "synthetic")
+        assert sweep == "-" or sweep.startswith("synthetic/") == report.startswith("synthetic_")
+
+
+def test_report_all_writes_each_sweep_to_the_report_the_manifest_names(tmp_path: Path) -> None:
+    """A rerun into a folder whose report has another name (``head_policy`` → ``*_head_policy_paper``)
+    is reported under the manifest's name; an unlisted sweep is named, not skipped in silence."""
+    import subprocess
+
+    for sweep in ("head_policy", "synthetic/head_policy", "synthetic/shots", "new_study", "cosine_similarity"):
+        (tmp_path / sweep / ("seed=0" if sweep != "cosine_similarity" else "multirun.yaml")).mkdir(parents=True)
+    out = subprocess.run(["bash", str(ROOT / "docs" / "results" / "report_all.sh"), "-n", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    commands = [line.split() for line in out.splitlines() if line.startswith("python")]
+    written = {cmd[3]: cmd[cmd.index("--markdown") + 1] for cmd in commands}
+    assert written == {f"{tmp_path}/head_policy": "docs/results/glyphs_head_policy_paper.md",
+                       f"{tmp_path}/synthetic/head_policy": "docs/results/synthetic_head_policy_paper.md",
+                       f"{tmp_path}/synthetic/shots": "docs/results/synthetic_shots.md"}
+    assert "new_study: has runs but no report" in out
+    assert "glyphs_cosine_similarity: kept as published" in out
