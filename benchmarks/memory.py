@@ -8,8 +8,10 @@ backbones ``conv4`` (1×28×28) and ``resnet12`` (3×84×84, where this checkout
 * **Peak memory.** CPU: every (backbone, steps, method) cell runs in a fresh process, which
   builds the model and the batch, reads its resident set (``VmRSS``; the high-water mark is reset
   through ``/proc/self/clear_refs`` where the kernel allows), takes one meta-gradient and reads
-  its resident high-water mark (``VmHWM``): the peak above that baseline. CUDA: the growth of
-  ``torch.cuda.max_memory_allocated`` over one meta-gradient in the same kind of fresh process.
+  its resident high-water mark (``VmHWM``): the peak above that baseline. With ``--live``, the
+  peak bytes of live tensor storage instead (``live_bytes.py``): what the algorithm holds, without
+  what the allocator keeps mapped. CUDA: the growth of ``torch.cuda.max_memory_allocated`` over one
+  meta-gradient in the same kind of fresh process.
 * **Time.** One process per (backbone, steps) runs every method once (warm-up), then in
   round-robin order (``common.py``), so a shared machine slows all methods alike; ratios are
   to ``store`` on the same path in the same run.
@@ -17,6 +19,7 @@ backbones ``conv4`` (1×28×28) and ``resnet12`` (3×84×84, where this checkout
     PYTHONPATH=. python benchmarks/memory.py --threads 1 --out benchmarks/results/memory_cpu.json
     PYTHONPATH=. python benchmarks/memory.py --backbones resnet12 --shots 1 --meta-batch 2 --steps 1 5
     PYTHONPATH=. python benchmarks/memory.py --quick          # conv4, steps 1 and 5, no timing repeats
+    PYTHONPATH=. python benchmarks/memory.py --backbones conv4 --steps 1 5 10 --no-time --baselines --live
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memories", nargs="+", default=["store", "recompute"])
     parser.add_argument("--baselines", nargs="*", default=["higher", "autograd"], choices=("higher", "autograd"))
     parser.add_argument("--no-time", action="store_true", help="peaks only")
+    parser.add_argument("--live", action="store_true",
+                        help="CPU: peak bytes of live tensors (live_bytes.py), not the resident high-water mark")
     parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # a child process's cell (JSON)
     args = parser.parse_args()
     args.steps = args.steps or ([1, 5] if args.quick else [1, 5, 10, 20])
@@ -119,6 +124,13 @@ def measure_cell(args: argparse.Namespace) -> None:
     model, params, batch = build(args, cell["backbone"], cell["steps"], device, dtype)
     fn = grads_fn(cell["method"], model, params, cell["steps"], args.order)
     gc.collect()
+    if args.live and device.type != "cuda":
+        from live_bytes import LiveTensorBytes
+
+        with LiveTensorBytes() as live:
+            fn(batch)
+        print(json.dumps({"peak_bytes": live.peak, "baseline_bytes": 0}))
+        return
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
