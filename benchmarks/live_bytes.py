@@ -3,8 +3,8 @@
 A process's resident set (``VmHWM``) counts what the allocator keeps mapped as well as the
 tensors alive: on CPU two identical processes can differ by tens of MB. :class:`LiveTensorBytes`
 counts only storages: every tensor an operator returns under the mode adds its storage's
-``nbytes`` once (views and in-place results share it), and the storage's finaliser subtracts it
-when the storage is freed. Inside ``vmap`` and ``grad`` the mode sees the physical batched
+``nbytes`` once, unless it is an input's storage (a view or an in-place result: no new
+memory), and the storage's finaliser subtracts it when the storage is freed. Inside ``vmap`` and ``grad`` the mode sees the physical batched
 tensors, and the autograd engine's backward runs on the calling thread under it too. Tensors
 created before the mode is entered (parameters, the batch) are not counted: the peak is the
 operation's own working set, the quantity ``torch.cuda.max_memory_allocated`` gives on CUDA.
@@ -43,8 +43,14 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current -= size
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        inputs = {id(leaf.untyped_storage()) for leaf in tree_flatten((args, kwargs))[0] if _real(leaf)}
+        out = func(*args, **kwargs)
         for leaf in tree_flatten(out)[0]:
-            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+            if _real(leaf) and id(leaf.untyped_storage()) not in inputs:
                 self._count(leaf)
         return out
+
+
+def _real(leaf: Any) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"

@@ -13,7 +13,10 @@ from live_bytes import LiveTensorBytes  # noqa: E402
 
 
 def test_storages_are_counted_once_and_released_when_freed() -> None:
+    made_before = torch.ones(500)
     with LiveTensorBytes() as live:
+        made_before[:10].add_(1)  # a view of a storage made before: no new memory
+        assert live.current == 0
         a = torch.ones(1000)
         view = a[:10]
         a.add_(1)
