@@ -22,6 +22,7 @@ def test_walltime_counts_runs_and_keeps_cleared_sweeps(tmp_path: Path) -> None:
         run = tmp_path / "head_policy" / f"seed={seed}"
         run.mkdir(parents=True)
         (run / "metrics.json").write_text(json.dumps({"wall_seconds": wall}))
+    assert walltime.rows(tmp_path) == [("glyphs/head_policy", 2, 180.0, 90.0)]  # no synthetic tier here
     (tmp_path / "synthetic").mkdir()
     found = walltime.rows(tmp_path)
     assert found == [("glyphs/head_policy", 2, 180.0, 90.0)]
