@@ -3,11 +3,14 @@
 A process's resident set (``VmHWM``) counts what the allocator keeps mapped as well as the
 tensors alive: on CPU two identical processes can differ by tens of MB. :class:`LiveTensorBytes`
 counts only storages: every tensor an operator returns under the mode adds its storage's
-``nbytes`` once, unless it is an input's storage (a view or an in-place result: no new
-memory), and the storage's finaliser subtracts it when the storage is freed. Inside ``vmap`` and ``grad`` the mode sees the physical batched
-tensors, and the autograd engine's backward runs on the calling thread under it too. Tensors
-created before the mode is entered (parameters, the batch) are not counted: the peak is the
-operation's own working set, the quantity ``torch.cuda.max_memory_allocated`` gives on CUDA.
+``nbytes`` once, unless it is an input's storage (a view or an in-place result: no new memory),
+and the storage's finaliser subtracts it when the storage is freed. Inside ``vmap`` and ``grad``
+the mode sees the physical batched tensors, and the autograd engine's backward runs on the
+calling thread under it too. Tensors created before the mode is entered (parameters, the batch)
+are not counted: the peak is the operation's own working set, the quantity
+``torch.cuda.max_memory_allocated`` gives on CUDA. (``bilevel.execution.memory`` counts the
+elements of every op's output with the same kind of mode, for its estimate; this one follows
+their lifetimes.)
 """
 from __future__ import annotations
 
